@@ -1,0 +1,36 @@
+# The README's first two commands: `make demo` and `make test`. Both set up .venv from scratch; no root.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+DEMO   ?= demo-out
+
+.PHONY: demo test test-slow lint install venv clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ohq-tvm needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+
+venv: $(BIN)/python
+
+# A normal (not editable) install: the tests import what users get, package-data and folder mapping included.
+install: venv
+	$(PIP) install -q ".[dev]"
+
+demo: install
+	$(BIN)/ohq-tvm example-model tiny_cnn -o $(DEMO)/tiny_cnn.onnx
+	$(BIN)/ohq-tvm compile $(DEMO)/tiny_cnn.onnx --target host -o $(DEMO)/tiny_cnn
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check ohq_tvm passes targets tests benchmarks
+	$(BIN)/ruff format --check ohq_tvm passes targets tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -1,0 +1,35 @@
+"""ohq-tvm: hardware-aware mixed-precision quantization on Apache TVM."""
+
+from .errors import (
+    BoardError,
+    BuildError,
+    ModelImportError,
+    OHQError,
+    TargetError,
+    VerificationError,
+)
+from .precision import Precision
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `import ohq_tvm` stays light (no TVM import) until the pipeline is actually used.
+    if name in {"compile_model", "CompileResult"}:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ohq_tvm' has no attribute {name!r}")
+
+
+__all__ = [
+    "BoardError",
+    "BuildError",
+    "CompileResult",
+    "ModelImportError",
+    "OHQError",
+    "Precision",
+    "TargetError",
+    "VerificationError",
+    "compile_model",
+]

@@ -1,0 +1,278 @@
+"""Boards reached over TVM RPC: one interface, three ways in.
+
+- :class:`TrackerBoard`: servers registered under a key at an RPC tracker (real boards).
+- :class:`ServerBoard`: one RPC server addressed directly, no tracker.
+- :class:`LoopbackBoard`: this machine; starts its own tracker and server on 127.0.0.1 and stops them on exit.
+
+Which one is used is decided once, by :func:`open_board`, from configuration.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from tvm import rpc
+
+from ..errors import BoardError
+from .processes import ProcessGroup
+from .session import BoardSession
+
+_TRACKER_CONNECT_TIMEOUT_S = 5.0
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``"host:port"`` → ``(host, port)``; :class:`BoardError` naming ``what`` when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BoardError(f"{what} {text!r} is not of the form HOST:PORT (e.g. 127.0.0.1:9190)")
+    return host, int(port)
+
+
+def _require_reachable(host: str, port: int, what: str, fix: str) -> None:
+    """Fail within seconds when nothing listens at host:port (TVM's own client retries for a minute)."""
+    try:
+        with socket.create_connection((host, port), timeout=_TRACKER_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise BoardError(f"cannot reach {what} at {host}:{port} ({reason}); {fix}") from None
+
+
+class Board(ABC):
+    """A device that runs compiled modules, reached over TVM RPC."""
+
+    label: str
+
+    @abstractmethod
+    def connect(self, session_timeout_s: float = 0) -> BoardSession:
+        """Open an RPC session on the board. Raises :class:`BoardError` if it cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - a no-op is the right default for remote boards
+        """Release what the board owns (nothing, unless it started processes)."""
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TrackerBoard(Board):
+    """Servers registered under ``key`` at the tracker ``host:port``."""
+
+    def __init__(self, host: str, port: int, key: str, wait_for_server_s: float = 30.0) -> None:
+        self.host, self.port, self.key = host, port, key
+        self.wait_for_server_s = wait_for_server_s
+        self.label = f"{key}@{host}:{port}"
+
+    def _tracker(self) -> rpc.TrackerSession:
+        fix = "start one with `python -m tvm.exec.rpc_tracker` or correct --tracker"
+        _require_reachable(self.host, self.port, "the RPC tracker", fix)
+        try:
+            return rpc.connect_tracker(self.host, self.port)
+        except (RuntimeError, OSError) as err:
+            raise BoardError(f"RPC tracker at {self.host}:{self.port} failed: {err}") from None
+
+    def free_servers(self) -> int:
+        """How many servers under this board's key are idle right now."""
+        queue = self._tracker().summary().get("queue_info", {})
+        return int(queue.get(self.key, {}).get("free", 0))
+
+    def wait_until_ready(self) -> None:
+        """Block until a server under the key is registered; :class:`BoardError` after the timeout."""
+        tracker = self._tracker()
+        deadline = time.monotonic() + self.wait_for_server_s
+        while True:
+            queue = tracker.summary().get("queue_info", {})
+            if queue.get(self.key, {}).get("free", 0) > 0:
+                return
+            if time.monotonic() > deadline:
+                known = ", ".join(sorted(queue)) or "none"
+                raise BoardError(
+                    f"no idle RPC server under key {self.key!r} at tracker {self.host}:{self.port} "
+                    f"after {self.wait_for_server_s:.0f} s (keys with servers: {known}); start one with "
+                    f"`python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} --key {self.key}`"
+                )
+            time.sleep(0.2)
+
+    def connect(self, session_timeout_s: float = 0) -> BoardSession:
+        self.wait_until_ready()
+        try:
+            remote = self._tracker().request(
+                self.key, priority=1, session_timeout=session_timeout_s, max_retry=3
+            )
+        except (RuntimeError, OSError) as err:
+            raise BoardError(f"board {self.label}: session request failed: {err}") from None
+        return BoardSession(remote, self.label)
+
+
+class ServerBoard(Board):
+    """A single RPC server addressed directly (``python -m tvm.exec.rpc_server`` without a tracker)."""
+
+    def __init__(self, host: str, port: int, key: str = "") -> None:
+        self.host, self.port, self.key = host, port, key
+        self.label = f"{host}:{port}"
+
+    def connect(self, session_timeout_s: float = 0) -> BoardSession:
+        fix = "start it with `python -m tvm.exec.rpc_server` or correct --server"
+        _require_reachable(self.host, self.port, "the RPC server", fix)
+        try:
+            remote = rpc.connect(self.host, self.port, self.key, session_timeout=session_timeout_s)
+        except (RuntimeError, OSError) as err:
+            raise BoardError(f"RPC server at {self.label} refused the session: {err}") from None
+        return BoardSession(remote, self.label)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackBoard(Board):
+    """This machine as a board: a private tracker plus ``num_servers`` RPC servers, bound to ``host``.
+
+    The processes run until :meth:`close` (or the end of the ``with`` block, an exception, or interpreter
+    exit); each is its own process group, so the servers' forked workers go with them.
+    """
+
+    def __init__(self, key: str = "host", num_servers: int = 1, host: str = "127.0.0.1") -> None:
+        self.key = key
+        self.host = host
+        self.num_servers = num_servers
+        self.log_dir = Path(tempfile.mkdtemp(prefix="ohq-tvm-rpc-"))  # tracker/server logs, for errors
+        self.tracker_port = 0
+        self.tracker_process: ProcessGroup | None = None
+        self.server_processes: list[ProcessGroup] = []
+        self._tracker_board: TrackerBoard | None = None
+        self.label = f"{key} (loopback)"
+
+    @property
+    def tracker_address(self) -> str:
+        return f"{self.host}:{self.tracker_port}"
+
+    def start(self) -> LoopbackBoard:
+        if self._tracker_board is not None:
+            return self
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.tracker_port = _free_port(self.host)
+            self.tracker_process = ProcessGroup(
+                [
+                    sys.executable,
+                    "-m",
+                    "tvm.exec.rpc_tracker",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.tracker_port),
+                    "--port-end",
+                    str(self.tracker_port + 1),
+                    "--silent",
+                ],
+                label="rpc tracker",
+                log_path=str(self.log_dir / "tracker.log"),
+            ).start()
+            self._wait_for_port(self.tracker_port, self.tracker_process)
+            for index in range(self.num_servers):
+                self.start_server(index)
+            board = TrackerBoard(self.host, self.tracker_port, self.key)
+            board.wait_until_ready()
+            self._tracker_board = board
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_server(self, index: int | None = None) -> ProcessGroup:
+        """Start one more RPC server under this board's key (also used to replace a dead one)."""
+        index = len(self.server_processes) if index is None else index
+        port = _free_port(self.host)
+        server = ProcessGroup(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_server",
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 1),
+                "--tracker",
+                self.tracker_address,
+                "--key",
+                self.key,
+                "--silent",
+            ],
+            label=f"rpc server {index}",
+            log_path=str(self.log_dir / f"server{index}.log"),
+        ).start()
+        self.server_processes.append(server)
+        return server
+
+    def _wait_for_port(self, port: int, process: ProcessGroup, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not process.alive():
+                log = (self.log_dir / "tracker.log").read_text(errors="replace")[-400:]
+                raise BoardError(f"loopback {process.label} exited at start: {log.strip()}")
+            try:
+                with socket.create_connection((self.host, port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise BoardError(f"loopback {process.label} did not listen on {self.host}:{port}")
+
+    def connect(self, session_timeout_s: float = 0) -> BoardSession:
+        self.start()
+        assert self._tracker_board is not None
+        return self._tracker_board.connect(session_timeout_s)
+
+    def pids(self) -> list[int]:
+        """PIDs of the processes this board started and still owns (for leak checks)."""
+        groups = [self.tracker_process, *self.server_processes]
+        return [group.pid for group in groups if group is not None and group.alive()]
+
+    def close(self) -> None:
+        # TVM's RPC server ignores SIGTERM; nothing in these processes needs flushing, so the SIGKILL
+        # that follows the grace period costs nothing but the wait.
+        for server in self.server_processes:
+            server.stop(grace_s=1.0)
+        self.server_processes.clear()
+        if self.tracker_process is not None:
+            self.tracker_process.stop(grace_s=1.0)
+            self.tracker_process = None
+        self._tracker_board = None
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> LoopbackBoard:
+        return self.start()
+
+
+def open_board(
+    tracker: str | None = None,
+    key: str | None = None,
+    server: str | None = None,
+    default_key: str = "host",
+) -> Board:
+    """Choose the board from configuration: a tracker, a direct server, or else the loopback host board.
+
+    ``key`` defaults to ``default_key`` (the target's RPC key). The loopback board is not started until
+    first used (or entered as a context manager).
+    """
+    if tracker and server:
+        raise BoardError("give either --tracker or --server, not both")
+    if tracker:
+        host, port = parse_address(tracker, "--tracker")
+        return TrackerBoard(host, port, key or default_key)
+    if server:
+        host, port = parse_address(server, "--server")
+        return ServerBoard(host, port, key or "")
+    return LoopbackBoard(key=key or "host")

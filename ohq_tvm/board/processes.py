@@ -1,0 +1,127 @@
+"""External processes owned by a context manager that always cleans up, children included.
+
+TVM's ``rpc_server`` forks ``popen_worker`` children that keep running (and holding pipes) when only the
+server process is terminated. Each process started here therefore leads a new session (process group), and
+stopping it signals the whole group: SIGTERM first, SIGKILL for whatever is still alive after a grace period.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+
+_LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
+
+
+class ProcessGroup:
+    """One command running as the leader of its own process group.
+
+    Use as a context manager; :meth:`stop` is idempotent and also runs at interpreter exit as a
+    safety net for callers that never leave the ``with`` block normally.
+    """
+
+    def __init__(self, argv: Sequence[str], *, label: str, log_path: str | None = None) -> None:
+        self.argv = list(argv)
+        self.label = label
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError(f"{self.label} is not running")
+        return self._proc.pid
+
+    def start(self) -> ProcessGroup:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        _LIVE.add(self)
+        return self
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """Terminate the process and every process in its group; wait until all are gone."""
+        if self._proc is None:
+            return
+        pgid = self._proc.pid
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self._proc.poll() is None or _group_alive(pgid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
+            self._proc.wait(timeout=grace_s)
+        self._proc = None
+        _LIVE.discard(self)
+
+    def __enter__(self) -> ProcessGroup:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of the group exists (callers reap the leader first)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@atexit.register
+def _stop_all() -> None:
+    for group in list(_LIVE):
+        group.stop(grace_s=1.0)
+
+
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit`` so every ``with`` block (trackers, servers) unwinds.
+
+    Python's default SIGTERM action kills the interpreter without running cleanup; this makes ``kill``
+    behave like Ctrl-C. Only the main thread may install signal handlers; elsewhere this is a no-op.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,145 @@
+"""An open RPC session on a board: upload a compiled module, run it, time it.
+
+Every RPC failure (the board died, the connection dropped, the module would not load) surfaces as a
+:class:`BoardError` naming the board and the step, never as a bare TVM error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import BoardError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-repeat latencies of one function on a board, in milliseconds."""
+
+    repeats_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.repeats_ms))
+
+    @property
+    def min_ms(self) -> float:
+        return float(np.min(self.repeats_ms))
+
+    @property
+    def spread_ms(self) -> float:
+        """Interquartile range: robust against the odd preempted repeat on a noisy board."""
+        q75, q25 = np.percentile(self.repeats_ms, [75, 25])
+        return float(q75 - q25)
+
+    def to_json(self) -> dict:
+        return {
+            "median_ms": self.median_ms,
+            "min_ms": self.min_ms,
+            "iqr_ms": self.spread_ms,
+            "repeats_ms": list(self.repeats_ms),
+        }
+
+
+class BoardSession:
+    """An RPC session on one board (wraps ``tvm.rpc.RPCSession``)."""
+
+    def __init__(self, remote: tvm.rpc.RPCSession, label: str) -> None:
+        self.remote = remote
+        self.label = label
+
+    def _guard(self, step: str, action: Callable[[], T]) -> T:
+        try:
+            return action()
+        except (RuntimeError, OSError, ValueError) as err:
+            message = str(err).strip().splitlines()
+            detail = message[-1] if message else type(err).__name__
+            raise BoardError(f"board {self.label}: {step} failed: {detail}") from err
+
+    @property
+    def device(self) -> tvm.runtime.Device:
+        return self.remote.cpu()
+
+    def load_vm(self, library_path: str | os.PathLike) -> RemoteVM:
+        """Upload a library exported with ``export_library`` and open a Relax VM on it."""
+        name = os.path.basename(os.fspath(library_path))
+        self._guard(f"upload of {name}", lambda: self.remote.upload(os.fspath(library_path)))
+        library = self._guard(f"loading {name}", lambda: self.remote.load_module(name))
+        vm = self._guard(f"starting the VM for {name}", lambda: relax.VirtualMachine(library, self.device))
+        return RemoteVM(self, vm, name)
+
+
+class RemoteVM:
+    """A Relax VM living on a board."""
+
+    def __init__(self, session: BoardSession, vm: relax.VirtualMachine, name: str) -> None:
+        self.session = session
+        self.vm = vm
+        self.name = name
+
+    def _to_device(self, inputs: Sequence[np.ndarray]) -> list[tvm.runtime.Tensor]:
+        device = self.session.device
+        return self.session._guard(
+            "copying inputs",
+            lambda: [tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs],
+        )
+
+    def run(self, inputs: Sequence[np.ndarray], function: str = "main") -> list[np.ndarray]:
+        """Run ``function`` once on the board; return its outputs (always a list) as numpy arrays."""
+        args = self._to_device(inputs)
+        guard = self.session._guard
+        # The stateful interface fetches tuple fields by index on the board; a tuple returned by a
+        # plain call would arrive as an opaque remote object reference.
+        guard("setting inputs", lambda: self.vm.set_input(function, *args))
+        guard(f"running {self.name}", lambda: self.vm.invoke_stateful(function))
+        return guard("reading outputs", lambda: _flatten(self.vm.get_outputs(function)))
+
+    def time(
+        self,
+        inputs: Sequence[np.ndarray],
+        *,
+        repeat: int = 5,
+        number: int = 0,
+        min_repeat_ms: int = 50,
+        warmup: int = 1,
+        function: str = "main",
+    ) -> LatencyStats:
+        """Time ``function`` on the board with ``time_evaluator``.
+
+        ``number=0`` lets ``min_repeat_ms`` choose how many runs each repeat averages.
+        """
+        args = self._to_device(inputs)
+        evaluator = self.session._guard(
+            "creating the timer",
+            lambda: self.vm.time_evaluator(
+                function,
+                self.session.device,
+                number=max(number, 1),
+                repeat=repeat,
+                min_repeat_ms=int(min_repeat_ms) if number == 0 else 0,
+                repeats_to_cooldown=1,
+            ),
+        )
+        for _ in range(warmup):
+            self.session._guard(f"warming up {self.name}", lambda: self.vm[function](*args))
+        report = self.session._guard(f"timing {self.name}", lambda: evaluator(*args))
+        return LatencyStats(tuple(float(r) * 1e3 for r in report.results))
+
+
+def _flatten(value: object) -> list[np.ndarray]:
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    if isinstance(value, (list, tuple)) or type(value).__name__ in {"Array", "List"}:
+        out: list[np.ndarray] = []
+        for item in value:  # type: ignore[attr-defined]
+            out.extend(_flatten(item))
+        return out
+    raise TypeError(f"unexpected VM output of type {type(value).__name__}")

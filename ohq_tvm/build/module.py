@@ -1,0 +1,133 @@
+"""Build a Relax module for a board and export it as a deployable shared library with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from ..errors import BuildError
+from ..frontend import ImportedModel
+from ..targets import BoardSpec
+from .elf import elf_machine
+from .toolchain import Toolchain, find_toolchain, host_arch, triple_arch
+
+MANIFEST_FORMAT = "ohq-tvm/manifest"
+MANIFEST_VERSION = 1
+
+
+def build_executable(mod: tvm.IRModule, board: BoardSpec) -> relax.Executable:
+    """Compile ``mod`` for ``board``'s TVM target with Relax's default pipeline.
+
+    Raises :class:`BuildError` with TVM's last message line when compilation fails.
+    """
+    target = board.tvm_target()
+    try:
+        return relax.build(mod, target)
+    except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
+        lines = str(err).strip().splitlines()
+        raise BuildError(f"building for {board.name} failed: {lines[-1] if lines else err!r}") from err
+
+
+@dataclass
+class ExportedModule:
+    """A library on disk, with the toolchain that linked it and its manifest."""
+
+    library_path: Path
+    manifest_path: Path
+    toolchain: Toolchain
+    manifest: dict = field(default_factory=dict)
+
+    def write_manifest(self) -> None:
+        self.manifest_path.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_module(
+    executable: relax.Executable,
+    out_dir: str | os.PathLike,
+    board: BoardSpec,
+    imported: ImportedModel,
+    *,
+    toolchain: Toolchain | None = None,
+    library_name: str = "model.so",
+) -> ExportedModule:
+    """Write ``out_dir/model.so`` linked for the board's triple and ``out_dir/manifest.json``.
+
+    The manifest records the target, inputs/outputs, TVM version, the toolchain and the SHA-256 of both
+    the source model and the library. Raises :class:`BuildError` if no toolchain links for the triple.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    toolchain = toolchain or find_toolchain(board.cross_triple)
+    library_path = out / library_name
+    started = time.perf_counter()
+    try:
+        executable.export_library(str(library_path), fcompile=toolchain.fcompile())
+    except BuildError:
+        raise
+    except Exception as err:
+        raise BuildError(f"exporting {library_path} for {board.name} failed: {err}") from err
+    machine = elf_machine(library_path)
+    expected = triple_arch(board.cross_triple) if board.cross_triple else host_arch()
+    if machine != expected:
+        raise BuildError(
+            f"{library_path} was linked for {machine}, but {board.name} needs {expected}; "
+            f"check the toolchain ({toolchain.describe()})"
+        )
+    from .. import __version__
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "model": {"source": imported.source, "sha256": imported.sha256},
+        "board": board.to_json(),
+        "tvm_target": dict(board.tvm_target().export()),
+        "inputs": [spec.to_json() for spec in imported.inputs],
+        "outputs": [spec.to_json() for spec in imported.outputs],
+        "library": {
+            "file": library_name,
+            "sha256": sha256_file(library_path),
+            "bytes": library_path.stat().st_size,
+            "elf_machine": machine,
+            "toolchain": toolchain.to_json(),
+            "export_s": round(time.perf_counter() - started, 3),
+        },
+        "precision": "fp32",
+        "versions": {
+            "ohq_tvm": __version__,
+            "tvm": tvm.__version__,
+            "python": platform.python_version(),
+        },
+        "built_on": platform.node(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "verification": None,
+    }
+    exported = ExportedModule(library_path, out / "manifest.json", toolchain, _jsonable(manifest))
+    exported.write_manifest()
+    return exported
+
+
+def _jsonable(value: object) -> object:
+    """TVM target exports hold TVM containers; turn them into plain JSON values."""
+    if isinstance(value, dict) or type(value).__name__ == "Map":
+        return {str(k): _jsonable(v) for k, v in value.items()}  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [_jsonable(v) for v in value]  # type: ignore[union-attr]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

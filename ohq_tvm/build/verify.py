@@ -1,0 +1,116 @@
+"""Check a compiled module on the board against ONNX Runtime before calling it a success."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from ..board import BoardSession, LatencyStats
+from ..errors import VerificationError
+from ..frontend import ImportedModel, synthetic_inputs
+
+# fp32 kernels reassociate sums differently from ONNX Runtime; errors this size are rounding, not bugs.
+FP32_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """How one output of the board compares with the reference."""
+
+    name: str
+    max_abs_error: float
+    reference_scale: float  # max |reference|; errors are judged relative to it
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_abs_error / max(self.reference_scale, 1.0)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of running a module on a board next to the reference."""
+
+    board: str
+    seed: int
+    tolerance: float
+    outputs: tuple[OutputAgreement, ...]
+    latency: LatencyStats | None
+
+    @property
+    def passed(self) -> bool:
+        return all(o.relative_error <= self.tolerance for o in self.outputs)
+
+    def summary(self) -> str:
+        worst = max(self.outputs, key=lambda o: o.relative_error)
+        verdict = "matches" if self.passed else "DISAGREES with"
+        return (
+            f"output {verdict} ONNX Runtime (worst relative error {worst.relative_error:.2e} "
+            f"on {worst.name!r}, tolerance {self.tolerance:.0e})"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "board": self.board,
+            "reference": "onnxruntime",
+            "seed": self.seed,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+            "outputs": [
+                {
+                    "name": o.name,
+                    "max_abs_error": o.max_abs_error,
+                    "reference_scale": o.reference_scale,
+                    "relative_error": o.relative_error,
+                }
+                for o in self.outputs
+            ],
+            "latency": None if self.latency is None else self.latency.to_json(),
+        }
+
+
+def reference_outputs(imported: ImportedModel, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run the (shape-resolved) ONNX model in ONNX Runtime on the CPU."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        imported.onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run([o.name for o in imported.outputs], inputs)
+
+
+def verify_on_board(
+    session: BoardSession,
+    library_path: str | os.PathLike,
+    imported: ImportedModel,
+    *,
+    seed: int = 0,
+    tolerance: float = FP32_TOLERANCE,
+    measure_latency: bool = True,
+) -> Verification:
+    """Upload and run ``library_path`` on the board with synthetic inputs, compare with ONNX Runtime.
+
+    Raises :class:`~ohq_tvm.errors.BoardError` if the board fails; a numeric disagreement is not an
+    exception here, it is reported by :attr:`Verification.passed`.
+    """
+    inputs = synthetic_inputs(imported.inputs, seed=seed)
+    ordered = [inputs[spec.name] for spec in imported.inputs]
+    vm = session.load_vm(library_path)
+    got = vm.run(ordered)
+    expected = reference_outputs(imported, inputs)
+    if len(got) != len(expected):
+        raise VerificationError(
+            f"{library_path}: module returned {len(got)} outputs, the ONNX model {len(expected)}"
+        )
+    agreements = tuple(
+        OutputAgreement(
+            name=spec.name,
+            max_abs_error=float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)), initial=0.0)),
+            reference_scale=float(np.max(np.abs(e), initial=0.0)),
+        )
+        for spec, g, e in zip(imported.outputs, got, expected, strict=True)
+    )
+    latency = vm.time(ordered) if measure_latency else None
+    return Verification(session.label, seed, tolerance, agreements, latency)

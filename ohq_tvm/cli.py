@@ -1,0 +1,133 @@
+"""The ``ohq-tvm`` command: parses arguments, calls the API, prints. Nothing below this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import OHQError
+
+EXIT_USER_ERROR = 2
+EXIT_VERIFICATION_FAILED = 3
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from .targets import list_boards
+
+    boards = list_boards()
+    rows = [("board", "triple", "cpu", "precisions", "rpc key", "description")]
+    for b in boards:
+        rows.append(
+            (
+                b.name,
+                str(b.target_config.get("mtriple", "")),
+                str(b.target_config.get("mcpu", "")),
+                ",".join(p.value for p in b.precisions),
+                b.rpc_key,
+                b.description,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def _cmd_example_model(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.name not in models.MODELS:
+        raise OHQError(f"unknown example model {args.name!r}; known: {', '.join(sorted(models.MODELS))}")
+    models.save(models.MODELS[args.name](), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .errors import VerificationError
+    from .frontend import parse_input_shapes
+    from .pipeline import compile_model
+
+    shapes = parse_input_shapes(args.input_shape or [])
+    try:
+        result = compile_model(
+            args.model,
+            args.target,
+            args.output,
+            tracker=args.tracker,
+            key=args.key,
+            server=args.server,
+            input_shapes=shapes,
+            verify=not args.no_verify,
+            seed=args.seed,
+            progress=lambda message: print(f"  {message}", flush=True),
+        )
+    except VerificationError as err:
+        print(f"FAILED verification: {err}", file=sys.stderr)
+        return EXIT_VERIFICATION_FAILED
+    print(f"wrote {result.library_path} and {result.manifest_path}")
+    if result.verification is not None:
+        latency = result.verification.latency
+        timing = f", {latency.median_ms:.3f} ms median" if latency else ""
+        print(f"ok: ran on {result.verification.board} and matched ONNX Runtime{timing}")
+    else:
+        print(f"built, not verified: {result.skipped_verification}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ohq-tvm", description="Hardware-aware mixed-precision compilation on Apache TVM."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("targets", help="list the built-in boards").set_defaults(run=_cmd_targets)
+
+    example = sub.add_parser("example-model", help="write one of the generated example ONNX models")
+    example.add_argument("name", help="e.g. tiny_cnn")
+    example.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
+    example.set_defaults(run=_cmd_example_model)
+
+    comp = sub.add_parser("compile", help="compile an ONNX model for a board and verify it there")
+    comp.add_argument("model", help="path to an .onnx file")
+    comp.add_argument(
+        "--target",
+        "-t",
+        default="host",
+        help="board name (see `ohq-tvm targets`), board TOML path, target triple, "
+        "or TVM target JSON (default: host)",
+    )
+    comp.add_argument("--tracker", help="RPC tracker HOST:PORT (default: a loopback host board)")
+    comp.add_argument("--key", help="RPC key of the board at the tracker (default: the target's)")
+    comp.add_argument("--server", help="a single RPC server HOST:PORT, without a tracker")
+    comp.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D0,D1,...",
+        help="static shape for an input with dynamic dimensions (repeatable)",
+    )
+    comp.add_argument("-o", "--output", required=True, help="output directory")
+    comp.add_argument("--no-verify", action="store_true", help="skip running on the board")
+    comp.add_argument("--seed", type=int, default=0, help="seed of the synthetic verification input")
+    comp.set_defaults(run=_cmd_compile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .board import sigterm_as_exit
+
+    args = build_parser().parse_args(argv)
+    try:
+        with sigterm_as_exit():
+            return args.run(args)
+    except OHQError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Relax passes of the OHQ pipeline; each drops into ``tvm.transform.Sequential``."""

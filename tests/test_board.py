@@ -1,0 +1,174 @@
+"""Boards over RPC: loopback lifecycle (no process left behind), direct servers, and clear failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+from testing_support import gone, tvm_exec_processes
+
+from ohq_tvm.board import (
+    LoopbackBoard,
+    ProcessGroup,
+    ServerBoard,
+    TrackerBoard,
+    open_board,
+    parse_address,
+)
+from ohq_tvm.board.boards import _free_port
+from ohq_tvm.errors import BoardError
+
+
+def _process_tree(pids: list[int]) -> set[int]:
+    tree = set(pids)
+    for pid in pids:
+        tree.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+    return tree
+
+
+def test_loopback_board_leaves_no_process_behind(add_library):
+    before = tvm_exec_processes()
+    board = LoopbackBoard(key="leakcheck", num_servers=2).start()
+    try:
+        owned = _process_tree(board.pids())
+        # tracker + 2 servers, and each server forks popen_worker children of its own.
+        assert len(board.pids()) == 3
+        assert len(owned) > 3
+        vm = board.connect().load_vm(add_library)
+        x = np.arange(16, dtype="float32").reshape(4, 4)
+        doubled, squared = vm.run([x])
+        np.testing.assert_array_equal(doubled, 2 * x)
+        np.testing.assert_array_equal(squared, x * x)
+    finally:
+        board.close()
+    assert all(gone(pid) for pid in owned), [pid for pid in owned if not gone(pid)]
+    assert tvm_exec_processes() <= before
+
+
+def test_loopback_board_cleans_up_when_the_block_raises():
+    with pytest.raises(ZeroDivisionError), LoopbackBoard(key="raises") as board:
+        owned = _process_tree(board.pids())
+        1 / 0  # noqa: B018
+    assert owned and all(gone(pid) for pid in owned)
+
+
+def test_sigterm_to_the_owner_stops_its_rpc_processes(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time, psutil
+        from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
+        with sigterm_as_exit(), LoopbackBoard(key="sigterm") as board:
+            pids = set(board.pids())
+            for pid in board.pids():
+                pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            print(" ".join(map(str, sorted(pids))), flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        owned = [int(p) for p in proc.stdout.readline().split()]
+        assert len(owned) >= 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(gone(pid) for pid in owned):
+        time.sleep(0.1)
+    assert all(gone(pid) for pid in owned), [pid for pid in owned if not gone(pid)]
+
+
+def test_board_times_a_module(loopback_board, add_library):
+    vm = loopback_board.connect().load_vm(add_library)
+    stats = vm.time([np.ones((4, 4), "float32")], repeat=3, min_repeat_ms=5)
+    assert len(stats.repeats_ms) == 3
+    assert 0 < stats.min_ms <= stats.median_ms < 5.0
+    assert stats.spread_ms >= 0
+
+
+def test_direct_server_board_without_tracker(add_library):
+    port = _free_port("127.0.0.1")
+    argv = [
+        sys.executable,
+        "-m",
+        "tvm.exec.rpc_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--port-end",
+        str(port + 1),
+        "--silent",
+    ]
+    with ProcessGroup(argv, label="direct rpc server"):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                session = ServerBoard("127.0.0.1", port).connect()
+                break
+            except BoardError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        (doubled, _) = session.load_vm(add_library).run([np.full((4, 4), 3, "float32")])
+        assert float(doubled[0, 0]) == 6.0
+
+
+def test_unreachable_tracker_fails_within_seconds():
+    port = _free_port("127.0.0.1")
+    started = time.monotonic()
+    with pytest.raises(BoardError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{port}"):
+        TrackerBoard("127.0.0.1", port, "rpi4b").connect()
+    assert time.monotonic() - started < 10
+
+
+def test_missing_key_names_the_keys_that_exist(loopback_board):
+    host, port = parse_address(loopback_board.tracker_address, "tracker")
+    board = TrackerBoard(host, port, "rpi4b", wait_for_server_s=0.5)
+    with pytest.raises(BoardError) as err:
+        board.connect()
+    assert "'rpi4b'" in str(err.value) and "host" in str(err.value)
+
+
+def test_server_that_dies_mid_session_is_a_board_error(add_library):
+    with LoopbackBoard(key="dies") as board:
+        vm = board.connect().load_vm(add_library)
+        for server in board.server_processes:
+            os.killpg(server.pid, signal.SIGKILL)
+        time.sleep(0.3)
+        with pytest.raises(BoardError, match=r"board dies@127\.0\.0\.1:\d+: .* failed"):
+            vm.run([np.ones((4, 4), "float32")])
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("127.0.0.1:9190", ("127.0.0.1", 9190)),
+        ("board.local:1", ("board.local", 1)),
+        ("nohost", None),
+        (":9190", None),
+        ("h:99999", None),
+        ("h:port", None),
+    ],
+)
+def test_parse_address(text, ok):
+    if ok is None:
+        with pytest.raises(BoardError, match="HOST:PORT"):
+            parse_address(text, "--tracker")
+    else:
+        assert parse_address(text, "--tracker") == ok
+
+
+def test_open_board_chooses_from_configuration():
+    assert isinstance(open_board(), LoopbackBoard)
+    tracker = open_board(tracker="10.0.0.2:9190", default_key="rpi4b")
+    assert isinstance(tracker, TrackerBoard) and tracker.key == "rpi4b"
+    assert isinstance(open_board(server="127.0.0.1:9090"), ServerBoard)
+    with pytest.raises(BoardError, match="either --tracker or --server"):
+        open_board(tracker="a:1", server="b:2")

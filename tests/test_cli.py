@@ -1,0 +1,86 @@
+"""The `ohq-tvm` command as a user runs it: exit codes, one-line errors, end-to-end compile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ohq_tvm import models
+from ohq_tvm.board.boards import _free_port
+
+
+def ohq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ohq_tvm", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_targets_lists_the_builtin_boards():
+    proc = ohq("targets")
+    assert proc.returncode == 0
+    names = {line.split()[0] for line in proc.stdout.splitlines()[1:]}
+    assert {"host", "rpi4b", "rpi5", "rk3588", "jetson-orin-nano", "aarch64-linux-gnu"} <= names
+
+
+def test_compile_end_to_end_on_the_host_board(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
+    proc = ohq("compile", str(model), "--target", "host", "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "matched ONNX Runtime" in proc.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["verification"]["passed"] is True
+    assert (tmp_path / "out" / "model.so").stat().st_size == manifest["library"]["bytes"]
+
+
+def test_missing_model_is_one_line(tmp_path):
+    assert_one_line_error(ohq("compile", str(tmp_path / "nope.onnx"), "-o", str(tmp_path)), "nope.onnx")
+
+
+def test_corrupt_model_is_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01 definitely not protobuf \xff" * 10)
+    assert_one_line_error(ohq("compile", str(bad), "-o", str(tmp_path / "o")), "bad.onnx")
+
+
+def test_unknown_target_is_one_line_listing_boards(tmp_path):
+    model = tmp_path / "m.onnx"
+    models.save(models.MODELS["conv"](), model)
+    proc = ohq("compile", str(model), "--target", "vax-11", "-o", str(tmp_path / "o"))
+    assert_one_line_error(proc, "vax-11", "rpi4b")
+
+
+def test_unreachable_tracker_is_one_line(tmp_path):
+    model = tmp_path / "m.onnx"
+    models.save(models.MODELS["conv"](), model)
+    port = _free_port("127.0.0.1")
+    proc = ohq(
+        "compile",
+        str(model),
+        "--tracker",
+        f"127.0.0.1:{port}",
+        "-o",
+        str(tmp_path / "o"),
+        timeout=60,
+    )
+    assert_one_line_error(proc, f"127.0.0.1:{port}", "tracker")
+
+
+@pytest.mark.parametrize("bad", ["input", "input=1,x,3", "=1,2"])
+def test_bad_input_shape_is_one_line(tmp_path, bad):
+    model = tmp_path / "m.onnx"
+    models.save(models.MODELS["conv"](), model)
+    proc = ohq("compile", str(model), "--input-shape", bad, "-o", str(tmp_path / "o"))
+    assert_one_line_error(proc, bad)

@@ -1,0 +1,153 @@
+"""ONNX → Relax: generated models agree with ONNX Runtime; every bad input is one clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tvm
+from onnx import TensorProto, helper
+from testing_support import host_target
+from tvm import relax
+
+from ohq_tvm import models
+from ohq_tvm.errors import ModelImportError
+from ohq_tvm.frontend import load_onnx, parse_input_shapes, synthetic_inputs
+
+
+def run_tvm(imported, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    vm = relax.VirtualMachine(relax.build(imported.mod, host_target()), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(feeds[s.name], tvm.cpu()) for s in imported.inputs])
+    return out.numpy()
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_generated_models_match_onnx_runtime(name):
+    model = models.MODELS[name]()
+    imported = load_onnx(model)
+    feeds = synthetic_inputs(imported.inputs, seed=1)
+    expected = run_ort(model, feeds)
+    got = run_tvm(imported, feeds)
+    assert got.shape == expected.shape == imported.outputs[0].shape
+    assert float(np.abs(expected).max()) > 0.1  # the comparison is not between two near-zero tensors
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_cnn_contains_the_layer_kinds_it_promises():
+    ops = [node.op_type for node in models.tiny_cnn().graph.node]
+    convs = [n for n in models.tiny_cnn().graph.node if n.op_type == "Conv"]
+    groups = {next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs}
+    assert {"Conv", "BatchNormalization", "Add", "GlobalAveragePool", "Gemm"} <= set(ops)
+    assert {1, 16, 72} <= groups  # regular, and two depthwise convolutions
+
+
+def test_path_and_proto_give_the_same_hash(tmp_path):
+    model = models.gemm_model()
+    path = models.save(model, tmp_path / "sub" / "gemm.onnx")
+    from_path, from_proto = load_onnx(path), load_onnx(model)
+    assert from_path.sha256 == from_proto.sha256
+    assert from_path.source == str(path) and from_proto.source == "<ModelProto>"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelImportError, match=r"nowhere\.onnx does not exist"):
+        load_onnx(tmp_path / "nowhere.onnx")
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(models.conv_model().SerializeToString()[:37] + b"\xff\xfe garbage")
+    with pytest.raises(ModelImportError, match=r"corrupt\.onnx is not a valid ONNX model"):
+        load_onnx(bad)
+
+
+def dynamic_batch_model() -> onnx.ModelProto:
+    model = models.conv_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.graph.output[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model
+
+
+def test_dynamic_shape_without_a_value():
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(dynamic_batch_model())
+    message = str(err.value)
+    assert "'input'" in message and "dimension 0" in message and "'batch'" in message
+    assert "--input-shape input=" in message
+
+
+def test_dynamic_shape_with_a_value_matches_onnx_runtime():
+    model = dynamic_batch_model()
+    imported = load_onnx(model, {"input": (2, 3, 16, 16)})
+    assert imported.inputs[0].shape == (2, 3, 16, 16)
+    assert imported.outputs[0].shape == (2, 16, 16, 16)
+    feeds = synthetic_inputs(imported.inputs)
+    np.testing.assert_allclose(run_tvm(imported, feeds), run_ort(model, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_shape_for_an_unknown_input_lists_the_real_ones():
+    with pytest.raises(ModelImportError, match=r"no input named images; its inputs: input"):
+        load_onnx(models.conv_model(), {"images": (1, 3, 16, 16)})
+
+
+def test_shape_of_the_wrong_rank():
+    with pytest.raises(ModelImportError, match=r"rank 4, but the given shape 3,16,16 has rank 3"):
+        load_onnx(models.conv_model(), {"input": (3, 16, 16)})
+
+
+def test_unsupported_operators_are_named_by_node():
+    model = models.conv_model()
+    model.graph.node.insert(
+        0, helper.make_node("Relu", ["input"], ["r"], name="custom_relu", domain="com.example")
+    )
+    model.graph.node.insert(1, helper.make_node("Foo", ["r"], ["f"], name="mystery", domain="com.example"))
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(model)
+    message = str(err.value)
+    assert "custom_relu (com.example::Relu)" in message and "mystery (com.example::Foo)" in message
+
+
+def test_default_domain_op_the_importer_lacks():
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    op = next(o for o in ["Celu", "LpNormalization", "Swish"] if o not in _get_convert_map())
+    assert op not in _get_convert_map()
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"], name="odd_node")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelImportError, match=rf"odd_node \({op}\)"):
+        load_onnx(model)
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [(["input=1,3,224,224"], {"input": (1, 3, 224, 224)}), (["a=1,2", " b = 3"], {"a": (1, 2), "b": (3,)})],
+)
+def test_parse_input_shapes(items, expected):
+    assert parse_input_shapes(items) == expected
+
+
+@pytest.mark.parametrize("item", ["input", "input=", "=1,2", "input=1,x", "input=1,0", "input=-1,3"])
+def test_parse_input_shapes_rejects(item):
+    with pytest.raises(ModelImportError, match="NAME=D0,D1"):
+        parse_input_shapes([item])
+
+
+def test_synthetic_inputs_are_deterministic():
+    specs = load_onnx(models.conv_model()).inputs
+    a, b = synthetic_inputs(specs, seed=3), synthetic_inputs(specs, seed=3)
+    np.testing.assert_array_equal(a["input"], b["input"])
+    assert a["input"].dtype == np.float32 and abs(float(a["input"].std()) - 1.0) < 0.1

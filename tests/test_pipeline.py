@@ -1,0 +1,54 @@
+"""`compile_model` end to end on the loopback host board, and its verification failure path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from testing_support import tvm_exec_processes
+
+from ohq_tvm import models
+from ohq_tvm.build import verify as verify_module
+from ohq_tvm.errors import VerificationError
+from ohq_tvm.pipeline import compile_model
+
+
+def test_compile_tiny_cnn_on_the_host_board(tmp_path):
+    before = tvm_exec_processes()
+    messages: list[str] = []
+    result = compile_model(models.tiny_cnn(), "host", tmp_path / "out", progress=messages.append)
+    assert result.verified
+    assert result.library_path.is_file()
+    manifest = json.loads(result.manifest_path.read_text())
+    verification = manifest["verification"]
+    assert verification["passed"] is True
+    assert verification["outputs"][0]["relative_error"] <= 1e-4
+    assert verification["latency"]["median_ms"] > 0
+    assert set(manifest["stage_seconds"]) == {"import", "build", "export", "verify"}
+    assert any("matches ONNX Runtime" in m for m in messages)
+    # The loopback tracker and server were started for this call and are gone again.
+    assert tvm_exec_processes() <= before
+
+
+def test_cross_target_without_a_board_is_exported_but_not_verified(tmp_path):
+    result = compile_model(models.MODELS["conv"](), "rpi4b", tmp_path)
+    assert result.verification is None
+    assert "--tracker" in result.skipped_verification
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["library"]["elf_machine"] == "aarch64"
+    assert manifest["verification"] == {"skipped": result.skipped_verification}
+
+
+def test_disagreeing_outputs_fail_verification_and_say_so(tmp_path, monkeypatch):
+    real = verify_module.reference_outputs
+
+    def skewed(imported, inputs):
+        return [out + np.float32(0.5) for out in real(imported, inputs)]
+
+    monkeypatch.setattr(verify_module, "reference_outputs", skewed)
+    with pytest.raises(VerificationError, match="DISAGREES with ONNX Runtime"):
+        compile_model(models.MODELS["conv"](), "host", tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["verification"]["passed"] is False
+    assert manifest["verification"]["outputs"][0]["max_abs_error"] == pytest.approx(0.5, rel=1e-3)
