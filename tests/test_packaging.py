@@ -21,9 +21,11 @@ import pytest
 import ohq_tvm
 
 PROBE = textwrap.dedent("""
-    import json, site, sys
+    import importlib, json, site, sys
     site.addsitedir(sys.argv[1])          # processes the editable install's .pth finder
     sys.path.append(sys.argv[2])          # third-party packages, .pth files not processed
+    for module in json.loads(sys.argv[3]):
+        importlib.import_module(module)
     import ohq_tvm, ohq_tvm.passes, ohq_tvm.targets
     print(json.dumps({
         "package": ohq_tvm.__file__,
@@ -34,11 +36,47 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _source_tree(tmp_path: Path) -> Path:
-    """A copy of the project's sources, so builds write nothing into the working tree."""
+def _repo() -> Path:
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "pyproject.toml").is_file():
         pytest.skip("needs the source tree next to the tests")
+    return repo
+
+
+def source_modules(repo: Path) -> list[str]:
+    """Every importable module of the source tree, by its installed name."""
+    roots = {
+        "ohq_tvm": repo / "ohq_tvm",
+        "ohq_tvm.passes": repo / "passes",
+        "ohq_tvm.targets": repo / "targets",
+    }
+    modules = []
+    for prefix, root in roots.items():
+        for path in sorted(root.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            parts = path.relative_to(root).with_suffix("").parts
+            if prefix == "ohq_tvm" and parts[0] in {"passes", "targets"}:
+                continue
+            name = ".".join((prefix, *parts))
+            modules.append(name.removesuffix(".__init__").removesuffix(".__main__"))
+    return sorted(set(modules) - {"ohq_tvm"})
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    import tomllib
+
+    repo = _repo()
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"ohq_tvm", "ohq_tvm.passes", "ohq_tvm.targets"}
+    for init in (repo / "ohq_tvm").rglob("__init__.py"):
+        folders.add(".".join(("ohq_tvm", *init.parent.relative_to(repo / "ohq_tvm").parts)))
+    assert listed == folders
+
+
+def _source_tree(tmp_path: Path) -> Path:
+    """A copy of the project's sources, so builds write nothing into the working tree."""
+    repo = _repo()
     copy = tmp_path / "src"
     skip_anywhere = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so")
 
@@ -55,7 +93,7 @@ def _source_tree(tmp_path: Path) -> Path:
 def _probe(site_dir: Path) -> dict:
     purelib = sysconfig.get_paths()["purelib"]
     proc = subprocess.run(
-        [sys.executable, "-S", "-c", PROBE, str(site_dir), purelib],
+        [sys.executable, "-S", "-c", PROBE, str(site_dir), purelib, json.dumps(source_modules(_repo()))],
         capture_output=True,
         text=True,
         cwd=site_dir,
