@@ -10,7 +10,7 @@ DEMO   ?= demo-out
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ohq-tvm needs Python >= 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=68" wheel
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 
 venv: $(BIN)/python
 

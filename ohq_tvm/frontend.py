@@ -18,6 +18,7 @@ import tvm
 from onnx import helper, shape_inference
 
 from .errors import ModelImportError
+from .passes.layer_id import AssignLayerIds
 
 _DEFAULT_DOMAINS = {"", "ai.onnx"}
 # Handled by the importer itself rather than through its converter table.
@@ -39,7 +40,7 @@ class TensorSpec:
 
 @dataclass
 class ImportedModel:
-    """A Relax module with static shapes, next to the ONNX model it came from (shapes resolved)."""
+    """A Relax module with static shapes and layer ids, next to the ONNX model it came from."""
 
     mod: tvm.IRModule
     inputs: list[TensorSpec]
@@ -204,6 +205,8 @@ def load_onnx(
         raise ModelImportError(
             f"converting {source} to Relax failed: {lines[-1] if lines else type(err).__name__}"
         ) from err
+    # Name every conv/dense after its ONNX node, so plans and reports speak the user's names.
+    mod = AssignLayerIds(static)(mod)
     return ImportedModel(
         mod=mod,
         inputs=specs,

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from ohq_tvm import models
 from ohq_tvm.board.boards import _free_port
 
+# The installed console script, run from a neutral folder (from the repository root, `python -m ohq_tvm`
+# would import the source folder rather than the installed package).
+OHQ_TVM = Path(sys.executable).parent / "ohq-tvm"
+
 
 def ohq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "ohq_tvm", *args], capture_output=True, text=True, timeout=timeout
+        [str(OHQ_TVM), *args], capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir()
     )
 
 

@@ -16,6 +16,7 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import ohq_tvm.passes
 import pytest
 
 import ohq_tvm
@@ -24,6 +25,9 @@ PROBE = textwrap.dedent("""
     import importlib, json, site, sys
     site.addsitedir(sys.argv[1])          # processes the editable install's .pth finder
     sys.path.append(sys.argv[2])          # third-party packages, .pth files not processed
+    # An editable finder sits behind sys.path's finder; put it first so a copy of ohq-tvm installed in
+    # the third-party folder cannot answer for it.
+    sys.meta_path.sort(key=lambda finder: "__editable__" not in getattr(finder, "__module__", ""))
     for module in json.loads(sys.argv[3]):
         importlib.import_module(module)
     import ohq_tvm, ohq_tvm.passes, ohq_tvm.targets
@@ -159,5 +163,7 @@ def test_editable_install_maps_passes_and_targets_to_the_source_folders(tmp_path
 def test_the_suite_imports_an_installed_package():
     # The repository root is kept off sys.path (importlib import mode), so the package under test is
     # an installed distribution: site-packages, or an editable finder pointing at the source tree.
-    assert str(Path(ohq_tvm.__file__).parents[1]) not in sys.path
+    repo = Path(__file__).resolve().parents[1]
+    assert str(repo) not in sys.path and "" not in sys.path
     assert importlib.metadata.version("ohq-tvm") == ohq_tvm.__version__
+    assert ohq_tvm.passes.__name__ == "ohq_tvm.passes"

@@ -1,0 +1,134 @@
+"""A mixed-precision plan: one precision per layer, plus where it came from. Typed, validated, JSON-able."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvm_ffi import register_error
+
+from .errors import OHQError
+from .layers import LayerInfo
+from .precision import Precision
+
+PLAN_FORMAT = "ohq-tvm/plan"
+PLAN_VERSION = 1
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@register_error
+class PlanError(OHQError):
+    """A plan that does not fit the model or the board."""
+
+
+@dataclass
+class Plan:
+    """``assignments`` maps layer ids to precisions; the rest records what the plan was made for.
+
+    Validates itself on construction (precision names, calibration method, numbers); use
+    :meth:`validate_against` to check it against a model's layers and a board's candidates.
+    """
+
+    assignments: dict[str, Precision]
+    model_sha256: str = ""
+    target: str = ""
+    calibration: str | None = None
+    source: str = "manual"  # "uniform", "ilp", "bops-proxy", "greedy", "manual", ...
+    predicted: dict[str, float] = field(default_factory=dict)  # latency_ms, size_bytes, sensitivity
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.assignments, Mapping):
+            raise PlanError("a plan's assignments must map layer ids to precisions")
+        self.assignments = {str(k): Precision.parse(str(v)) for k, v in self.assignments.items()}
+        if self.calibration is not None and self.calibration not in CALIBRATION_METHODS:
+            methods = ", ".join(CALIBRATION_METHODS)
+            raise PlanError(f"unknown calibration method {self.calibration!r}; use one of {methods}")
+        for key, value in self.predicted.items():
+            if not isinstance(value, (int, float)) or value != value:
+                raise PlanError(f"predicted {key!r} must be a number, not {value!r}")
+
+    @classmethod
+    def uniform(cls, layers: Iterable[LayerInfo | str], precision: Precision | str, **meta: Any) -> Plan:
+        """Every layer in one precision."""
+        ids = [layer.layer_id if isinstance(layer, LayerInfo) else layer for layer in layers]
+        return cls({layer_id: Precision.parse(str(precision)) for layer_id in ids}, source="uniform", **meta)
+
+    def precision_of(self, layer_id: str) -> Precision:
+        return self.assignments[layer_id]
+
+    def counts(self) -> dict[str, int]:
+        """How many layers each precision got."""
+        tally: dict[str, int] = {}
+        for precision in self.assignments.values():
+            tally[precision.value] = tally.get(precision.value, 0) + 1
+        return tally
+
+    def validate_against(
+        self, layers: Iterable[LayerInfo | str], candidates: Mapping[str, Iterable[Precision]] | None = None
+    ) -> None:
+        """Raise :class:`PlanError` for a layer id the model lacks (naming close matches), a layer the plan
+        leaves out, or a precision not among the layer's candidates on the target."""
+        ids = [layer.layer_id if isinstance(layer, LayerInfo) else layer for layer in layers]
+        for layer_id in self.assignments:
+            if layer_id not in ids:
+                close = difflib.get_close_matches(layer_id, ids, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; layers: {', '.join(ids)}"
+                raise PlanError(f"plan names layer {layer_id!r}, which the model does not have{hint}")
+        missing = [layer_id for layer_id in ids if layer_id not in self.assignments]
+        if missing:
+            raise PlanError(f"plan gives no precision for layer(s) {', '.join(missing)}")
+        for layer_id, precision in self.assignments.items():
+            allowed = tuple(candidates.get(layer_id, ())) if candidates else ()
+            if candidates is not None and precision not in allowed:
+                names = ", ".join(p.value for p in allowed) or "none"
+                raise PlanError(
+                    f"plan puts layer {layer_id!r} in {precision}, not allowed on "
+                    f"{self.target or 'this target'} (allowed: {names})"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "format_version": PLAN_VERSION,
+            "assignments": {k: v.value for k, v in self.assignments.items()},
+            "model_sha256": self.model_sha256,
+            "target": self.target,
+            "calibration": self.calibration,
+            "source": self.source,
+            "predicted": dict(self.predicted),
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not an ohq-tvm plan (format {data.get('format')!r})")
+        if data.get("format_version") != PLAN_VERSION:
+            raise PlanError(f"plan format version {data.get('format_version')} is not {PLAN_VERSION}")
+        fields = ("model_sha256", "target", "calibration", "source", "predicted", "notes")
+        return cls(dict(data["assignments"]), **{k: data[k] for k in fields if k in data})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise PlanError(f"plan file {path} is not JSON: {err}") from None
+        try:
+            return cls.from_json(data)
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
