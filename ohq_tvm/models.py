@@ -175,6 +175,55 @@ def tiny_cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProt
     return g.model("tiny_cnn", {"input": [1, 3, size, size]}, g.gemm(x, 24, classes, name="classifier"))
 
 
+# (expansion t, output channels c, repeats n, first stride s) of MobileNetV2's inverted residual stages.
+_MOBILENET_V2_STAGES = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
+
+
+def mobilenet_v2(size: int = 224, classes: int = 1000, width: float = 1.0, seed: int = 0) -> onnx.ModelProto:
+    """MobileNetV2's architecture (BN folded into conv biases, ReLU6 as Clip) with random weights.
+
+    For latency work: the layer shapes are the real network's, the weights are not trained.
+    """
+    g = _Graph(seed)
+
+    def channels(c: int) -> int:
+        return max(8, int(c * width + 4) // 8 * 8)
+
+    def relu6(x: str) -> str:
+        return g.node(
+            "Clip", [x, g.const(g._name("zero"), np.array(0.0)), g.const(g._name("six"), np.array(6.0))]
+        )
+
+    cin = channels(32)
+    x = relu6(g.conv("input", 3, cin, stride=2, name="features_0_conv"))
+    block = 1
+    for t, c, n, first_stride in _MOBILENET_V2_STAGES:
+        cout = channels(c)
+        for i in range(n):
+            stride = first_stride if i == 0 else 1
+            hidden = cin * t
+            y = x
+            if t != 1:
+                y = relu6(g.conv(y, cin, hidden, k=1, name=f"features_{block}_expand"))
+            y = relu6(g.conv(y, hidden, hidden, stride=stride, groups=hidden, name=f"features_{block}_dw"))
+            y = g.conv(y, hidden, cout, k=1, name=f"features_{block}_project")
+            x = g.node("Add", [x, y], f"features_{block}_add") if stride == 1 and cin == cout else y
+            cin = cout
+            block += 1
+    last = channels(1280) if width > 1.0 else 1280
+    x = relu6(g.conv(x, cin, last, k=1, name=f"features_{block}_conv"))
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flatten")
+    return g.model("mobilenet_v2", {"input": [1, 3, size, size]}, g.gemm(x, last, classes, name="classifier"))
+
+
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "conv": conv_model,
     "depthwise_conv": depthwise_conv_model,
@@ -183,6 +232,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "residual": residual_model,
     "pooling": pooling_model,
     "tiny_cnn": tiny_cnn,
+    "mobilenet_v2": mobilenet_v2,
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from testing_support import build_add_library
 
 from ohq_tvm.board import LoopbackBoard
+
+from testing_support import build_add_library
 
 
 @pytest.fixture(scope="session")

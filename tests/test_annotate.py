@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import tvm
-from ohq_tvm.passes import AnnotateCandidates, candidates
-from ohq_tvm.targets import resolve_target
-from testing_support import host_target
 from tvm import relax
 
 from ohq_tvm import OHQError, Precision, models
 from ohq_tvm.frontend import load_onnx
+from ohq_tvm.passes import AnnotateCandidates, candidates
+from ohq_tvm.targets import resolve_target
+
+from testing_support import host_target
 
 FP32, FP16, INT8, INT4W = Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT4W
 INNER = ["dw1", "pw1", "expand2", "dw2", "project2"]

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-from testing_support import gone, tvm_exec_processes
 
 from ohq_tvm.board import (
     LoopbackBoard,
@@ -24,6 +23,8 @@ from ohq_tvm.board import (
 )
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.errors import BoardError
+
+from testing_support import gone, tvm_exec_processes
 
 
 def _process_tree(pids: list[int]) -> set[int]:

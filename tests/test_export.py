@@ -9,11 +9,11 @@ import struct
 
 import pytest
 import tvm
-from ohq_tvm.frontend import load_onnx
-from ohq_tvm.targets import resolve_target
 
 from ohq_tvm import models
 from ohq_tvm.build import build_executable, export_module, find_toolchain
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.targets import resolve_target
 
 EM_AARCH64 = 183
 EM_X86_64 = 62

@@ -8,12 +8,13 @@ import onnxruntime as ort
 import pytest
 import tvm
 from onnx import TensorProto, helper
-from testing_support import host_target
 from tvm import relax
 
 from ohq_tvm import models
 from ohq_tvm.errors import ModelImportError
 from ohq_tvm.frontend import load_onnx, parse_input_shapes, synthetic_inputs
+
+from testing_support import host_target
 
 
 def run_tvm(imported, feeds: dict[str, np.ndarray]) -> np.ndarray:

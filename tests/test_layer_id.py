@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from ohq_tvm.passes import LAYERS_ATTR, AssignLayerIds, layer_id_of
-from testing_support import host_target
 from tvm import relax
 
 from ohq_tvm import models
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.layers import quantizable_layers
+from ohq_tvm.passes import LAYERS_ATTR, AssignLayerIds, layer_id_of
+
+from testing_support import host_target
 
 TINY_LAYERS = ["stem_conv", "dw1", "pw1", "expand2", "dw2", "project2", "classifier"]
 

@@ -16,10 +16,10 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-import ohq_tvm.passes
 import pytest
 
 import ohq_tvm
+import ohq_tvm.passes
 
 PROBE = textwrap.dedent("""
     import importlib, json, site, sys

@@ -6,12 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from testing_support import tvm_exec_processes
 
 from ohq_tvm import models
 from ohq_tvm.build import verify as verify_module
 from ohq_tvm.errors import VerificationError
 from ohq_tvm.pipeline import compile_model
+
+from testing_support import tvm_exec_processes
 
 
 def test_compile_tiny_cnn_on_the_host_board(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from ohq_tvm.passes import AnnotateCandidates, candidates
-from ohq_tvm.targets import resolve_target
 
 from ohq_tvm import Precision, models
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
+from ohq_tvm.passes import AnnotateCandidates, candidates
 from ohq_tvm.plan import Plan, PlanError
+from ohq_tvm.targets import resolve_target
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from ohq_tvm.targets import builtin_board_names, list_boards, resolve_target
-from ohq_tvm.targets.host import cpu_flags
 from tvm.target import codegen
 
 from ohq_tvm import Precision
 from ohq_tvm.errors import TargetError
+from ohq_tvm.targets import builtin_board_names, list_boards, resolve_target
+from ohq_tvm.targets.host import cpu_flags
 
 EXPECTED = {
     # name: (mcpu, mattr, native fp16, dot product)
