@@ -60,6 +60,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             server=args.server,
             input_shapes=shapes,
             verify=not args.no_verify,
+            schedule=args.schedule,
             seed=args.seed,
             progress=lambda message: print(f"  {message}", flush=True),
         )
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, help="output directory")
     comp.add_argument("--no-verify", action="store_true", help="skip running on the board")
     comp.add_argument("--seed", type=int, default=0, help="seed of the synthetic verification input")
+    comp.add_argument(
+        "--schedule",
+        choices=["default", "none"],
+        default="default",
+        help="default: parallel, vectorised CPU schedule with no tuning; none: TVM's naive loops",
+    )
     comp.set_defaults(run=_cmd_compile)
     return parser
 

@@ -67,6 +67,7 @@ def compile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
     seed: int = 0,
+    schedule: str = "default",
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
@@ -79,6 +80,7 @@ def compile_model(
         input_shapes: static shapes for inputs with dynamic dimensions.
         verify: run on the board and compare with ONNX Runtime (skipped, with the reason recorded, when
             the target's architecture differs from this machine's and no tracker/server is given).
+        schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
     unreachable boards and build failures, and :class:`VerificationError` (after writing the outputs and
@@ -98,12 +100,12 @@ def compile_model(
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
     started = time.perf_counter()
-    executable = build_executable(imported.mod, board)
+    executable = build_executable(imported.mod, board, schedule)
     stage("build", started)
     say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
 
     started = time.perf_counter()
-    exported = export_module(executable, out_dir, board, imported, toolchain=toolchain)
+    exported = export_module(executable, out_dir, board, imported, toolchain=toolchain, schedule=schedule)
     stage("export", started)
     say(f"exported {exported.library_path} with {toolchain.describe()}")
 

@@ -17,19 +17,29 @@ from ..errors import BuildError
 from ..frontend import ImportedModel
 from ..targets import BoardSpec
 from .elf import elf_machine
+from .schedules import build_scheduled
 from .toolchain import Toolchain, find_toolchain, host_arch, triple_arch
 
 MANIFEST_FORMAT = "ohq-tvm/manifest"
 MANIFEST_VERSION = 1
 
 
-def build_executable(mod: tvm.IRModule, board: BoardSpec) -> relax.Executable:
-    """Compile ``mod`` for ``board``'s TVM target with Relax's default pipeline.
+SCHEDULES = ("default", "none")
 
-    Raises :class:`BuildError` with TVM's last message line when compilation fails.
+
+def build_executable(mod: tvm.IRModule, board: BoardSpec, schedule: str = "default") -> relax.Executable:
+    """Compile ``mod`` for ``board``'s TVM target.
+
+    ``schedule="default"`` gives every TIR function the zero-budget CPU schedule (parallel, vectorised);
+    ``"none"`` is Relax's own pipeline, which leaves them as naive single-threaded loops (kept for
+    comparison). Raises :class:`BuildError` with TVM's last message line when compilation fails.
     """
+    if schedule not in SCHEDULES:
+        raise BuildError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     target = board.tvm_target()
     try:
+        if schedule == "default" and target.kind.name == "llvm":
+            return build_scheduled(mod, target)
         return relax.build(mod, target)
     except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
         lines = str(err).strip().splitlines()
@@ -65,6 +75,7 @@ def export_module(
     *,
     toolchain: Toolchain | None = None,
     library_name: str = "model.so",
+    schedule: str = "default",
 ) -> ExportedModule:
     """Write ``out_dir/model.so`` linked for the board's triple and ``out_dir/manifest.json``.
 
@@ -108,6 +119,7 @@ def export_module(
             "export_s": round(time.perf_counter() - started, 3),
         },
         "precision": "fp32",
+        "schedule": schedule,
         "versions": {
             "ohq_tvm": __version__,
             "tvm": tvm.__version__,

@@ -1,0 +1,141 @@
+"""Zero-budget schedule vs TVM's unscheduled default vs ONNX Runtime, fp32, side by side in one run.
+
+Usage: python benchmarks/default_schedule.py [--repeats N] [--out benchmarks/results]
+
+Writes results/default_schedule.json (machine, versions, raw per-repeat milliseconds) and
+results/default_schedule.md (medians and ratios). The three runtimes are timed in interleaved rounds,
+so drift on a noisy machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import tvm
+from tvm import relax
+
+from ohq_tvm import models
+from ohq_tvm.build import build_scheduled
+from ohq_tvm.frontend import load_onnx, synthetic_inputs
+from ohq_tvm.targets import resolve_target
+
+CASES = {
+    "mobilenet_v2 (224x224)": lambda: models.mobilenet_v2(),
+    "dense 1024x1024 (batch 1)": lambda: models.gemm_model(features=1024, classes=1024),
+    "tiny_cnn (32x32)": lambda: models.tiny_cnn(),
+}
+
+
+def _tvm_timer(executable, args):
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm["main"](*args)
+    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=100)
+    return lambda: evaluator(*args).results[0] * 1e3
+
+
+def _ort_timer(model, feeds, threads):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+
+    def run() -> float:
+        count, started = 0, time.perf_counter()
+        while True:
+            session.run(None, feeds)
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= 0.1:
+                return elapsed / count * 1e3
+
+    return run
+
+
+def bench(name: str, model, target, repeats: int, threads: int) -> dict:
+    imported = load_onnx(model)
+    feeds = synthetic_inputs(imported.inputs)
+    args = [tvm.runtime.tensor(feeds[s.name], tvm.cpu()) for s in imported.inputs]
+    started = time.perf_counter()
+    scheduled = build_scheduled(imported.mod, target)
+    build_s = time.perf_counter() - started
+    timers = {
+        "tvm_unscheduled": _tvm_timer(relax.build(imported.mod, target), args),
+        "tvm_default_schedule": _tvm_timer(scheduled, args),
+        "onnxruntime": _ort_timer(imported.onnx_model, feeds, threads),
+    }
+    raw: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(repeats):
+        for key, timer in timers.items():
+            raw[key].append(timer())
+    median = {key: statistics.median(values) for key, values in raw.items()}
+    return {
+        "case": name,
+        "schedule_build_s": round(build_s, 2),
+        "median_ms": median,
+        "speedup_vs_unscheduled": median["tvm_unscheduled"] / median["tvm_default_schedule"],
+        "ratio_to_onnxruntime": median["tvm_default_schedule"] / median["onnxruntime"],
+        "raw_ms": raw,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    board = resolve_target("host")
+    target = board.tvm_target()
+    threads = board.num_cores
+    results = [bench(name, make(), target, args.repeats, threads) for name, make in CASES.items()]
+    record = {
+        "benchmark": "default_schedule",
+        "machine": {
+            "cpu": str(target.attrs["mcpu"]),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__},
+        "settings": {
+            "repeats": args.repeats,
+            "min_repeat_ms": 100,
+            "onnxruntime_threads": threads,
+            "tuning_trials": 0,
+            "precision": "fp32",
+        },
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "default_schedule.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        "# Zero-budget CPU schedule (fp32, no tuning)",
+        "",
+        f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores; TVM {tvm.__version__}, "
+        f"ONNX Runtime {ort.__version__} ({threads} threads); median of {args.repeats} interleaved rounds.",
+        "",
+        "| model | TVM unscheduled (ms) | TVM default schedule (ms) | ONNX Runtime (ms) "
+        "| speed-up vs unscheduled | default schedule / ORT |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        m = r["median_ms"]
+        lines.append(
+            f"| {r['case']} | {m['tvm_unscheduled']:.3f} | {m['tvm_default_schedule']:.3f} | "
+            f"{m['onnxruntime']:.3f} | {r['speedup_vs_unscheduled']:.1f}x "
+            f"| {r['ratio_to_onnxruntime']:.1f}x |"
+        )
+    (out / "default_schedule.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The zero-budget CPU schedule: nothing left naive, loops parallel and vectorised, outputs unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+from ohq_tvm import models
+from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
+from ohq_tvm.build.schedules import _vector_factor
+from ohq_tvm.frontend import load_onnx, synthetic_inputs
+
+from testing_support import host_target
+
+
+def legalized(model) -> tvm.IRModule:
+    target = host_target()
+    with target:
+        return tvm.transform.Sequential(cpu_pipeline.legalize_passes(target))(load_onnx(model).mod)
+
+
+def scheduled(mod: tvm.IRModule) -> tvm.IRModule:
+    with host_target():
+        return default_cpu_schedule()(tvm.IRModule(dict(mod.functions_items())))
+
+
+def prim_funcs(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "mobilenet_v2"])
+def test_no_function_is_left_naive(name):
+    before = legalized(models.MODELS[name]())
+    assert unscheduled_functions(before)  # TVM's own pipeline schedules nothing
+    after = scheduled(before)
+    assert unscheduled_functions(after) == []
+    funcs = prim_funcs(after)
+    assert len(funcs) == len(prim_funcs(before))
+    for fname, func in funcs.items():
+        assert "T.parallel(" in func.script(), fname
+
+
+def test_convolutions_are_vectorised_with_an_unrolled_channel_tile():
+    funcs = prim_funcs(scheduled(legalized(models.mobilenet_v2(size=64))))
+    convs = {name: f.script() for name, f in funcs.items() if "conv2d" in name}
+    assert convs
+    for name, text in convs.items():
+        assert "T.vectorized(" in text, name
+    # 1x1 convolutions over many channels get the register tile (unrolled output channels).
+    assert sum("T.unroll(" in text for text in convs.values()) >= len(convs) // 2
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_outputs_equal_the_unscheduled_build(name):
+    model = models.MODELS[name]() if name != "mobilenet_v2" else models.mobilenet_v2(size=64)
+    imported = load_onnx(model)
+    feeds = synthetic_inputs(imported.inputs, seed=2)
+    args = [tvm.runtime.tensor(feeds[s.name], tvm.cpu()) for s in imported.inputs]
+    plain = relax.VirtualMachine(relax.build(imported.mod, host_target()), tvm.cpu())["main"](*args)
+    fast = relax.VirtualMachine(build_scheduled(imported.mod, host_target()), tvm.cpu())["main"](*args)
+    reference = plain.numpy()
+    np.testing.assert_allclose(fast.numpy(), reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max()))
+
+
+@pytest.mark.parametrize(
+    ("extent", "lanes", "factor"),
+    [
+        (112, 16, 16),
+        (56, 16, 8),
+        (28, 16, 4),
+        (14, 16, 16),
+        (7, 16, 8),
+        (1000, 16, 8),
+        (6, 4, 4),
+        (3, 16, None),
+        (None, 16, None),
+    ],
+)
+def test_vector_factor(extent, lanes, factor):
+    assert _vector_factor(extent, lanes) == factor
