@@ -59,6 +59,10 @@ class Plan:
         ids = [layer.layer_id if isinstance(layer, LayerInfo) else layer for layer in layers]
         return cls({layer_id: Precision.parse(str(precision)) for layer_id in ids}, source="uniform", **meta)
 
+    def assign(self, layer_id: str, precision: Precision | str) -> None:
+        """Set one layer's precision (parsed, so a misspelt name fails here, not at build time)."""
+        self.assignments[layer_id] = Precision.parse(str(precision))
+
     def precision_of(self, layer_id: str) -> Precision:
         return self.assignments[layer_id]
 

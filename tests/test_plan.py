@@ -92,3 +92,14 @@ def test_loading_bad_files(tmp_path):
     (tmp_path / "x.json").write_text('{"format": "something-else"}')
     with pytest.raises(PlanError, match=r"x\.json: not an ohq-tvm plan"):
         Plan.load(tmp_path / "x.json")
+
+
+def test_assign_parses_the_precision(tiny):
+    layers, allowed = tiny
+    plan = Plan.uniform(layers, "int8")
+    plan.assign("stem_conv", "FP32")
+    plan.assign("classifier", Precision.FP32)
+    assert plan.precision_of("stem_conv") is Precision.FP32
+    plan.validate_against(layers, allowed)
+    with pytest.raises(Exception, match="unknown precision 'int2'"):
+        plan.assign("dw1", "int2")

@@ -9,6 +9,7 @@ import pytest
 
 from ohq_tvm import models
 from ohq_tvm.build.elf import elf_machine
+from ohq_tvm.plan import Plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -19,9 +20,16 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_build_script_snippet_runs(tmp_path, monkeypatch):
-    snippet = next(block for block in python_blocks() if "load_onnx" in block)
+def test_build_script_snippets_run(tmp_path, monkeypatch):
+    blocks = python_blocks()
+    build_script = next(block for block in blocks if "load_onnx" in block)
+    passes_script = next(block for block in blocks if "AnnotateCandidates" in block)
     models.save(models.tiny_cnn(), tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, str(README), "exec"), {})
+    namespace: dict = {}
+    exec(compile(build_script, str(README), "exec"), namespace)
     assert elf_machine(tmp_path / "model.so") == "aarch64"
+    exec(compile(passes_script, str(README), "exec"), namespace)  # continues with the same board/model
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.target == "rpi5"
+    assert plan.counts() == {"fp32": 2, "int8": 5}
