@@ -62,6 +62,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             schedule=args.schedule,
             seed=args.seed,
+            precision=args.precision,
+            plan=args.plan,
+            calibration_method=args.calibration,
+            calibration_samples=args.calibration_samples,
+            normalization=args.normalization,
             progress=lambda message: print(f"  {message}", flush=True),
         )
     except VerificationError as err:
@@ -71,7 +76,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if result.verification is not None:
         latency = result.verification.latency
         timing = f", {latency.median_ms:.3f} ms median" if latency else ""
-        print(f"ok: ran on {result.verification.board} and matched ONNX Runtime{timing}")
+        reference = result.verification.reference_label
+        print(f"ok: ran on {result.verification.board} and matched {reference}{timing}")
     else:
         print(f"built, not verified: {result.skipped_verification}")
     return 0
@@ -116,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["default", "none"],
         default="default",
         help="default: parallel, vectorised CPU schedule with no tuning; none: TVM's naive loops",
+    )
+    quant = comp.add_argument_group("quantization (default: fp32, no plan)")
+    which = quant.add_mutually_exclusive_group()
+    which.add_argument(
+        "--precision", choices=["fp32", "fp16", "int8", "int4w"], help="every layer in this precision"
+    )
+    which.add_argument("--plan", metavar="PLAN.json", help="a plan file: one precision per layer")
+    quant.add_argument(
+        "--calibration",
+        choices=["minmax", "percentile", "entropy"],
+        default="minmax",
+        help="how integer layers' activation ranges are chosen (default: minmax)",
+    )
+    quant.add_argument(
+        "--calibration-samples",
+        metavar="DIR",
+        help="folder of .npy arrays or images to calibrate on (default: synthetic Gaussian inputs)",
+    )
+    quant.add_argument(
+        "--normalization",
+        choices=["imagenet", "tf", "unit"],
+        default="imagenet",
+        help="how images in --calibration-samples become tensors (default: imagenet mean/std)",
     )
     comp.set_defaults(run=_cmd_compile)
     return parser

@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 import tvm
 from onnx import helper, shape_inference
+from tvm import relax
 
 from .errors import ModelImportError
+from .onnx_fold import fold_batch_norms
 from .passes.layer_id import AssignLayerIds
 
 _DEFAULT_DOMAINS = {"", "ai.onnx"}
@@ -198,15 +200,19 @@ def load_onnx(
     static = _with_static_inputs(proto, specs)
     with contextlib.suppress(Exception):  # a convenience; the converter computes shapes itself
         static = shape_inference.infer_shapes(static)
+    # BN folded in ONNX, not Relax: each Relax conv weight is then an ONNX initializer (ids match by weight).
+    folded, _ = fold_batch_norms(static)
     try:
-        mod = from_onnx(static, shape_dict={s.name: list(s.shape) for s in specs}, keep_params_in_input=False)
+        mod = from_onnx(folded, shape_dict={s.name: list(s.shape) for s in specs}, keep_params_in_input=False)
     except Exception as err:
         lines = str(err).strip().splitlines()
         raise ModelImportError(
             f"converting {source} to Relax failed: {lines[-1] if lines else type(err).__name__}"
         ) from err
+    # Constant bias reshapes and Gemm weight transposes become constants, as layers and rewrites expect.
+    mod = relax.transform.FoldConstant()(mod)
     # Name every conv/dense after its ONNX node, so plans and reports speak the user's names.
-    mod = AssignLayerIds(static)(mod)
+    mod = AssignLayerIds(folded)(mod)
     return ImportedModel(
         mod=mod,
         inputs=specs,

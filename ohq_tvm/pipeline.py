@@ -1,8 +1,9 @@
 """The Python API: ``compile_model`` runs the pipeline the ``ohq-tvm compile`` command runs.
 
-Stages: import ONNX → build for the target → export (cross-linked for the board's triple) → run on the board
-over RPC and compare with ONNX Runtime. Later stages (annotate, measure, estimate, solve, rewrite) slot in
-between import and build.
+Stages: import ONNX → [plan: calibrate, rewrite with ``ApplyPlan``, export the QDQ twin] → build for the
+target → export (cross-linked for the board's triple) → run on the board over RPC and compare with ONNX
+Runtime (on the QDQ export when the plan quantizes). Measurement, estimation and the solver slot in before
+the rewrite.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import onnx
 
 from .board import Board, open_board
 from .build import (
+    FP32_TOLERANCE,
+    QUANTIZED_TOLERANCE,
     ExportedModule,
     Verification,
     build_executable,
@@ -26,8 +29,11 @@ from .build import (
     triple_arch,
     verify_on_board,
 )
+from .calibration import Calibration, calibrate, load_samples
 from .errors import VerificationError
 from .frontend import ImportedModel, load_onnx
+from .plan import Plan, PlanError
+from .precision import Precision
 from .targets import BoardSpec, resolve_target
 
 Progress = Callable[[str], None]
@@ -45,6 +51,9 @@ class CompileResult:
     verification: Verification | None
     skipped_verification: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    plan: Plan | None = None
+    calibration: Calibration | None = None
+    qdq_path: Path | None = None
 
     @property
     def verified(self) -> bool:
@@ -68,6 +77,11 @@ def compile_model(
     verify: bool = True,
     seed: int = 0,
     schedule: str = "default",
+    precision: Precision | str | None = None,
+    plan: Plan | str | os.PathLike | None = None,
+    calibration_method: str = "minmax",
+    calibration_samples: str | os.PathLike | None = None,
+    normalization: str = "imagenet",
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
@@ -81,6 +95,11 @@ def compile_model(
         verify: run on the board and compare with ONNX Runtime (skipped, with the reason recorded, when
             the target's architecture differs from this machine's and no tracker/server is given).
         schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
+        precision: every layer in this precision (a uniform plan); or
+        plan: a :class:`Plan` or the path of its JSON. With either, integer layers are calibrated with
+            ``calibration_method`` on ``calibration_samples`` (a folder of ``.npy``/images, normalised
+            per ``normalization``) or, without samples, on synthetic Gaussian data; ``plan.json``,
+            ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
     unreachable boards and build failures, and :class:`VerificationError` (after writing the outputs and
@@ -99,8 +118,25 @@ def compile_model(
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
+    mod, chosen, calibration, qdq_path = imported.mod, None, None, None
+    if precision is not None or plan is not None:
+        started = time.perf_counter()
+        mod, chosen, calibration, qdq_path = _apply_plan(
+            imported,
+            board,
+            Path(out_dir),
+            precision,
+            plan,
+            calibration_method,
+            calibration_samples,
+            normalization,
+            seed,
+            say,
+        )
+        stage("plan", started)
+    quantized = chosen is not None and any(p is not Precision.FP32 for p in chosen.assignments.values())
     started = time.perf_counter()
-    executable = build_executable(imported.mod, board, schedule)
+    executable = build_executable(mod, board, schedule)
     stage("build", started)
     say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
 
@@ -117,6 +153,9 @@ def compile_model(
         imported=imported,
         verification=None,
         stage_seconds=seconds,
+        plan=chosen,
+        calibration=calibration,
+        qdq_path=qdq_path,
     )
     remote_given = bool(tracker or server)
     if not verify:
@@ -130,13 +169,16 @@ def compile_model(
         started = time.perf_counter()
         with open_board(tracker, key, server, default_key=board.rpc_key) as live:
             say(f"running on board {live.label}")
-            result.verification = _verify(live, exported, imported, seed)
+            reference = onnx.load(str(qdq_path)) if quantized else None
+            result.verification = _verify(live, exported, imported, seed, reference)
         stage("verify", started)
         say(result.verification.summary())
     exported.manifest["verification"] = (
         result.verification.to_json() if result.verification else {"skipped": result.skipped_verification}
     )
     exported.manifest["stage_seconds"] = seconds
+    if chosen is not None:
+        exported.manifest["plan"] = {"counts": chosen.counts(), "file": "plan.json", "qdq": "model.qdq.onnx"}
     exported.write_manifest()
     if result.verification is not None and not result.verification.passed:
         raise VerificationError(
@@ -146,6 +188,63 @@ def compile_model(
     return result
 
 
-def _verify(board: Board, exported: ExportedModule, imported: ImportedModel, seed: int) -> Verification:
+def _apply_plan(
+    imported: ImportedModel,
+    board: BoardSpec,
+    out_dir: Path,
+    precision: Precision | str | None,
+    plan: Plan | str | os.PathLike | None,
+    method: str,
+    samples_path: str | os.PathLike | None,
+    normalization: str,
+    seed: int,
+    say: Progress,
+):
+    """Make or load the plan, calibrate what it quantizes, rewrite, and write plan/calibration/QDQ files."""
+    from .layers import quantizable_layers
+    from .passes import AnnotateCandidates, ApplyPlan, candidates
+    from .qdq import export_qdq
+
+    layers = quantizable_layers(imported.mod)
+    if plan is not None and precision is not None:
+        raise PlanError("give a precision or a plan, not both")
+    if plan is not None:
+        chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+        if chosen.model_sha256 and chosen.model_sha256 != imported.sha256:
+            raise PlanError(
+                f"the plan was made for another model (sha256 {chosen.model_sha256[:12]}…, "
+                f"this one is {imported.sha256[:12]}…)"
+            )
+    else:
+        chosen = Plan.uniform(layers, precision, model_sha256=imported.sha256, target=board.name)
+    annotated = AnnotateCandidates(board, pin_first_last=False)(imported.mod)
+    chosen.validate_against(layers, candidates(annotated))
+    calibration = None
+    if any(p in (Precision.INT8, Precision.INT4W) for p in chosen.assignments.values()):
+        samples = load_samples(samples_path, imported.inputs, normalization) if samples_path else None
+        calibration = calibrate(imported, method, samples=samples, seed=seed)
+        chosen.calibration = method
+        say(f"calibrated {len(calibration.ranges)} layer inputs ({method}, {calibration.source})")
+    mod = ApplyPlan(chosen, calibration)(annotated)
+    chosen.save(out_dir / "plan.json")
+    if calibration is not None:
+        calibration.save(out_dir / "calibration.json")
+    qdq_path = out_dir / "model.qdq.onnx"
+    export_qdq(imported, chosen, calibration, qdq_path)
+    counts = ", ".join(f"{n} {p}" for p, n in chosen.counts().items())
+    say(f"applied plan: {counts}")
+    return mod, chosen, calibration, qdq_path
+
+
+def _verify(
+    board: Board,
+    exported: ExportedModule,
+    imported: ImportedModel,
+    seed: int,
+    reference: onnx.ModelProto | None = None,
+) -> Verification:
     session = board.connect()
-    return verify_on_board(session, exported.library_path, imported, seed=seed)
+    tolerance = FP32_TOLERANCE if reference is None else QUANTIZED_TOLERANCE
+    return verify_on_board(
+        session, exported.library_path, imported, seed=seed, tolerance=tolerance, reference=reference
+    )

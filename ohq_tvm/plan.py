@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 from tvm_ffi import register_error
 
 from .errors import OHQError
+from .jsonfile import read_json, write_json
 from .layers import LayerInfo
 from .precision import Precision
 
@@ -119,19 +119,11 @@ class Plan:
         return cls(dict(data["assignments"]), **{k: data[k] for k in fields if k in data})
 
     def save(self, path: str | os.PathLike) -> Path:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return target
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise PlanError(f"plan file {path} is not JSON: {err}") from None
+        data = read_json(path, "plan", PlanError)
         try:
             return cls.from_json(data)
         except PlanError as err:

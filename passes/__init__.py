@@ -1,13 +1,17 @@
 """Relax passes of the OHQ pipeline; each drops into ``tvm.transform.Sequential``."""
 
 from .annotate import CANDIDATES_ATTR, AnnotateCandidates, candidates
+from .apply_plan import PLAN_ATTR, ApplyPlan, applied_plan
 from .layer_id import LAYERS_ATTR, AssignLayerIds, layer_id_of
 
 __all__ = [
     "CANDIDATES_ATTR",
     "LAYERS_ATTR",
+    "PLAN_ATTR",
     "AnnotateCandidates",
+    "ApplyPlan",
     "AssignLayerIds",
+    "applied_plan",
     "candidates",
     "layer_id_of",
 ]

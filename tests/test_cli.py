@@ -90,3 +90,54 @@ def test_bad_input_shape_is_one_line(tmp_path, bad):
     models.save(models.MODELS["conv"](), model)
     proc = ohq("compile", str(model), "--input-shape", bad, "-o", str(tmp_path / "o"))
     assert_one_line_error(proc, bad)
+
+
+def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
+    out = tmp_path / "out"
+    proc = ohq("compile", str(model), "--precision", "int8", "--calibration", "percentile", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "matched ONNX Runtime on the QDQ export" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"]["counts"] == {"int8": 7}
+    assert manifest["verification"]["reference"] == "onnxruntime-qdq"
+    assert manifest["verification"]["passed"] is True
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["calibration"] == "percentile" and plan["target"] == "host"
+    assert json.loads((out / "calibration.json").read_text())["source"] == "synthetic:gaussian"
+    # The plan file drives a second compile: fp32 edges, int4w in the middle.
+    plan["assignments"].update(stem_conv="fp32", classifier="fp32", dw2="int4w")
+    (tmp_path / "mixed.json").write_text(json.dumps(plan))
+    proc = ohq("compile", str(model), "--plan", str(tmp_path / "mixed.json"), "-o", str(tmp_path / "mixed"))
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads((tmp_path / "mixed" / "manifest.json").read_text())["plan"]["counts"]
+    assert counts == {"fp32": 2, "int8": 4, "int4w": 1}
+
+
+def test_bad_plans_are_one_line(tmp_path):
+    model = tmp_path / "tiny.onnx"
+    assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
+    assert_one_line_error(
+        ohq("compile", str(model), "--precision", "fp16", "-o", str(tmp_path / "o")), "fp16", "host"
+    )
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps({"format": "ohq-tvm/plan", "format_version": 1, "assignments": {"stem": "int8"}})
+    )
+    assert_one_line_error(
+        ohq("compile", str(model), "--plan", str(plan), "-o", str(tmp_path / "o")), "'stem'"
+    )
+    assert_one_line_error(
+        ohq(
+            "compile",
+            str(model),
+            "--precision",
+            "int8",
+            "--calibration-samples",
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path / "o"),
+        ),
+        "do not exist",
+    )

@@ -10,7 +10,10 @@ import pytest
 from ohq_tvm import models
 from ohq_tvm.build import verify as verify_module
 from ohq_tvm.errors import VerificationError
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.pipeline import compile_model
+from ohq_tvm.plan import Plan, PlanError
 
 from testing_support import tvm_exec_processes
 
@@ -44,8 +47,8 @@ def test_cross_target_without_a_board_is_exported_but_not_verified(tmp_path):
 def test_disagreeing_outputs_fail_verification_and_say_so(tmp_path, monkeypatch):
     real = verify_module.reference_outputs
 
-    def skewed(imported, inputs):
-        return [out + np.float32(0.5) for out in real(imported, inputs)]
+    def skewed(imported, inputs, reference=None):
+        return [out + np.float32(0.5) for out in real(imported, inputs, reference)]
 
     monkeypatch.setattr(verify_module, "reference_outputs", skewed)
     with pytest.raises(VerificationError, match="DISAGREES with ONNX Runtime"):
@@ -53,3 +56,12 @@ def test_disagreeing_outputs_fail_verification_and_say_so(tmp_path, monkeypatch)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["verification"]["passed"] is False
     assert manifest["verification"]["outputs"][0]["max_abs_error"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_plan_made_for_another_model_is_refused(tmp_path):
+    layers = quantizable_layers(load_onnx(models.tiny_cnn()).mod)
+    plan = Plan.uniform(layers, "fp32", model_sha256="0" * 64)
+    with pytest.raises(PlanError, match="another model"):
+        compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan)
+    with pytest.raises(PlanError, match="not both"):
+        compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan, precision="int8")

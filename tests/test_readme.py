@@ -1,14 +1,16 @@
-"""The README's TVM-build-script snippet runs as written (on a generated model)."""
+"""The README's TVM-build-script snippets run as written (on a generated model)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import onnx
 import pytest
 
 from ohq_tvm import models
 from ohq_tvm.build.elf import elf_machine
+from ohq_tvm.passes import applied_plan
 from ohq_tvm.plan import Plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -24,6 +26,7 @@ def test_build_script_snippets_run(tmp_path, monkeypatch):
     blocks = python_blocks()
     build_script = next(block for block in blocks if "load_onnx" in block)
     passes_script = next(block for block in blocks if "AnnotateCandidates" in block)
+    rewrite_script = next(block for block in blocks if "ApplyPlan" in block)
     models.save(models.tiny_cnn(), tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -33,3 +36,8 @@ def test_build_script_snippets_run(tmp_path, monkeypatch):
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.target == "rpi5"
     assert plan.counts() == {"fp32": 2, "int8": 5}
+    exec(compile(rewrite_script, str(README), "exec"), namespace)  # and rewrites, builds, exports QDQ
+    assert applied_plan(namespace["quantized"]) == plan.assignments
+    assert 'out_dtype="int32"' in namespace["quantized"].script()
+    qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    assert sum(node.op_type == "QuantizeLinear" for node in qdq.graph.node) == 5  # one per int8 layer input

@@ -39,3 +39,40 @@ def build_add_library(path, shape=(4, 4)) -> str:
         bb.emit_func_output(out)
     relax.build(bb.get(), host_target()).export_library(str(path))
     return str(path)
+
+
+def run_local(mod: tvm.IRModule, *inputs) -> list:
+    """Build ``mod`` for the host with the default schedule and return its outputs as numpy arrays."""
+    import numpy as np
+
+    from ohq_tvm.build.schedules import build_scheduled
+
+    vm = relax.VirtualMachine(build_scheduled(mod, host_target()), tvm.cpu())
+    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [result[i].numpy() for i in range(len(result))]
+
+
+def conv2d_int_reference(data, weight, strides=(1, 1), padding=(0, 0, 0, 0), groups=1, pad_value=0):
+    """Exact integer NCHW/OIHW conv2d in int64 (``padding`` is top, left, bottom, right)."""
+    import numpy as np
+
+    top, left, bottom, right = padding
+    padded = np.pad(
+        data.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=pad_value
+    )
+    n, _cin, height, width = padded.shape
+    out_c, cin_group, kh, kw = weight.shape
+    out_h = (height - kh) // strides[0] + 1
+    out_w = (width - kw) // strides[1] + 1
+    grouped_w = weight.astype(np.int64).reshape(groups, out_c // groups, cin_group, kh, kw)
+    out = np.zeros((n, groups, out_c // groups, out_h, out_w), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = padded[
+                :, :, i : i + strides[0] * out_h : strides[0], j : j + strides[1] * out_w : strides[1]
+            ]
+            patch = patch.reshape(n, groups, cin_group, out_h, out_w)
+            out += np.einsum("ngchw,goc->ngohw", patch, grouped_w[..., i, j])
+    return out.reshape(n, out_c, out_h, out_w)

@@ -1,0 +1,373 @@
+"""Activation ranges for integer layers: observe each layer's input on sample data, pick a range per method.
+
+Calibration is kept apart from the rewrite (``passes.ApplyPlan`` only reads a :class:`Calibration`):
+
+1. :func:`layer_input_probe` turns ``main`` into a function returning the input of every layer;
+2. :func:`observe` runs it (built for the host, scheduled) over sample batches and keeps, per layer, the
+   exact min/max and a fixed-size random subsample of the values;
+3. :func:`choose_range` picks ``[low, high]`` by ``minmax``, ``percentile`` or ``entropy`` (the KL
+   threshold search of TensorRT-style calibration);
+4. :class:`Calibration` holds the ranges with where they came from, and round-trips through JSON.
+
+Samples are synthetic by default (:func:`synthetic_batches`) or the user's own (:func:`load_samples`:
+a folder of ``.npy`` files or images).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import OHQError
+from .frontend import ImportedModel, TensorSpec
+from .jsonfile import read_json, write_json
+from .passes.layer_id import layer_bindings, layer_id_of
+from .qparams import ActivationQParams
+
+METHODS = ("minmax", "percentile", "entropy")
+SYNTHETIC_KINDS = ("gaussian", "uniform")
+CALIBRATION_FORMAT = "ohq-tvm/calibration"
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+# Values kept per layer for percentile/entropy; exact min/max are tracked over everything.
+_SAMPLE_CAP = 1 << 20
+
+
+@dataclass
+class Calibration:
+    """``ranges`` maps layer ids to the float range ``(low, high)`` of the layer's input activation."""
+
+    method: str
+    source: str
+    num_samples: int
+    ranges: dict[str, tuple[float, float]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise OHQError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+        self.ranges = {str(k): (float(v[0]), float(v[1])) for k, v in self.ranges.items()}
+        for layer_id, (low, high) in self.ranges.items():
+            if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+                raise OHQError(f"calibration range of layer {layer_id!r} is not a finite interval")
+
+    def qparams(self, layer_id: str) -> ActivationQParams:
+        """The uint8 quantization of ``layer_id``'s input."""
+        if layer_id not in self.ranges:
+            raise OHQError(f"calibration has no range for layer {layer_id!r}; calibrate this model first")
+        return ActivationQParams.from_range(*self.ranges[layer_id])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CALIBRATION_FORMAT,
+            "method": self.method,
+            "source": self.source,
+            "num_samples": self.num_samples,
+            "options": dict(self.options),
+            "ranges": {k: list(v) for k, v in self.ranges.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Calibration:
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise OHQError(f"not an ohq-tvm calibration (format {data.get('format')!r})")
+        return cls(
+            data["method"],
+            data["source"],
+            int(data["num_samples"]),
+            dict(data["ranges"]),
+            data.get("options", {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        data = read_json(path, "calibration")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise OHQError(f"calibration file {path} is malformed: {err!r}") from None
+
+
+def layer_input_probe(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[list[str]]]:
+    """A module whose ``main`` returns the input of every layer instead of the model's outputs.
+
+    Returns the module and, per output, the ids of the layers reading that input (layers sharing an input
+    share an output). Needs layer ids (``AssignLayerIds``).
+    """
+    flat = relax.transform.ToNonDataflow()(mod)
+    func = flat["main"]
+    outputs: list[relax.Expr] = []
+    readers: list[list[str]] = []
+    position: dict[relax.Expr, int] = {}
+    for binding in layer_bindings(func):
+        layer_id = layer_id_of(binding.var)
+        if layer_id is None:
+            raise OHQError("calibration needs layer ids: run AssignLayerIds first")
+        data = binding.value.args[0]
+        if data not in position:
+            position[data] = len(outputs)
+            outputs.append(data)
+            readers.append([])
+        readers[position[data]].append(layer_id)
+    if not outputs:
+        raise OHQError("the model has no conv/dense layers to calibrate")
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(outputs)))
+    probe = relax.Function(func.params, body, None, func.is_pure, func.attrs)
+    updated = tvm.IRModule({gv: f for gv, f in flat.functions_items() if gv.name_hint != "main"})
+    updated["main"] = probe
+    updated = relax.transform.DeadCodeElimination(["main"])(updated)
+    return updated, readers
+
+
+@dataclass
+class Observation:
+    """What was seen at one layer input: exact extremes and a random subsample of values."""
+
+    minimum: float = np.inf
+    maximum: float = -np.inf
+    parts: list[np.ndarray] = field(default_factory=list)
+    seen: int = 0
+
+    def add(self, values: np.ndarray, keep: int, rng: np.random.Generator) -> None:
+        flat = np.asarray(values, np.float32).reshape(-1)
+        self.minimum = min(self.minimum, float(flat.min()))
+        self.maximum = max(self.maximum, float(flat.max()))
+        self.seen += flat.size
+        self.parts.append(flat if flat.size <= keep else rng.choice(flat, keep, replace=False))
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.concatenate(self.parts)
+
+
+def observe(
+    imported: ImportedModel,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[str, Observation]:
+    """Run the fp32 model on ``batches`` (built for the host) and record every layer's input."""
+    from .build.module import build_executable
+    from .targets import resolve_target
+
+    probe, readers = layer_input_probe(imported.mod)
+    executable = build_executable(probe, resolve_target("host"))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(seed)
+    found = [Observation() for _ in readers]
+    keep = max(1, _SAMPLE_CAP // max(1, len(batches)))
+    iterator: Iterable = batches
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="calibrating", unit="batch")
+    for batch in iterator:
+        args = []
+        for spec in imported.inputs:
+            if spec.name not in batch:
+                raise OHQError(f"calibration sample lacks input {spec.name!r}")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(batch[spec.name], dtype=spec.dtype)))
+        result = vm["main"](*args)
+        values = [result[i].numpy() for i in range(len(readers))]
+        for observation, value in zip(found, values, strict=True):
+            observation.add(value, keep, rng)
+    return {layer_id: found[i] for i, ids in enumerate(readers) for layer_id in ids}
+
+
+def _kl_search(magnitudes: np.ndarray, peak: float, levels: int, bins: int) -> tuple[int, np.ndarray]:
+    """Index of the histogram edge whose clipping threshold minimises KL(reference || quantized)."""
+    hist, edges = np.histogram(np.minimum(magnitudes, peak), bins=bins, range=(0.0, peak))
+    hist = hist.astype(np.float64)
+    best, best_kl = bins, np.inf
+    for stop in range(levels, bins + 1, 16):
+        reference = hist[:stop].copy()
+        reference[-1] += hist[stop:].sum()  # what the threshold clips lands in the last level
+        present = hist[:stop] > 0
+        starts = (np.arange(levels) * stop) // levels
+        sums = np.add.reduceat(hist[:stop], starts)
+        counts = np.add.reduceat(present.astype(np.float64), starts)
+        group = np.repeat(np.arange(levels), np.diff(np.append(starts, stop)))
+        expanded = np.where(present, sums[group] / np.maximum(counts[group], 1), 0.0)
+        if expanded.sum() == 0:
+            continue
+        p, q = reference / reference.sum(), expanded / expanded.sum()
+        mask = p > 0
+        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = stop, kl
+    return best, edges
+
+
+def _entropy_threshold(magnitudes: np.ndarray, peak: float, levels: int, bins: int = 2048) -> float:
+    """The clipping threshold in ``(0, peak]`` minimising KL(reference || quantized) over a histogram.
+
+    The search cannot go below ``levels / bins`` of the range it histograms; when it lands there (a few
+    far outliers), it zooms in on that range and searches again.
+    """
+    if peak <= 0 or magnitudes.size == 0:
+        return float(max(peak, 0.0))
+    for _ in range(4):
+        best, edges = _kl_search(magnitudes, peak, levels, bins)
+        if best > levels:
+            break
+        peak = float(edges[best]) * 1.25
+    return float(edges[best])
+
+
+def choose_range(observation: Observation, method: str, percentile: float = 99.99) -> tuple[float, float]:
+    """``[low, high]`` for one layer input.
+
+    ``minmax`` takes the observed extremes; ``percentile`` clips to the ``percentile`` (and, for signed
+    inputs, ``100 - percentile``) quantile; ``entropy`` clips |x| at the KL-optimal threshold (255 levels
+    for non-negative inputs, 128 per side for signed ones).
+    """
+    low, high = observation.minimum, observation.maximum
+    if method == "minmax":
+        return low, high
+    values = observation.values
+    if method == "percentile":
+        top = float(np.percentile(values, percentile))
+        bottom = float(np.percentile(values, 100.0 - percentile)) if low < 0 else low
+        return max(low, bottom), min(high, top)
+    if method == "entropy":
+        if low >= 0:
+            # Exact zeros (half of a post-ReLU tensor) quantize exactly; left in, their spike drives the
+            # KL search to clip far too low.
+            return low, _entropy_threshold(values[values > 0], high, levels=255)
+        threshold = _entropy_threshold(np.abs(values), max(-low, high), levels=128)
+        return max(low, -threshold), min(high, threshold)
+    raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def synthetic_batches(
+    specs: Sequence[TensorSpec], count: int, kind: str = "gaussian", seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of random inputs: standard normal, or uniform on [-1, 1] (image-like)."""
+    if kind not in SYNTHETIC_KINDS:
+        raise OHQError(f"unknown synthetic data {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        batch = {}
+        for spec in specs:
+            if kind == "gaussian":
+                batch[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+            else:
+                batch[spec.name] = rng.uniform(-1.0, 1.0, spec.shape).astype(spec.dtype)
+        batches.append(batch)
+    return batches
+
+
+@dataclass(frozen=True)
+class ImageNormalization:
+    """How images become tensors: ``(pixel / 255 - mean) / std`` per channel, NCHW, RGB."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+NORMALIZATIONS = {
+    "imagenet": ImageNormalization(),
+    "tf": ImageNormalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # (x/255 - 0.5) / 0.5, EfficientNet-Lite
+    "unit": ImageNormalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+def load_image(
+    path: str | os.PathLike, shape: Sequence[int], normalization: ImageNormalization
+) -> np.ndarray:
+    """One image as a ``[1, 3, H, W]`` float32 tensor: shorter side resized, centre-cropped, normalised."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise OHQError("reading images needs Pillow: pip install pillow") from None
+    _, channels, height, width = shape
+    if channels != 3:
+        raise OHQError(f"image samples need a 3-channel input, not shape {list(shape)}")
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as err:
+        raise OHQError(f"cannot read image {path}: {err}") from None
+    factor = max(height / image.height, width / image.width)
+    resized = image.resize(
+        (max(width, round(image.width * factor)), max(height, round(image.height * factor)))
+    )
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    pixels = np.asarray(resized.crop((left, top, left + width, top + height)), np.float32) / 255.0
+    normalized = (pixels - np.array(normalization.mean, np.float32)) / np.array(normalization.std, np.float32)
+    return normalized.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def load_samples(
+    path: str | os.PathLike, specs: Sequence[TensorSpec], normalization: str = "imagenet"
+) -> list[dict[str, np.ndarray]]:
+    """User samples for a single-input model: a folder of ``.npy`` arrays and/or images, or one ``.npy``.
+
+    An array may carry the batch dimension or not; its shape must otherwise match the input. Raises
+    :class:`OHQError` for a missing path, an empty folder, a shape mismatch or an unreadable file.
+    """
+    if len(specs) != 1:
+        raise OHQError("sample folders work for single-input models; pass batches from Python instead")
+    spec = specs[0]
+    root = Path(path)
+    if not root.exists():
+        raise OHQError(f"calibration samples {root} do not exist")
+    files = sorted(root.iterdir()) if root.is_dir() else [root]
+    files = [f for f in files if f.suffix.lower() in _IMAGE_SUFFIXES | {".npy"}]
+    if not files:
+        raise OHQError(f"no .npy or image files in {root}")
+    if normalization not in NORMALIZATIONS:
+        raise OHQError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    batches = []
+    for file in files:
+        if file.suffix.lower() == ".npy":
+            try:
+                array = np.load(file)
+            except (OSError, ValueError) as err:
+                raise OHQError(f"cannot read {file}: {err}") from None
+            if array.shape == tuple(spec.shape[1:]):
+                array = array[None]
+            if array.shape != tuple(spec.shape):
+                raise OHQError(
+                    f"{file} has shape {list(array.shape)}; input {spec.name} is {list(spec.shape)}"
+                )
+        else:
+            array = load_image(file, spec.shape, NORMALIZATIONS[normalization])
+        batches.append({spec.name: array.astype(spec.dtype)})
+    return batches
+
+
+def calibrate(
+    imported: ImportedModel,
+    method: str = "minmax",
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+    num_samples: int = 8,
+    synthetic: str = "gaussian",
+    percentile: float = 99.99,
+    seed: int = 0,
+    progress: bool = False,
+) -> Calibration:
+    """Ranges for every layer's input. ``samples`` are the user's batches; without them, ``num_samples``
+    synthetic batches of kind ``synthetic`` are used (and the result says so in ``source``)."""
+    if method not in METHODS:
+        raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+    if samples is None:
+        samples = synthetic_batches(imported.inputs, num_samples, synthetic, seed)
+        source = f"synthetic:{synthetic}"
+    else:
+        source = "samples"
+    if not samples:
+        raise OHQError("calibration got no samples")
+    observations = observe(imported, samples, progress=progress, seed=seed)
+    ranges = {layer_id: choose_range(obs, method, percentile) for layer_id, obs in observations.items()}
+    options = {"percentile": percentile} if method == "percentile" else {}
+    return Calibration(method, source, len(samples), ranges, options)
