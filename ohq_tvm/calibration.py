@@ -22,17 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import tvm
 from tvm import relax
 
 from .errors import OHQError
 from .frontend import ImportedModel, TensorSpec
+from .input_stats import matched_input_statistics
 from .jsonfile import read_json, write_json
 from .passes.layer_id import layer_bindings, layer_id_of
 from .qparams import ActivationQParams
 
 METHODS = ("minmax", "percentile", "entropy")
-SYNTHETIC_KINDS = ("gaussian", "uniform")
+SYNTHETIC_KINDS = ("gaussian", "uniform", "matched")
 CALIBRATION_FORMAT = "ohq-tvm/calibration"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Values kept per layer for percentile/entropy; exact min/max are tracked over everything.
@@ -249,20 +251,41 @@ def choose_range(observation: Observation, method: str, percentile: float = 99.9
 
 
 def synthetic_batches(
-    specs: Sequence[TensorSpec], count: int, kind: str = "gaussian", seed: int = 0
+    specs: Sequence[TensorSpec],
+    count: int,
+    kind: str = "gaussian",
+    seed: int = 0,
+    onnx_model: onnx.ModelProto | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``count`` batches of random inputs: standard normal, or uniform on [-1, 1] (image-like)."""
+    """``count`` batches of random inputs.
+
+    ``gaussian``: standard normal. ``uniform``: uniform on [-1, 1] (image-like). ``matched``: per-channel
+    normal whose first-layer statistics match the BatchNormalization after the model's first conv
+    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``).
+    """
     if kind not in SYNTHETIC_KINDS:
         raise OHQError(f"unknown synthetic data {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
+    matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if kind == "matched":
+        if onnx_model is None:
+            raise OHQError("matched synthetic data needs the ONNX model")
+        name, mean, std = matched_input_statistics(onnx_model)
+        matched[name] = (mean, std)
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(count):
         batch = {}
         for spec in specs:
-            if kind == "gaussian":
-                batch[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
-            else:
+            if spec.name in matched:
+                mean, std = matched[spec.name]
+                shape = [1] * len(spec.shape)
+                shape[1] = -1
+                noise = rng.standard_normal(spec.shape)
+                batch[spec.name] = (mean.reshape(shape) + std.reshape(shape) * noise).astype(spec.dtype)
+            elif kind == "uniform":
                 batch[spec.name] = rng.uniform(-1.0, 1.0, spec.shape).astype(spec.dtype)
+            else:
+                batch[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
         batches.append(batch)
     return batches
 
@@ -361,7 +384,7 @@ def calibrate(
     if method not in METHODS:
         raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     if samples is None:
-        samples = synthetic_batches(imported.inputs, num_samples, synthetic, seed)
+        samples = synthetic_batches(imported.inputs, num_samples, synthetic, seed, imported.onnx_model)
         source = f"synthetic:{synthetic}"
     else:
         source = "samples"

@@ -67,6 +67,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             calibration_method=args.calibration,
             calibration_samples=args.calibration_samples,
             normalization=args.normalization,
+            synthetic=args.synthetic,
             progress=lambda message: print(f"  {message}", flush=True),
         )
     except VerificationError as err:
@@ -145,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["imagenet", "tf", "unit"],
         default="imagenet",
         help="how images in --calibration-samples become tensors (default: imagenet mean/std)",
+    )
+    quant.add_argument(
+        "--synthetic",
+        choices=["gaussian", "uniform", "matched"],
+        default="gaussian",
+        help="synthetic calibration data when no samples are given; matched: per-channel input "
+        "statistics fitted to the first conv's BatchNormalization (default: gaussian)",
     )
     comp.set_defaults(run=_cmd_compile)
     return parser

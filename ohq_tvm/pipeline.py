@@ -82,6 +82,7 @@ def compile_model(
     calibration_method: str = "minmax",
     calibration_samples: str | os.PathLike | None = None,
     normalization: str = "imagenet",
+    synthetic: str = "gaussian",
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
@@ -98,7 +99,8 @@ def compile_model(
         precision: every layer in this precision (a uniform plan); or
         plan: a :class:`Plan` or the path of its JSON. With either, integer layers are calibrated with
             ``calibration_method`` on ``calibration_samples`` (a folder of ``.npy``/images, normalised
-            per ``normalization``) or, without samples, on synthetic Gaussian data; ``plan.json``,
+            per ``normalization``) or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``,
+            or ``matched`` to the first layer's BatchNormalization statistics); ``plan.json``,
             ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
@@ -125,13 +127,14 @@ def compile_model(
             imported,
             board,
             Path(out_dir),
-            precision,
-            plan,
-            calibration_method,
-            calibration_samples,
-            normalization,
-            seed,
-            say,
+            precision=precision,
+            plan=plan,
+            method=calibration_method,
+            samples_path=calibration_samples,
+            normalization=normalization,
+            synthetic=synthetic,
+            seed=seed,
+            say=say,
         )
         stage("plan", started)
     quantized = chosen is not None and any(p is not Precision.FP32 for p in chosen.assignments.values())
@@ -192,11 +195,13 @@ def _apply_plan(
     imported: ImportedModel,
     board: BoardSpec,
     out_dir: Path,
+    *,
     precision: Precision | str | None,
     plan: Plan | str | os.PathLike | None,
     method: str,
     samples_path: str | os.PathLike | None,
     normalization: str,
+    synthetic: str,
     seed: int,
     say: Progress,
 ):
@@ -222,7 +227,7 @@ def _apply_plan(
     calibration = None
     if any(p in (Precision.INT8, Precision.INT4W) for p in chosen.assignments.values()):
         samples = load_samples(samples_path, imported.inputs, normalization) if samples_path else None
-        calibration = calibrate(imported, method, samples=samples, seed=seed)
+        calibration = calibrate(imported, method, samples=samples, synthetic=synthetic, seed=seed)
         chosen.calibration = method
         say(f"calibrated {len(calibration.ranges)} layer inputs ({method}, {calibration.source})")
     mod = ApplyPlan(chosen, calibration)(annotated)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from ohq_tvm import OHQError, models
 from ohq_tvm.calibration import (
@@ -17,6 +18,7 @@ from ohq_tvm.calibration import (
     synthetic_batches,
 )
 from ohq_tvm.frontend import load_onnx
+from ohq_tvm.input_stats import matched_input_statistics
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,57 @@ def test_image_samples_are_resized_cropped_and_normalised(tmp_path, tiny):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(OHQError, match="cannot read image"):
         load_samples(tmp_path, tiny.inputs)
+
+
+def _conv_bn_model(mean_in, std_in, seed=0):
+    """Conv(3→8) → BN whose running statistics are the exact conv-output statistics for inputs with
+    per-channel ``mean_in``/``std_in`` and independent pixels."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    mean = bias + weight.sum(axis=(2, 3)) @ mean_in
+    var = (weight**2).sum(axis=(2, 3)) @ (std_in**2)
+    inits = [
+        numpy_helper.from_array(weight, "w"),
+        numpy_helper.from_array(bias, "b"),
+        numpy_helper.from_array(np.ones(8, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "beta"),
+        numpy_helper.from_array(mean.astype(np.float32), "mean"),
+        numpy_helper.from_array(var.astype(np.float32), "var"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["output"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 8, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_matched_synthetic_data_recovers_the_training_input_statistics():
+    mean_in = np.array([0.4, -0.3, 1.2], np.float32)
+    std_in = np.array([0.5, 1.5, 0.8], np.float32)
+    model = _conv_bn_model(mean_in, std_in)
+    name, mean, std = matched_input_statistics(model)
+    assert name == "input"
+    np.testing.assert_allclose(mean, mean_in, atol=1e-4)
+    np.testing.assert_allclose(std, std_in, atol=1e-3)
+    imported = load_onnx(model)
+    (batch,) = synthetic_batches(imported.inputs, 1, "matched", onnx_model=model)
+    x = batch["input"][0]
+    np.testing.assert_allclose(x.mean(axis=(1, 2)), mean_in, atol=0.25)
+    calibration = calibrate(imported, "minmax", num_samples=2, synthetic="matched")
+    assert calibration.source == "synthetic:matched"
+
+
+def test_matched_data_needs_a_batchnorm_after_the_first_conv(tiny):
+    # The generated conv model has no BN: nothing to match, and the error says what to use instead.
+    with pytest.raises(OHQError, match="use gaussian"):
+        matched_input_statistics(models.conv_model())

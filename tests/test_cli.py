@@ -96,7 +96,18 @@ def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
     model = tmp_path / "tiny.onnx"
     assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
     out = tmp_path / "out"
-    proc = ohq("compile", str(model), "--precision", "int8", "--calibration", "percentile", "-o", str(out))
+    proc = ohq(
+        "compile",
+        str(model),
+        "--precision",
+        "int8",
+        "--calibration",
+        "percentile",
+        "--synthetic",
+        "matched",
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "matched ONNX Runtime on the QDQ export" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -105,7 +116,7 @@ def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
     assert manifest["verification"]["passed"] is True
     plan = json.loads((out / "plan.json").read_text())
     assert plan["calibration"] == "percentile" and plan["target"] == "host"
-    assert json.loads((out / "calibration.json").read_text())["source"] == "synthetic:gaussian"
+    assert json.loads((out / "calibration.json").read_text())["source"] == "synthetic:matched"
     # The plan file drives a second compile: fp32 edges, int4w in the middle.
     plan["assignments"].update(stem_conv="fp32", classifier="fp32", dw2="int4w")
     (tmp_path / "mixed.json").write_text(json.dumps(plan))
