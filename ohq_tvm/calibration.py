@@ -31,9 +31,9 @@ from .frontend import ImportedModel, TensorSpec
 from .input_stats import matched_input_statistics
 from .jsonfile import read_json, write_json
 from .passes.layer_id import layer_bindings, layer_id_of
+from .plan import CALIBRATION_METHODS as METHODS
 from .qparams import ActivationQParams
 
-METHODS = ("minmax", "percentile", "entropy")
 SYNTHETIC_KINDS = ("gaussian", "uniform", "matched")
 CALIBRATION_FORMAT = "ohq-tvm/calibration"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}

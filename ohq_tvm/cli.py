@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import OHQError
+from .precision import Precision
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFICATION_FAILED = 3
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant = comp.add_argument_group("quantization (default: fp32, no plan)")
     which = quant.add_mutually_exclusive_group()
     which.add_argument(
-        "--precision", choices=["fp32", "fp16", "int8", "int4w"], help="every layer in this precision"
+        "--precision", choices=[p.value for p in Precision], help="every layer in this precision"
     )
     which.add_argument("--plan", metavar="PLAN.json", help="a plan file: one precision per layer")
     quant.add_argument(

@@ -55,7 +55,7 @@ class LayerInfo:
     def weight_bytes(self, precision: Precision) -> int:
         """Stored weight size: packed values plus one fp32 scale per output channel when quantized."""
         packed = math.ceil(self.weight_elements * precision.weight_bits / 8)
-        scales = 4 * self.output_channels if precision in (Precision.INT8, Precision.INT4W) else 0
+        scales = 4 * self.output_channels if precision.is_integer else 0
         return packed + scales
 
     def to_json(self) -> dict:

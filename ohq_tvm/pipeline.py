@@ -120,10 +120,10 @@ def compile_model(
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
-    mod, chosen, calibration, qdq_path = imported.mod, None, None, None
+    mod, chosen, calibration, qdq, qdq_path = imported.mod, None, None, None, None
     if precision is not None or plan is not None:
         started = time.perf_counter()
-        mod, chosen, calibration, qdq_path = _apply_plan(
+        mod, chosen, calibration, qdq, qdq_path = _apply_plan(
             imported,
             board,
             Path(out_dir),
@@ -172,8 +172,7 @@ def compile_model(
         started = time.perf_counter()
         with open_board(tracker, key, server, default_key=board.rpc_key) as live:
             say(f"running on board {live.label}")
-            reference = onnx.load(str(qdq_path)) if quantized else None
-            result.verification = _verify(live, exported, imported, seed, reference)
+            result.verification = _verify(live, exported, imported, seed, qdq if quantized else None)
         stage("verify", started)
         say(result.verification.summary())
     exported.manifest["verification"] = (
@@ -225,7 +224,7 @@ def _apply_plan(
     annotated = AnnotateCandidates(board, pin_first_last=False)(imported.mod)
     chosen.validate_against(layers, candidates(annotated))
     calibration = None
-    if any(p in (Precision.INT8, Precision.INT4W) for p in chosen.assignments.values()):
+    if any(p.is_integer for p in chosen.assignments.values()):
         samples = load_samples(samples_path, imported.inputs, normalization) if samples_path else None
         calibration = calibrate(imported, method, samples=samples, synthetic=synthetic, seed=seed)
         chosen.calibration = method
@@ -235,10 +234,10 @@ def _apply_plan(
     if calibration is not None:
         calibration.save(out_dir / "calibration.json")
     qdq_path = out_dir / "model.qdq.onnx"
-    export_qdq(imported, chosen, calibration, qdq_path)
+    qdq = export_qdq(imported, chosen, calibration, qdq_path)
     counts = ", ".join(f"{n} {p}" for p, n in chosen.counts().items())
     say(f"applied plan: {counts}")
-    return mod, chosen, calibration, qdq_path
+    return mod, chosen, calibration, qdq, qdq_path
 
 
 def _verify(

@@ -26,6 +26,11 @@ class Precision(StrEnum):
         return {"fp32": 32, "fp16": 16, "int8": 8, "int4w": 4}[self.value]
 
     @property
+    def is_integer(self) -> bool:
+        """Computed with integer weights and activations (int32 accumulation)."""
+        return self in (Precision.INT8, Precision.INT4W)
+
+    @property
     def activation_bits(self) -> int:
         return {"fp32": 32, "fp16": 16, "int8": 8, "int4w": 8}[self.value]
 

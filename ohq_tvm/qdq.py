@@ -26,8 +26,6 @@ from .plan import Plan
 from .precision import Precision
 from .qparams import quantize_weight
 
-_INTEGER = (Precision.INT8, Precision.INT4W)
-
 
 def _weight_axis(node: onnx.NodeProto) -> int:
     """Axis of the output channels in the node's weight initializer."""
@@ -63,7 +61,7 @@ def export_qdq(
     for layer_id, precision in plan.assignments.items():
         if precision is not Precision.FP32 and layer_nodes.get(layer_id, "") not in found:
             raise OHQError(f"layer {layer_id!r} has no ONNX node to export")
-        if precision in _INTEGER and (calibration is None or layer_id not in calibration.ranges):
+        if precision.is_integer and (calibration is None or layer_id not in calibration.ranges):
             raise OHQError(f"layer {layer_id!r} is {precision} but has no calibration range")
 
     added: list[onnx.TensorProto] = []

@@ -55,10 +55,16 @@ class ActivationQParams:
         zero_point = int(np.clip(np.rint(-low / scale), ACTIVATION_QMIN, ACTIVATION_QMAX))
         return cls(float(scale), zero_point)
 
+    def level(self, x: float) -> float:
+        """The (unclipped) quantization level of one value: ``rint(x / scale) + zero_point`` in float32."""
+        return float(self._levels(np.float32(x)))
+
+    def _levels(self, x: np.ndarray) -> np.ndarray:
+        return np.rint(np.asarray(x, np.float32) / np.float32(self.scale)) + np.float32(self.zero_point)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """numpy reference of the graph's quantize: float32 divide, rint, shift, clip."""
-        scaled = np.rint(np.asarray(x, np.float32) / np.float32(self.scale)) + np.float32(self.zero_point)
-        return np.clip(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.uint8)
+        return np.clip(self._levels(x), ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.uint8)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return (q.astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)

@@ -46,7 +46,6 @@ from .annotate import candidates
 from .layer_id import bound_values, layer_bindings, layer_id_of
 
 PLAN_ATTR = "ohq_plan"
-_INTEGER = (Precision.INT8, Precision.INT4W)
 
 
 def _plan_error(message: str) -> OHQError:
@@ -100,6 +99,12 @@ def _clip_bounds(call: relax.Call) -> tuple[float, float] | None:
     return None
 
 
+def _int4_at(packed, index):
+    """Value ``index`` of a :func:`~ohq_tvm.qparams.pack_int4` buffer, as int32, read in the kernel."""
+    byte = packed[index // 2].astype("int32")
+    return ((byte >> ((index % 2) * 4)) & 15) - 8
+
+
 def _te_int4_conv2d(data, packed, weight_shape, strides, dilation, groups):
     """uint8 × packed-int4 conv2d (NCHW/OIHW, data already padded) accumulating in int32."""
     out_c, cin_group, kh, kw = weight_shape
@@ -112,9 +117,7 @@ def _te_int4_conv2d(data, packed, weight_shape, strides, dilation, groups):
     rw = te.reduce_axis((0, kw), "rw")
 
     def weight_at(o, c, h, w):
-        index = ((o * cin_group + c) * kh + h) * kw + w
-        byte = packed[index // 2].astype("int32")
-        return ((byte >> ((index % 2) * 4)) & 15) - 8
+        return _int4_at(packed, ((o * cin_group + c) * kh + h) * kw + w)
 
     return te.compute(
         (n, out_c, out_h, out_w),
@@ -138,9 +141,7 @@ def _te_int4_dense(data, packed, weight_shape):
     rk = te.reduce_axis((0, reduction), "rk")
 
     def weight_at(k, j):
-        index = k * columns + j
-        byte = packed[index // 2].astype("int32")
-        return ((byte >> ((index % 2) * 4)) & 15) - 8
+        return _int4_at(packed, k * columns + j)
 
     return te.compute(
         (*data.shape[:-1], columns),
@@ -160,11 +161,11 @@ class _PlanRewriter(PyExprMutator):
         self.plan = plan
         self.calibration = calibration
         self.values = bound_values(func)
-        self.bindings = {b.var: b for block in func.body.blocks for b in block.bindings}
         self.uses: dict[relax.Var, list[relax.VarBinding | None]] = defaultdict(list)
-        for binding in self.bindings.values():
-            for var in relax.analysis.free_vars(binding.value):
-                self.uses[var].append(binding)
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                for var in relax.analysis.free_vars(binding.value):
+                    self.uses[var].append(binding)
         for var in relax.analysis.free_vars(func.body.body):
             self.uses[var].append(None)  # None: the function's result
         self.layers = {b.var: layer_id_of(b.var) for b in layer_bindings(func)}
@@ -181,7 +182,7 @@ class _PlanRewriter(PyExprMutator):
         """The layer id if ``binding`` is an integer layer reading ``var`` as its data input."""
         if binding is None or binding.var not in self.layers:
             return None
-        if self._precision(binding.var) not in _INTEGER or not binding.value.args[0].same_as(var):
+        if not self._precision(binding.var).is_integer or not binding.value.args[0].same_as(var):
             return None
         return self.layers[binding.var]
 
@@ -213,7 +214,7 @@ class _PlanRewriter(PyExprMutator):
         if binding.var in self.absorbed:
             return
         precision = self._precision(binding.var)
-        if precision in _INTEGER:
+        if precision.is_integer:
             self._integer_layer(binding, precision)
         elif precision is Precision.FP16:
             self._half_layer(binding)
@@ -240,25 +241,31 @@ class _PlanRewriter(PyExprMutator):
         result = self._emit(compute, binding.var.name)
         self.set_var_remap(binding.var, self._emit(relax.op.astype(result, "float32")))
 
+    def _sole_call_reader(self, var: relax.Var) -> relax.VarBinding | None:
+        """The binding of the one call that reads ``var``, if nothing else (the result included) does."""
+        readers = self.uses[var]
+        if len(readers) == 1 and readers[0] is not None and isinstance(readers[0].value, relax.Call):
+            return readers[0]
+        return None
+
     def _chain(self, binding: relax.VarBinding, channels: int, conv: bool):
         """Follow the layer's bias add and activation while the layer is their only input user."""
         end, bias, bounds = binding.var, None, None
-        readers = self.uses[end]
-        if len(readers) == 1 and readers[0] is not None:
-            value = readers[0].value
-            if isinstance(value, relax.Call) and value.op.name == "relax.add":
-                other = value.args[1] if value.args[0].same_as(end) else value.args[0]
-                other = self.values.get(other, other)
-                if isinstance(other, Constant):
-                    bias = _channel_constant(other, channels, conv)
-                    if bias is not None:
-                        end = readers[0].var
-                        self.absorbed.add(end)
-        readers = self.uses[end]
-        if len(readers) == 1 and readers[0] is not None and isinstance(readers[0].value, relax.Call):
-            bounds = _clip_bounds(readers[0].value)
+        reader = self._sole_call_reader(end)
+        if reader is not None and reader.value.op.name == "relax.add":
+            value = reader.value
+            other = value.args[1] if value.args[0].same_as(end) else value.args[0]
+            other = self.values.get(other, other)
+            if isinstance(other, Constant):
+                bias = _channel_constant(other, channels, conv)
+                if bias is not None:
+                    end = reader.var
+                    self.absorbed.add(end)
+        reader = self._sole_call_reader(end)
+        if reader is not None:
+            bounds = _clip_bounds(reader.value)
             if bounds is not None:
-                end = readers[0].var
+                end = reader.var
                 self.absorbed.add(end)
         return end, bias, bounds
 
@@ -357,9 +364,9 @@ class _PlanRewriter(PyExprMutator):
         multiplier = (scale_out / np.float32(qp.scale)).astype(np.float32).reshape(channel_shape)
         low, high = float(ACTIVATION_QMIN), float(ACTIVATION_QMAX)
         if bounds is not None:
-            low = max(low, float(np.rint(np.float32(bounds[0]) / np.float32(qp.scale)) + qp.zero_point))
+            low = max(low, qp.level(bounds[0]))
             if np.isfinite(bounds[1]):
-                high = min(high, float(np.rint(np.float32(bounds[1]) / np.float32(qp.scale)) + qp.zero_point))
+                high = min(high, qp.level(bounds[1]))
         scaled = self._emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(multiplier)))
         shifted = relax.op.round(scaled)
         if qp.zero_point:
@@ -392,7 +399,7 @@ class ApplyPlan:
             raise _plan_error("this module already has a plan applied; apply plans to the imported model")
         layers = quantizable_layers(mod)
         self.plan.validate_against(layers, candidates(mod) or None)
-        integer = [lid for lid, p in self.plan.assignments.items() if p in _INTEGER]
+        integer = [lid for lid, p in self.plan.assignments.items() if p.is_integer]
         if integer:
             if self.calibration is None:
                 raise _plan_error(
