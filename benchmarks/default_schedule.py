@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import tvm
 from tvm import relax
@@ -27,36 +23,13 @@ from ohq_tvm.build import build_scheduled
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.targets import resolve_target
 
+from timing import interleaved, machine_record, ort_timer, tvm_timer
+
 CASES = {
     "mobilenet_v2 (224x224)": lambda: models.mobilenet_v2(),
     "dense 1024x1024 (batch 1)": lambda: models.gemm_model(features=1024, classes=1024),
     "tiny_cnn (32x32)": lambda: models.tiny_cnn(),
 }
-
-
-def _tvm_timer(executable, args):
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    vm["main"](*args)
-    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=100)
-    return lambda: evaluator(*args).results[0] * 1e3
-
-
-def _ort_timer(model, feeds, threads):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-
-    def run() -> float:
-        count, started = 0, time.perf_counter()
-        while True:
-            session.run(None, feeds)
-            count += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= 0.1:
-                return elapsed / count * 1e3
-
-    return run
 
 
 def bench(name: str, model, target, repeats: int, threads: int) -> dict:
@@ -67,15 +40,11 @@ def bench(name: str, model, target, repeats: int, threads: int) -> dict:
     scheduled = build_scheduled(imported.mod, target)
     build_s = time.perf_counter() - started
     timers = {
-        "tvm_unscheduled": _tvm_timer(relax.build(imported.mod, target), args),
-        "tvm_default_schedule": _tvm_timer(scheduled, args),
-        "onnxruntime": _ort_timer(imported.onnx_model, feeds, threads),
+        "tvm_unscheduled": tvm_timer(relax.build(imported.mod, target), args),
+        "tvm_default_schedule": tvm_timer(scheduled, args),
+        "onnxruntime": ort_timer(imported.onnx_model, feeds, threads),
     }
-    raw: dict[str, list[float]] = {key: [] for key in timers}
-    for _ in range(repeats):
-        for key, timer in timers.items():
-            raw[key].append(timer())
-    median = {key: statistics.median(values) for key, values in raw.items()}
+    median, raw = interleaved(timers, repeats)
     return {
         "case": name,
         "schedule_build_s": round(build_s, 2),
@@ -97,12 +66,7 @@ def main() -> None:
     results = [bench(name, make(), target, args.repeats, threads) for name, make in CASES.items()]
     record = {
         "benchmark": "default_schedule",
-        "machine": {
-            "cpu": str(target.attrs["mcpu"]),
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-        },
-        "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__},
+        **machine_record(target),
         "settings": {
             "repeats": args.repeats,
             "min_repeat_ms": 100,
@@ -110,7 +74,6 @@ def main() -> None:
             "tuning_trials": 0,
             "precision": "fp32",
         },
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
     }
     out = Path(args.out)

@@ -1,0 +1,64 @@
+"""Timers and the machine record the benchmark scripts share."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+import tvm
+from tvm import relax
+
+Timer = Callable[[], float]
+
+
+def tvm_timer(executable, args) -> Timer:
+    """Milliseconds per run of ``main``, each call averaging over at least 100 ms."""
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm["main"](*args)
+    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=100)
+    return lambda: evaluator(*args).results[0] * 1e3
+
+
+def ort_timer(model, feeds, threads: int) -> Timer:
+    """Milliseconds per ONNX Runtime run (all graph optimisations on), averaged over at least 100 ms."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+
+    def run() -> float:
+        count, started = 0, time.perf_counter()
+        while True:
+            session.run(None, feeds)
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= 0.1:
+                return elapsed / count * 1e3
+
+    return run
+
+
+def interleaved(timers: dict[str, Timer], repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median and raw milliseconds, timing every runtime once per round so drift hits them alike."""
+    raw: dict[str, list[float]] = {key: [] for key in timers}
+    for _ in range(repeats):
+        for key, timer in timers.items():
+            raw[key].append(timer())
+    return {key: statistics.median(values) for key, values in raw.items()}, raw
+
+
+def machine_record(target) -> dict:
+    return {
+        "machine": {
+            "cpu": str(target.attrs["mcpu"]),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__},
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
