@@ -9,10 +9,7 @@ so drift on a noisy machine hits them alike.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import onnxruntime as ort
 import tvm
@@ -23,7 +20,7 @@ from ohq_tvm.build import build_scheduled
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.targets import resolve_target
 
-from timing import interleaved, machine_record, ort_timer, tvm_timer
+from timing import interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
 
 CASES = {
     "mobilenet_v2 (224x224)": lambda: models.mobilenet_v2(),
@@ -56,10 +53,7 @@ def bench(name: str, model, target, repeats: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = parse_args(__doc__, repeats=7)
     board = resolve_target("host")
     target = board.tvm_target()
     threads = board.num_cores
@@ -76,9 +70,6 @@ def main() -> None:
         },
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "default_schedule.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Zero-budget CPU schedule (fp32, no tuning)",
         "",
@@ -96,8 +87,7 @@ def main() -> None:
             f"{m['onnxruntime']:.3f} | {r['speedup_vs_unscheduled']:.1f}x "
             f"| {r['ratio_to_onnxruntime']:.1f}x |"
         )
-    (out / "default_schedule.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "default_schedule", record, lines)
 
 
 if __name__ == "__main__":

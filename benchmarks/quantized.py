@@ -15,10 +15,6 @@ Writes results/quantized.json (machine, versions, raw per-repeat milliseconds) a
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import tvm
@@ -34,7 +30,7 @@ from ohq_tvm.plan import Plan
 from ohq_tvm.qdq import export_qdq
 from ohq_tvm.targets import resolve_target
 
-from timing import interleaved, machine_record, ort_timer, tvm_timer
+from timing import interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
 
 CASES = {
     "tiny_cnn (32x32)": models.tiny_cnn,
@@ -97,10 +93,7 @@ def bench(name: str, model, target, repeats: int, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = parse_args(__doc__, repeats=5)
     board = resolve_target("host")
     target = board.tvm_target()
     threads = board.num_cores
@@ -118,9 +111,6 @@ def main() -> None:
         },
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quantized.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Uniform integer plans vs fp32 (random weights, no tuning)",
         "",
@@ -150,8 +140,7 @@ def main() -> None:
             f"{m['onnxruntime_fp32']:.3f} | {m['onnxruntime_qdq_int8']:.3f} | "
             f"{m['tvm_int8'] / m['tvm_fp32']:.2f}x | {m['tvm_int8'] / m['onnxruntime_qdq_int8']:.1f}x |"
         )
-    (out / "quantized.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "quantized", record, lines)
 
 
 if __name__ == "__main__":

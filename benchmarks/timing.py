@@ -1,12 +1,15 @@
-"""Timers and the machine record the benchmark scripts share."""
+"""What the benchmark scripts share: arguments, timers, the machine record, writing results."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -50,6 +53,23 @@ def interleaved(timers: dict[str, Timer], repeats: int) -> tuple[dict[str, float
         for key, timer in timers.items():
             raw[key].append(timer())
     return {key: statistics.median(values) for key, values in raw.items()}, raw
+
+
+def parse_args(doc: str, repeats: int) -> argparse.Namespace:
+    """``--repeats`` (interleaved rounds) and ``--out`` (default: benchmarks/results)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return parser.parse_args()
+
+
+def write_results(out_dir: str, name: str, record: dict, lines: list[str]) -> None:
+    """``<name>.json`` (the full record) and ``<name>.md`` (the summary), and the summary on stdout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def machine_record(target) -> dict:
