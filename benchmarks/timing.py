@@ -55,11 +55,14 @@ def interleaved(timers: dict[str, Timer], repeats: int) -> tuple[dict[str, float
     return {key: statistics.median(values) for key, values in raw.items()}, raw
 
 
-def parse_args(doc: str, repeats: int) -> argparse.Namespace:
-    """``--repeats`` (interleaved rounds) and ``--out`` (default: benchmarks/results)."""
+def parse_args(doc: str, repeats: int, extra: dict[str, str] | None = None) -> argparse.Namespace:
+    """``--repeats`` (interleaved rounds), ``--out`` (default: benchmarks/results), and ``extra``
+    string options (``{"--models": default}``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    for flag, default in (extra or {}).items():
+        parser.add_argument(flag, default=default)
     return parser.parse_args()
 
 

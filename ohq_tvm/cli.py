@@ -85,6 +85,146 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .frontend import parse_input_shapes
+    from .oqa import TimingConfig
+    from .oqa.run import measure_model
+
+    bar: list[tqdm] = []
+
+    def on_plan(total: int, to_measure: int) -> None:
+        print(f"  {total} unique workloads, {total - to_measure} already in the database", flush=True)
+        bar.append(tqdm(total=to_measure, unit="op", desc="measuring", disable=to_measure == 0))
+
+    def progress(event) -> None:
+        if event.status == "retry":
+            bar[0].write(f"  retrying {event.workload.label}: {event.error}")
+            return
+        if event.status == "failed":
+            bar[0].write(f"  FAILED {event.workload.label}: {event.error}")
+        bar[0].set_postfix_str(event.workload.label[:40], refresh=False)
+        bar[0].update(1)
+
+    precisions = [p for p in (args.precisions or "").split(",") if p] or None
+    timing = TimingConfig(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    try:
+        result = measure_model(
+            args.model,
+            args.target,
+            tracker=args.tracker,
+            key=args.key,
+            server=args.server,
+            database=args.db,
+            precisions=precisions,
+            input_shapes=parse_input_shapes(args.input_shape or []),
+            timing=timing,
+            workers=args.workers,
+            budget=args.budget,
+            schedule=args.schedule,
+            progress=progress,
+            on_plan=on_plan,
+        )
+    finally:
+        for b in bar:
+            b.close()
+    rows = result.layer_table()
+    columns = list(dict.fromkeys(p for row in rows for p in row["latency_ms"]))
+    header = ["layer", "op", *[f"{c} ms" for c in columns], "quantize ms", "dequantize ms"]
+    table = [header]
+    for row in rows:
+        cells = [
+            ("~" if c in row["predicted"] else "") + _format_ms(row["latency_ms"][c])
+            if c in row["latency_ms"]
+            else ""
+            for c in columns
+        ]
+        table.append(
+            [
+                row["layer"],
+                row["op"],
+                *cells,
+                _format_ms(row["quantize_ms"]),
+                _format_ms(row["dequantize_ms"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+    summary = result.summary
+    if summary.predicted_ms:
+        error = f"{summary.model_mape_percent:.1f}%" if summary.model_mape_percent is not None else "n/a"
+        print(
+            f"~: {len(summary.predicted_ms)} operators predicted by the latency model, not measured "
+            f"(its cross-validated MAPE on this board: {error}); rerun without --budget to measure them"
+        )
+    print(
+        f"glue (always fp32): {result.glue_ms():.4f} ms over {len(result.workloads.glue)} ops\n"
+        f"board {summary.board} [{summary.fingerprint}]: measured {summary.measured}, reused "
+        f"{summary.reused}, failed {len(summary.failed)}; database {result.database_path}"
+    )
+    return 1 if summary.failed else 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    import json
+
+    from .oqa import LatencyDatabase
+
+    with LatencyDatabase(args.db) as db:
+        if args.action == "show":
+            boards = db.boards()
+            if not boards:
+                print(f"{db.path}: empty")
+            for board in boards:
+                device = board["description"].get("device", {})
+                print(
+                    f"{board['fingerprint']}  {board['label']}  {board['rows']} rows  "
+                    f"key={board['description'].get('key')}  cpu={device.get('cpu', '?')}"
+                )
+                if args.verbose:
+                    for m in db.measurements(board["fingerprint"]):
+                        value = _format_ms(m.median_ms) if m.ok else f"failed: {m.error}"
+                        print(f"    {m.workload.key}  {m.workload.label:60s}  {value}")
+        elif args.action == "export":
+            rows = [m.to_json() for m in db.measurements(args.board)]
+            text = json.dumps({"boards": db.boards(), "measurements": rows}, indent=2)
+            if args.output:
+                with open(args.output, "w") as stream:
+                    stream.write(text + "\n")
+                print(f"wrote {len(rows)} measurements to {args.output}")
+            else:
+                print(text)
+        else:
+            count = db.clear(args.board)
+            print(f"deleted {count} measurements from {db.path}")
+    return 0
+
+
+def _board_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        "-t",
+        default="host",
+        help="board name (see `ohq-tvm targets`), board TOML path, target triple, "
+        "or TVM target JSON (default: host)",
+    )
+    parser.add_argument("--tracker", help="RPC tracker HOST:PORT (default: a loopback host board)")
+    parser.add_argument("--key", help="RPC key of the board at the tracker (default: the target's)")
+    parser.add_argument("--server", help="a single RPC server HOST:PORT, without a tracker")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D0,D1,...",
+        help="static shape for an input with dynamic dimensions (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ohq-tvm", description="Hardware-aware mixed-precision compilation on Apache TVM."
@@ -100,22 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile an ONNX model for a board and verify it there")
     comp.add_argument("model", help="path to an .onnx file")
-    comp.add_argument(
-        "--target",
-        "-t",
-        default="host",
-        help="board name (see `ohq-tvm targets`), board TOML path, target triple, "
-        "or TVM target JSON (default: host)",
-    )
-    comp.add_argument("--tracker", help="RPC tracker HOST:PORT (default: a loopback host board)")
-    comp.add_argument("--key", help="RPC key of the board at the tracker (default: the target's)")
-    comp.add_argument("--server", help="a single RPC server HOST:PORT, without a tracker")
-    comp.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="NAME=D0,D1,...",
-        help="static shape for an input with dynamic dimensions (repeatable)",
-    )
+    _board_arguments(comp)
     comp.add_argument("-o", "--output", required=True, help="output directory")
     comp.add_argument("--no-verify", action="store_true", help="skip running on the board")
     comp.add_argument("--seed", type=int, default=0, help="seed of the synthetic verification input")
@@ -156,6 +281,41 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics fitted to the first conv's BatchNormalization (default: gaussian)",
     )
     comp.set_defaults(run=_cmd_compile)
+
+    meas = sub.add_parser(
+        "measure", help="time every candidate operator of a model on the board, into the database"
+    )
+    meas.add_argument("model", help="path to an .onnx file")
+    _board_arguments(meas)
+    meas.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
+    meas.add_argument(
+        "--precisions", help="comma-separated candidates, e.g. fp32,int8 (default: all the board has)"
+    )
+    meas.add_argument("--repeat", type=int, default=5, help="timed repeats per operator (default: 5)")
+    meas.add_argument(
+        "--min-repeat-ms", type=int, default=40, help="minimum length of one repeat (default: 40 ms)"
+    )
+    meas.add_argument("--workers", type=int, help="parallel sessions (default: idle servers under the key)")
+    meas.add_argument(
+        "--schedule",
+        choices=["default", "none"],
+        default="default",
+        help="how operators are built (as for compile); results are stored per schedule",
+    )
+    meas.add_argument(
+        "--budget",
+        type=int,
+        help="measure at most N operators now, slowest-predicted first; predict the rest",
+    )
+    meas.set_defaults(run=_cmd_measure)
+
+    db = sub.add_parser("db", help="show, export or clear the measurement database")
+    db.add_argument("action", choices=["show", "export", "clear"])
+    db.add_argument("--db", help="database path (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
+    db.add_argument("--board", help="only this board fingerprint (export, clear)")
+    db.add_argument("-o", "--output", help="export: write JSON here instead of stdout")
+    db.add_argument("-v", "--verbose", action="store_true", help="show: list every measurement")
+    db.set_defaults(run=_cmd_db)
     return parser
 
 

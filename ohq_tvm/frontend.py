@@ -20,6 +20,7 @@ from tvm import relax
 
 from .errors import ModelImportError
 from .onnx_fold import fold_batch_norms
+from .passes.canonicalize_clip import CanonicalizeClip
 from .passes.layer_id import AssignLayerIds
 
 _DEFAULT_DOMAINS = {"", "ai.onnx"}
@@ -211,6 +212,8 @@ def load_onnx(
         ) from err
     # Constant bias reshapes and Gemm weight transposes become constants, as layers and rewrites expect.
     mod = relax.transform.FoldConstant()(mod)
+    # ReLU6 and other constant Clips as relax.clip, not opaque TE calls: layers can then own them.
+    mod = CanonicalizeClip()(mod)
     # Name every conv/dense after its ONNX node, so plans and reports speak the user's names.
     mod = AssignLayerIds(folded)(mod)
     return ImportedModel(

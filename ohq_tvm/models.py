@@ -70,6 +70,24 @@ class _Graph:
         ]
         return self.node("BatchNormalization", [x, *params], name, epsilon=1e-5)
 
+    def relu6(self, x: str) -> str:
+        zero = self.const(self._name("zero"), np.array(0.0))
+        six = self.const(self._name("six"), np.array(6.0))
+        return self.node("Clip", [x, zero, six])
+
+    def inverted_residual(
+        self, x: str, cin: int, cout: int, expansion: int, k: int, stride: int, prefix: str
+    ) -> str:
+        """MobileNetV2's block: 1x1 expand (unless ``expansion`` is 1), kxk depthwise, 1x1 project, and
+        the residual add when the shapes allow it."""
+        hidden = cin * expansion
+        y = x
+        if expansion != 1:
+            y = self.relu6(self.conv(y, cin, hidden, k=1, name=f"{prefix}_expand"))
+        y = self.relu6(self.conv(y, hidden, hidden, k=k, stride=stride, groups=hidden, name=f"{prefix}_dw"))
+        y = self.conv(y, hidden, cout, k=1, name=f"{prefix}_project")
+        return self.node("Add", [x, y], f"{prefix}_add") if stride == 1 and cin == cout else y
+
     def gemm(self, x: str, cin: int, cout: int, name: str | None = None) -> str:
         name = name or self._name("fc")
         w = self.rng.standard_normal((cout, cin)) * np.sqrt(2.0 / cin)
@@ -197,31 +215,52 @@ def mobilenet_v2(size: int = 224, classes: int = 1000, width: float = 1.0, seed:
     def channels(c: int) -> int:
         return max(8, int(c * width + 4) // 8 * 8)
 
-    def relu6(x: str) -> str:
-        return g.node(
-            "Clip", [x, g.const(g._name("zero"), np.array(0.0)), g.const(g._name("six"), np.array(6.0))]
-        )
-
     cin = channels(32)
-    x = relu6(g.conv("input", 3, cin, stride=2, name="features_0_conv"))
+    x = g.relu6(g.conv("input", 3, cin, stride=2, name="features_0_conv"))
     block = 1
     for t, c, n, first_stride in _MOBILENET_V2_STAGES:
         cout = channels(c)
         for i in range(n):
             stride = first_stride if i == 0 else 1
-            hidden = cin * t
-            y = x
-            if t != 1:
-                y = relu6(g.conv(y, cin, hidden, k=1, name=f"features_{block}_expand"))
-            y = relu6(g.conv(y, hidden, hidden, stride=stride, groups=hidden, name=f"features_{block}_dw"))
-            y = g.conv(y, hidden, cout, k=1, name=f"features_{block}_project")
-            x = g.node("Add", [x, y], f"features_{block}_add") if stride == 1 and cin == cout else y
+            x = g.inverted_residual(x, cin, cout, t, 3, stride, f"features_{block}")
             cin = cout
             block += 1
     last = channels(1280) if width > 1.0 else 1280
-    x = relu6(g.conv(x, cin, last, k=1, name=f"features_{block}_conv"))
+    x = g.relu6(g.conv(x, cin, last, k=1, name=f"features_{block}_conv"))
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flatten")
     return g.model("mobilenet_v2", {"input": [1, 3, size, size]}, g.gemm(x, last, classes, name="classifier"))
+
+
+# EfficientNet-Lite0 stages: (expansion, kernel, output channels, repeats, first stride).
+_EFFICIENTNET_LITE0_STAGES = [
+    (1, 3, 16, 1, 1),
+    (6, 3, 24, 2, 2),
+    (6, 5, 40, 2, 2),
+    (6, 3, 80, 3, 2),
+    (6, 5, 112, 3, 1),
+    (6, 5, 192, 4, 2),
+    (6, 3, 320, 1, 1),
+]
+
+
+def efficientnet_lite0(size: int = 224, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """EfficientNet-Lite0's architecture (no squeeze-excite, ReLU6, BN folded) with random weights.
+
+    For latency work, like :func:`mobilenet_v2`: real layer shapes (3x3 and 5x5 depthwise), untrained weights.
+    """
+    g = _Graph(seed)
+
+    cin = 32
+    x = g.relu6(g.conv("input", 3, cin, stride=2, name="stem"))
+    block = 0
+    for t, k, cout, n, first_stride in _EFFICIENTNET_LITE0_STAGES:
+        for i in range(n):
+            x = g.inverted_residual(x, cin, cout, t, k, first_stride if i == 0 else 1, f"blocks_{block}")
+            cin = cout
+            block += 1
+    x = g.relu6(g.conv(x, cin, 1280, k=1, name="head"))
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x], "pool")], "flatten")
+    return g.model("efficientnet_lite0", {"input": [1, 3, size, size]}, g.gemm(x, 1280, classes, name="fc"))
 
 
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
@@ -233,6 +272,7 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "pooling": pooling_model,
     "tiny_cnn": tiny_cnn,
     "mobilenet_v2": mobilenet_v2,
+    "efficientnet_lite0": efficientnet_lite0,
 }
 
 

@@ -2,6 +2,7 @@
 
 from .annotate import CANDIDATES_ATTR, AnnotateCandidates, candidates
 from .apply_plan import PLAN_ATTR, ApplyPlan, applied_plan
+from .canonicalize_clip import CanonicalizeClip
 from .layer_id import LAYERS_ATTR, AssignLayerIds, layer_id_of
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "AnnotateCandidates",
     "ApplyPlan",
     "AssignLayerIds",
+    "CanonicalizeClip",
     "applied_plan",
     "candidates",
     "layer_id_of",

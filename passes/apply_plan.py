@@ -21,29 +21,28 @@ and ``dequantize`` appear only at precision boundaries.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ohq_tvm.errors import OHQError
 from ohq_tvm.precision import Precision
-from ohq_tvm.qparams import (
-    ACTIVATION_DTYPE,
-    ACTIVATION_QMAX,
-    ACTIVATION_QMIN,
-    ActivationQParams,
-    QuantizedWeight,
-    pack_int4,
-    quantize_weight,
-)
+from ohq_tvm.qparams import ActivationQParams
 
 from .annotate import candidates
-from .layer_id import bound_values, layer_bindings, layer_id_of
+from .layer_compute import (
+    LayerSpec,
+    emit_accumulator,
+    emit_dequantize,
+    emit_half,
+    emit_quantize,
+    emit_requantize,
+)
+from .layer_graph import LayerNode, layer_graph
 
 PLAN_ATTR = "ohq_plan"
 
@@ -73,138 +72,30 @@ def layer_weight(call: relax.Call, values: Mapping[relax.Var, relax.Expr]) -> np
     return np.transpose(array, axes) if permuted else array
 
 
-def _channel_constant(value: Constant, channels: int, conv: bool) -> np.ndarray | None:
-    """A bias-like constant as a per-channel vector, if it broadcasts along the output channels only."""
-    array = value.value.numpy()
-    if array.dtype != np.float32:
-        return None
-    shape = array.shape
-    if array.size == 1:
-        return np.full(channels, array.reshape(()), np.float32)
-    if conv and len(shape) in (3, 4) and shape[-3] == channels and array.size == channels:
-        return array.reshape(channels)
-    if not conv and shape[-1] == channels and array.size == channels:
-        return array.reshape(channels)
-    return None
-
-
-def _clip_bounds(call: relax.Call) -> tuple[float, float] | None:
-    """(low, high) of a ``relu`` or a ``clip`` with constant bounds."""
-    if call.op.name == "relax.nn.relu":
-        return 0.0, np.inf
-    if call.op.name == "relax.clip":
-        low, high = call.args[1], call.args[2]
-        if isinstance(low, relax.PrimValue) and isinstance(high, relax.PrimValue):
-            return float(low.value.value), float(high.value.value)
-    return None
-
-
-def _int4_at(packed, index):
-    """Value ``index`` of a :func:`~ohq_tvm.qparams.pack_int4` buffer, as int32, read in the kernel."""
-    byte = packed[index // 2].astype("int32")
-    return ((byte >> ((index % 2) * 4)) & 15) - 8
-
-
-def _te_int4_conv2d(data, packed, weight_shape, strides, dilation, groups):
-    """uint8 × packed-int4 conv2d (NCHW/OIHW, data already padded) accumulating in int32."""
-    out_c, cin_group, kh, kw = weight_shape
-    n, _, height, width = data.shape
-    out_h = (height - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (width - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-    per_group = out_c // groups
-    rc = te.reduce_axis((0, cin_group), "rc")
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-
-    def weight_at(o, c, h, w):
-        return _int4_at(packed, ((o * cin_group + c) * kh + h) * kw + w)
-
-    return te.compute(
-        (n, out_c, out_h, out_w),
-        lambda b, o, y, x: te.sum(
-            data[
-                b,
-                (o // per_group) * cin_group + rc,
-                y * strides[0] + rh * dilation[0],
-                x * strides[1] + rw * dilation[1],
-            ].astype("int32")
-            * weight_at(o, rc, rh, rw),
-            axis=[rc, rh, rw],
-        ),
-        name="conv2d_int4w",
-    )
-
-
-def _te_int4_dense(data, packed, weight_shape):
-    """uint8 [..., K] × packed-int4 [K, N] accumulating in int32."""
-    reduction, columns = weight_shape
-    rk = te.reduce_axis((0, reduction), "rk")
-
-    def weight_at(k, j):
-        return _int4_at(packed, k * columns + j)
-
-    return te.compute(
-        (*data.shape[:-1], columns),
-        lambda *idx: te.sum(
-            data[(*idx[:-1], rk)].astype("int32") * weight_at(rk, idx[-1]),
-            axis=rk,
-        ),
-        name="dense_int4w",
-    )
-
-
 @mutator
 class _PlanRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, plan, calibration) -> None:
         super().__init__(mod)
-        func = mod["main"]
         self.plan = plan
         self.calibration = calibration
-        self.values = bound_values(func)
-        self.uses: dict[relax.Var, list[relax.VarBinding | None]] = defaultdict(list)
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                for var in relax.analysis.free_vars(binding.value):
-                    self.uses[var].append(binding)
-        for var in relax.analysis.free_vars(func.body.body):
-            self.uses[var].append(None)  # None: the function's result
-        self.layers = {b.var: layer_id_of(b.var) for b in layer_bindings(func)}
+        self.graph = layer_graph(mod["main"])
+        self.by_call = {node.binding.var: node for node in self.graph.nodes.values()}
         self.absorbed: set[relax.Var] = set()
         self.twins: dict[relax.Var, tuple[relax.Var, ActivationQParams]] = {}
         self.halves: dict[relax.Var, relax.Var] = {}
 
-    # -- what a variable's readers need ---------------------------------------------------------------
     def _precision(self, var: relax.Var) -> Precision:
-        layer_id = self.layers.get(var)
-        return self.plan.precision_of(layer_id) if layer_id is not None else Precision.FP32
-
-    def _integer_reader(self, binding: relax.VarBinding | None, var: relax.Var) -> str | None:
-        """The layer id if ``binding`` is an integer layer reading ``var`` as its data input."""
-        if binding is None or binding.var not in self.layers:
-            return None
-        if not self._precision(binding.var).is_integer or not binding.value.args[0].same_as(var):
-            return None
-        return self.layers[binding.var]
+        node = self.by_call.get(var)
+        return self.plan.precision_of(node.layer_id) if node is not None else Precision.FP32
 
     def _float(self, var: relax.Expr) -> relax.Expr:
         return self.visit_expr(var)
-
-    def _emit(self, expr: relax.Expr, name: str = "") -> relax.Var:
-        return self.builder_.emit(expr, name_hint=name) if name else self.builder_.emit(expr)
 
     def _quantized_input(self, data: relax.Expr, qp: ActivationQParams) -> relax.Expr:
         twin = self.twins.get(data) if isinstance(data, relax.Var) else None
         if twin is not None and twin[1] == qp:
             return twin[0]
-        quantized = self._emit(
-            relax.op.quantize(
-                self._float(data),
-                relax.const(qp.scale, "float32"),
-                relax.const(qp.zero_point, "int32"),
-                axis=-1,
-                out_dtype=ACTIVATION_DTYPE,
-            )
-        )
+        quantized = emit_quantize(self.builder_, self._float(data), qp)
         if isinstance(data, relax.Var):
             self.twins[data] = (quantized, qp)
         return quantized
@@ -215,163 +106,47 @@ class _PlanRewriter(PyExprMutator):
             return
         precision = self._precision(binding.var)
         if precision.is_integer:
-            self._integer_layer(binding, precision)
+            self._integer_layer(self.by_call[binding.var], precision)
         elif precision is Precision.FP16:
             self._half_layer(binding)
         else:
             value = self.visit_expr(binding.value)
             self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
 
+    def _spec(self, node: LayerNode) -> LayerSpec:
+        return LayerSpec.from_call(node.call, layer_weight(node.call, self.graph.values))
+
     def _half_layer(self, binding: relax.VarBinding) -> None:
-        call = binding.value
-        data = call.args[0]
+        node = self.by_call[binding.var]
+        data = node.call.args[0]
         half = self.halves.get(data)
         if half is None:
-            half = self._emit(relax.op.astype(self._float(data), "float16"))
+            half = self.builder_.emit(relax.op.astype(self._float(data), "float16"))
             if isinstance(data, relax.Var):
                 self.halves[data] = half
-        weight = relax.const(layer_weight(call, self.values).astype(np.float16))
-        if call.op.name == "relax.nn.conv2d":
-            a = call.attrs
-            compute = relax.op.nn.conv2d(
-                half, weight, a.strides, a.padding, a.dilation, a.groups, out_dtype="float16"
-            )
-        else:
-            compute = relax.op.matmul(half, weight, out_dtype="float16")
-        result = self._emit(compute, binding.var.name)
-        self.set_var_remap(binding.var, self._emit(relax.op.astype(result, "float32")))
+        self.set_var_remap(binding.var, emit_half(self.builder_, half, self._spec(node), binding.var.name))
 
-    def _sole_call_reader(self, var: relax.Var) -> relax.VarBinding | None:
-        """The binding of the one call that reads ``var``, if nothing else (the result included) does."""
-        readers = self.uses[var]
-        if len(readers) == 1 and readers[0] is not None and isinstance(readers[0].value, relax.Call):
-            return readers[0]
-        return None
-
-    def _chain(self, binding: relax.VarBinding, channels: int, conv: bool):
-        """Follow the layer's bias add and activation while the layer is their only input user."""
-        end, bias, bounds = binding.var, None, None
-        reader = self._sole_call_reader(end)
-        if reader is not None and reader.value.op.name == "relax.add":
-            value = reader.value
-            other = value.args[1] if value.args[0].same_as(end) else value.args[0]
-            other = self.values.get(other, other)
-            if isinstance(other, Constant):
-                bias = _channel_constant(other, channels, conv)
-                if bias is not None:
-                    end = reader.var
-                    self.absorbed.add(end)
-        reader = self._sole_call_reader(end)
-        if reader is not None:
-            bounds = _clip_bounds(reader.value)
-            if bounds is not None:
-                end = reader.var
-                self.absorbed.add(end)
-        return end, bias, bounds
-
-    def _integer_layer(self, binding: relax.VarBinding, precision: Precision) -> None:
-        call = binding.value
-        layer_id = self.layers[binding.var]
-        conv = call.op.name == "relax.nn.conv2d"
-        weight = layer_weight(call, self.values)
-        if not conv and weight.ndim != 2:
-            raise _plan_error(f"layer {layer_id!r}: only 2-D matmul weights can be quantized")
-        axis = 0 if conv else 1
-        qw: QuantizedWeight = quantize_weight(weight, precision, axis)
-        channels = weight.shape[axis]
-        qp = self.calibration.qparams(layer_id)
-        data = self._quantized_input(call.args[0], qp)
-        out_ndim = len(binding.var.ty.shape)
-        channel_shape = [1] * out_ndim
-        channel_shape[1 if conv else -1] = channels
-
-        if conv:
-            a = call.attrs
-            padding = [int(p) for p in a.padding]
-            if any(padding) and (qp.zero_point != 0 or precision is Precision.INT4W):
-                top, left, bottom, right = padding
-                data = self._emit(
-                    relax.op.nn.pad(
-                        data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(qp.zero_point)
-                    )
-                )
-                padding = [0, 0, 0, 0]
-            if precision is Precision.INT8:
-                compute = relax.op.nn.conv2d(
-                    data, relax.const(qw.values), a.strides, padding, a.dilation, a.groups, out_dtype="int32"
-                )
-            else:
-                compute = self.builder_.call_te(
-                    _te_int4_conv2d,
-                    data,
-                    relax.const(pack_int4(qw.values)),
-                    weight_shape=tuple(weight.shape),
-                    strides=[int(s) for s in a.strides],
-                    dilation=[int(d) for d in a.dilation],
-                    groups=int(a.groups),
-                    primfunc_name_hint="conv2d_int4w",
-                )
-        elif precision is Precision.INT8:
-            compute = relax.op.matmul(data, relax.const(qw.values), out_dtype="int32")
-        else:
-            compute = self.builder_.call_te(
-                _te_int4_dense,
-                data,
-                relax.const(pack_int4(qw.values)),
-                weight_shape=tuple(weight.shape),
-                primfunc_name_hint="dense_int4w",
-            )
-        acc = self._emit(compute, binding.var.name)
-
-        end, bias, bounds = self._chain(binding, channels, conv)
-        scale_out = (np.float32(qp.scale) * qw.scales).astype(np.float32)
-        offset = np.zeros(channels, np.int64)
-        if qp.zero_point:
-            offset -= qp.zero_point * qw.channel_sums()
-        if bias is not None:
-            offset += np.rint(bias / scale_out).astype(np.int64)
-        if np.any(offset):
-            constant = relax.const(offset.astype(np.int32).reshape(channel_shape))
-            acc = self._emit(relax.op.add(acc, constant))
-
-        readers = self.uses[end]
-        integer_readers = [r for r in (self._integer_reader(b, end) for b in readers) if r is not None]
-        needs_float = len(integer_readers) < len(readers)
+    def _integer_layer(self, node: LayerNode, precision: Precision) -> None:
+        layer = self._spec(node)
+        if not layer.conv and layer.weight.ndim != 2:
+            raise _plan_error(f"layer {node.layer_id!r}: only 2-D matmul weights can be quantized")
+        qp = self.calibration.qparams(node.layer_id)
+        data = self._quantized_input(node.call.args[0], qp)
+        out_ndim = len(node.binding.var.ty.shape)
+        acc = emit_accumulator(
+            self.builder_, data, layer, precision, qp, node.bias, out_ndim, node.binding.var.name
+        )
+        self.absorbed.update(node.epilogue)
+        end = node.end
+        integer_readers = [r for r in node.readers if r is not None and self.plan.precision_of(r).is_integer]
+        needs_float = len(integer_readers) < len(node.readers)
         if integer_readers:
             out_qp = self.calibration.qparams(integer_readers[0])
-            self.twins[end] = (self._requantize(acc, scale_out, channel_shape, out_qp, bounds), out_qp)
+            self.twins[end] = (emit_requantize(self.builder_, acc, out_qp, node.bounds), out_qp)
             # Readers calibrated differently (a user-edited calibration) re-quantize from float.
             needs_float |= any(self.calibration.qparams(r) != out_qp for r in integer_readers)
         if needs_float:
-            result = self._emit(
-                relax.op.dequantize(
-                    acc,
-                    relax.const(scale_out),
-                    relax.const(0, "int32"),
-                    axis=1 if conv else out_ndim - 1,
-                    out_dtype="float32",
-                )
-            )
-            if bounds is not None:
-                low, high = bounds
-                result = self._emit(
-                    relax.op.nn.relu(result) if np.isinf(high) else relax.op.clip(result, low, high)
-                )
-            self.set_var_remap(end, result)
-
-    def _requantize(self, acc, scale_out, channel_shape, qp: ActivationQParams, bounds) -> relax.Var:
-        """int32 accumulator → uint8 in ``qp``, with the absorbed activation as the clip bounds."""
-        multiplier = (scale_out / np.float32(qp.scale)).astype(np.float32).reshape(channel_shape)
-        low, high = float(ACTIVATION_QMIN), float(ACTIVATION_QMAX)
-        if bounds is not None:
-            low = max(low, qp.level(bounds[0]))
-            if np.isfinite(bounds[1]):
-                high = min(high, qp.level(bounds[1]))
-        scaled = self._emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(multiplier)))
-        shifted = relax.op.round(scaled)
-        if qp.zero_point:
-            shifted = relax.op.add(shifted, relax.const(float(qp.zero_point), "float32"))
-        return self._emit(relax.op.astype(relax.op.clip(shifted, low, high), ACTIVATION_DTYPE))
+            self.set_var_remap(end, emit_dequantize(self.builder_, acc, node.bounds))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyPlan")

@@ -152,3 +152,35 @@ def test_bad_plans_are_one_line(tmp_path):
         ),
         "do not exist",
     )
+
+
+def test_measure_fills_the_database_then_reuses_it(tmp_path):
+    model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
+    db = tmp_path / "oqa.sqlite"
+    args = ["measure", str(model), "--db", str(db), "--precisions", "fp32,int8", "--repeat", "2"]
+    first = ohq(*args, "--min-repeat-ms", "5")
+    assert first.returncode == 0, first.stderr
+    table = first.stdout.splitlines()
+    header = next(line for line in table if line.startswith("layer"))
+    assert "fp32 ms" in header and "int8 ms" in header and "quantize ms" in header
+    row = next(line for line in table if line.startswith("conv0"))
+    assert all(float(cell) > 0 for cell in row.split()[2:])
+    assert "measured 4, reused 0, failed 0" in first.stdout
+    second = ohq(*args)
+    assert second.returncode == 0, second.stderr
+    assert "measured 0, reused 4, failed 0" in second.stdout
+
+    shown = ohq("db", "show", "--db", str(db), "-v")
+    assert shown.returncode == 0 and "4 rows" in shown.stdout and "conv2d 1x3x8x8" in shown.stdout
+    exported = ohq("db", "export", "--db", str(db), "-o", str(tmp_path / "rows.json"))
+    assert exported.returncode == 0, exported.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())["measurements"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows)
+    cleared = ohq("db", "clear", "--db", str(db))
+    assert "deleted 4 measurements" in cleared.stdout
+
+
+def test_measure_rejects_a_precision_the_board_lacks(tmp_path):
+    model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
+    proc = ohq("measure", str(model), "--db", str(tmp_path / "x.sqlite"), "--precisions", "fp16")
+    assert_one_line_error(proc, "fp16")

@@ -41,3 +41,14 @@ def test_build_script_snippets_run(tmp_path, monkeypatch):
     assert 'out_dtype="int32"' in namespace["quantized"].script()
     qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
     assert sum(node.op_type == "QuantizeLinear" for node in qdq.graph.node) == 5  # one per int8 layer input
+
+
+def test_measurement_snippet_runs(tmp_path, monkeypatch):
+    script = next(block for block in python_blocks() if "measure_model" in block)
+    models.save(models.conv_model(channels=8, size=8), tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, str(README), "exec"), namespace)
+    predicted = namespace["predicted"]
+    assert set(predicted.by_kind()) == {"layer", "quantize", "dequantize"}
+    assert predicted.total_ms > 0 and (tmp_path / "oqa.sqlite").is_file()

@@ -56,6 +56,15 @@ class Board(ABC):
     def close(self) -> None:  # noqa: B027 - a no-op is the right default for remote boards
         """Release what the board owns (nothing, unless it started processes)."""
 
+    def capacity(self) -> int:
+        """How many sessions can run at once (servers available under the board's key)."""
+        return 1
+
+    @property
+    def identity(self) -> str:
+        """What names the board in stored results: its RPC key (or address, for a bare server)."""
+        return getattr(self, "key", "") or self.label
+
     def __enter__(self) -> Board:
         return self
 
@@ -83,6 +92,10 @@ class TrackerBoard(Board):
         """How many servers under this board's key are idle right now."""
         queue = self._tracker().summary().get("queue_info", {})
         return int(queue.get(self.key, {}).get("free", 0))
+
+    def capacity(self) -> int:
+        self.wait_until_ready()
+        return max(1, self.free_servers())
 
     def wait_until_ready(self) -> None:
         """Block until a server under the key is registered; :class:`BoardError` after the timeout."""
@@ -142,8 +155,15 @@ class LoopbackBoard(Board):
     exit); each is its own process group, so the servers' forked workers go with them.
     """
 
-    def __init__(self, key: str = "host", num_servers: int = 1, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        key: str = "host",
+        num_servers: int = 1,
+        host: str = "127.0.0.1",
+        wait_for_server_s: float = 30.0,
+    ) -> None:
         self.key = key
+        self.wait_for_server_s = wait_for_server_s
         self.host = host
         self.num_servers = num_servers
         self.log_dir = Path(tempfile.mkdtemp(prefix="ohq-tvm-rpc-"))  # tracker/server logs, for errors
@@ -182,8 +202,10 @@ class LoopbackBoard(Board):
             self._wait_for_port(self.tracker_port, self.tracker_process)
             for index in range(self.num_servers):
                 self.start_server(index)
-            board = TrackerBoard(self.host, self.tracker_port, self.key)
+            # Starting servers may take longer than a session may wait for a free one later.
+            board = TrackerBoard(self.host, self.tracker_port, self.key, max(30.0, self.wait_for_server_s))
             board.wait_until_ready()
+            board.wait_for_server_s = self.wait_for_server_s
             self._tracker_board = board
         except BaseException:
             self.close()
@@ -234,6 +256,9 @@ class LoopbackBoard(Board):
         self.start()
         assert self._tracker_board is not None
         return self._tracker_board.connect(session_timeout_s)
+
+    def capacity(self) -> int:
+        return max(1, sum(1 for server in self.server_processes if server.alive()) or self.num_servers)
 
     def pids(self) -> list[int]:
         """PIDs of the processes this board started and still owns (for leak checks)."""

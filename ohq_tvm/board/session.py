@@ -68,6 +68,19 @@ class BoardSession:
     def device(self) -> tvm.runtime.Device:
         return self.remote.cpu()
 
+    def describe(self) -> dict[str, str]:
+        """What the board reports about itself (CPU and triple, where its runtime can tell)."""
+        found: dict[str, str] = {}
+        for field, function in (
+            ("cpu", "target.llvm_get_system_cpu"),
+            ("triple", "target.llvm_get_system_triple"),
+        ):
+            try:
+                found[field] = str(self.remote.get_function(function)())
+            except (RuntimeError, AttributeError, ValueError):  # a runtime-only board has no LLVM
+                continue
+        return found
+
     def load_vm(self, library_path: str | os.PathLike) -> RemoteVM:
         """Upload a library exported with ``export_library`` and open a Relax VM on it."""
         name = os.path.basename(os.fspath(library_path))

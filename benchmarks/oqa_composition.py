@@ -1,0 +1,206 @@
+"""Hardware truth for OQA: do the per-operator latencies measured on the board add up to the model's?
+
+Usage: python benchmarks/oqa_composition.py [--repeats N] [--out benchmarks/results] [--models a,b]
+
+On the loopback host board (one RPC server), for each model (generated, random weights: latency does not
+depend on weight values):
+
+1. every workload of the model (layers in fp32 and int8, quantize/dequantize, glue) is measured into a
+   fresh database, exactly as ``ohq-tvm measure`` does;
+2. for the fp32 plan and the uniform int8 plan, the predicted latency (sum of parts, see
+   ``ohq_tvm.oqa.cost``) is compared with the end-to-end latency of the whole model built with that plan
+   and timed on the same board with the same timer, ``--repeats`` times (median reported).
+
+3. the XGBoost latency model's cross-validated error over all rows, and its error predicting one model's
+   unseen workloads from the other model's measurements.
+
+The ratio predicted / measured is the number that matters: within 0.85..1.15 the composition is trusted.
+Writes results/oqa_composition.json (machine, versions, every part's latency, raw end-to-end repeats)
+and results/oqa_composition.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ohq_tvm import Precision, models
+from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.build.module import build_executable
+from ohq_tvm.calibration import calibrate
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.layers import quantizable_layers
+from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa.cost import plan_latency
+from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
+from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
+from ohq_tvm.plan import Plan
+from ohq_tvm.targets import resolve_target
+
+from timing import machine_record, parse_args, write_results
+
+CASES = {"mobilenet_v2": models.mobilenet_v2, "efficientnet_lite0": models.efficientnet_lite0}
+PLANS = (Precision.FP32, Precision.INT8)
+TIMING = TimingConfig(repeat=5, min_repeat_ms=40)
+ACCEPT = (0.85, 1.15)
+
+
+def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, repeats: int) -> dict:
+    imported = load_onnx(model)
+    annotated = AnnotateCandidates(list(PLANS), pin_first_last=False)(imported.mod)
+    workloads = extract_workloads(annotated)
+    measurer = Measurer(board, spec, db, timing=TIMING)
+    started = time.perf_counter()
+    summary = measurer.run(workloads.unique())
+    print(f"{name}: {summary.measured} workloads measured, {len(summary.failed)} failed", flush=True)
+    measure_s = time.perf_counter() - started
+    latencies = measurer.latencies(workloads.unique())
+    layers = quantizable_layers(imported.mod)
+    calibration = calibrate(imported, "minmax", num_samples=4)
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for precision in PLANS:
+            plan = Plan.uniform(layers, precision)
+            predicted = plan_latency(workloads, plan.assignments, latencies)
+            mod = ApplyPlan(plan, calibration if precision.is_integer else None)(imported.mod)
+            library = Path(scratch) / f"{name}_{precision.value}.so"
+            build_executable(mod, spec).export_library(str(library))
+            vm = board.connect().load_vm(library)
+            inputs = [imported_input(imported)]
+            runs = [
+                vm.time(inputs, repeat=TIMING.repeat, min_repeat_ms=TIMING.min_repeat_ms).median_ms
+                for _ in range(repeats)
+            ]
+            del vm  # release the session: the board serves one at a time
+            measured = statistics.median(runs)
+            rows[precision.value] = {
+                "predicted_ms": predicted.total_ms,
+                "measured_ms": measured,
+                "ratio": predicted.total_ms / measured,
+                "predicted_by_kind_ms": predicted.by_kind(),
+                "measured_repeats_ms": runs,
+                "parts": [
+                    {"part": what, "workload": w.key, "label": w.label, "ms": ms}
+                    for what, w, ms in predicted.parts
+                ],
+            }
+    return latencies, {
+        "model": name,
+        "workloads": summary.total,
+        "measured_now": summary.measured,
+        "failed": summary.failed,
+        "measure_seconds": measure_s,
+        "plans": rows,
+    }
+
+
+def imported_input(imported):
+    (spec,) = imported.inputs
+    return np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+
+
+def main() -> None:
+    args = parse_args(__doc__, repeats=5, extra={"--models": ",".join(CASES)})
+    spec = resolve_target("host")
+    names = [n for n in args.models.split(",") if n]
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        LoopbackBoard(key="oqa-bench") as board,
+        LatencyDatabase(Path(scratch) / "bench.sqlite") as db,
+    ):
+        measured = {n: bench(n, CASES[n](), board, spec, db, args.repeats) for n in names}
+        rows = {m.workload.key: m for m in db.measurements() if m.ok}
+    results = [record for _, record in measured.values()]
+    latency_model = _latency_model(names, measured, rows)
+    record = {
+        **machine_record(spec.tvm_target()),
+        "timing": {
+            "repeat": TIMING.repeat,
+            "min_repeat_ms": TIMING.min_repeat_ms,
+            "e2e_rounds": args.repeats,
+        },
+        "accept_ratio": list(ACCEPT),
+        "results": results,
+        "latency_model": latency_model,
+    }
+    lines = [
+        "# OQA composition: sum of measured parts vs the whole model, host board (loopback RPC)",
+        "",
+        f"Zero-budget schedule, {TIMING.repeat} repeats x >= {TIMING.min_repeat_ms} ms per timing; "
+        f"end-to-end is the median of {args.repeats} timings. Accepted when the ratio is in "
+        f"{ACCEPT[0]}..{ACCEPT[1]}.",
+        "",
+        "| model | plan | predicted ms | measured ms | predicted / measured | layers | conversions | glue |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for plan, row in result["plans"].items():
+            kinds = row["predicted_by_kind_ms"]
+            conversions = kinds.get("quantize", 0.0) + kinds.get("dequantize", 0.0)
+            lines.append(
+                f"| {result['model']} | {plan} | {row['predicted_ms']:.2f} | {row['measured_ms']:.2f} | "
+                f"{row['ratio']:.3f} | {kinds.get('layer', 0.0):.2f} | {conversions:.2f} | "
+                f"{kinds.get('glue', 0.0):.2f} |"
+            )
+    lines.append("")
+    for result in results:
+        lines.append(
+            f"{result['model']}: {result['workloads']} unique workloads measured in "
+            f"{result['measure_seconds']:.0f} s, {len(result['failed'])} failed."
+        )
+    if latency_model:
+        lines += [
+            "",
+            "XGBoost latency model (features: MACs, bytes, shapes, kernel, precision, op kind):",
+            "",
+        ]
+        lines.append(
+            f"- {latency_model['cv_folds']}-fold cross-validated MAPE over all {latency_model['rows']} "
+            f"measured workloads: {latency_model['cv_mape_percent']:.1f}%"
+        )
+        for item in latency_model.get("cross_model", []):
+            lines.append(
+                f"- trained on {item['train']} only, predicting the {item['predicted']} workloads of "
+                f"{item['test']} it has not seen: MAPE {item['mape_percent']:.1f}%"
+            )
+    write_results(args.out, "oqa_composition", record, lines)
+
+
+def _latency_model(names, measured, rows) -> dict:
+    """CV error over every row, and each model's unseen workloads predicted from the other's rows."""
+    if len(rows) < MIN_TRAINING_ROWS:
+        return {}
+    workloads = [m.workload for m in rows.values()]
+    model = LatencyModel.train(workloads, [m.median_ms for m in rows.values()])
+    report = {"rows": len(rows), "cv_folds": model.folds, "cv_mape_percent": model.cv_mape_percent}
+    cross = []
+    for train in names:
+        for test in names:
+            if train == test:
+                continue
+            seen = set(measured[train][0])
+            train_rows = [rows[k] for k in seen if k in rows]
+            unseen = [rows[k] for k in measured[test][0] if k not in seen and k in rows]
+            if len(train_rows) < MIN_TRAINING_ROWS or not unseen:
+                continue
+            fitted = LatencyModel.train([m.workload for m in train_rows], [m.median_ms for m in train_rows])
+            predicted = fitted.predict_ms([m.workload for m in unseen])
+            actual = np.array([m.median_ms for m in unseen])
+            cross.append(
+                {
+                    "train": train,
+                    "test": test,
+                    "predicted": len(unseen),
+                    "mape_percent": mape(predicted, actual),
+                }
+            )
+    report["cross_model"] = cross
+    return report
+
+
+if __name__ == "__main__":
+    main()

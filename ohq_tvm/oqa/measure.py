@@ -1,0 +1,307 @@
+"""Time workloads on a board over RPC and store every result the moment it is measured.
+
+Each workload is built for the board's target on this machine, exported with the board's toolchain,
+uploaded, and timed with ``time_evaluator`` on synthetic inputs in a fresh RPC session of its own (a
+kernel that crashes or hangs the session takes only that workload with it; the session timeout bounds a
+hang). One worker thread per server available under the board's key measures in parallel.
+
+Faults: a session that fails (the board died, the connection dropped, the timeout fired) puts the workload
+back in the queue, for any worker, up to ``max_attempts`` times; then it is stored as failed with the
+reason. A session that cannot even be opened does not count against the workload; when that happens
+``max_attempts`` times in a row (each connection waits for a server to register first) the run stops with
+a :class:`BoardError`; everything measured until then is already in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..board import Board, LoopbackBoard
+from ..build.module import build_executable
+from ..build.toolchain import Toolchain, find_toolchain
+from ..errors import BoardError, OHQError
+from ..targets import BoardSpec
+from .database import LatencyDatabase
+from .workloads import Workload
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How each workload is timed: ``repeat`` repeats of at least ``min_repeat_ms`` each, after ``warmup``
+    runs; how often a failed session is retried; how long one workload's session may take."""
+
+    repeat: int = 5
+    min_repeat_ms: int = 40
+    warmup: int = 1
+    max_attempts: int = 3
+    workload_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1 or self.max_attempts < 1 or self.min_repeat_ms < 0:
+            raise OHQError("timing needs repeat >= 1, max_attempts >= 1 and min_repeat_ms >= 0")
+
+
+@dataclass(frozen=True)
+class MeasureEvent:
+    """Progress of a run: one workload finished (``ok``/``failed``) or was put back (``retry``)."""
+
+    workload: Workload
+    status: str
+    done: int
+    total: int
+    worker: str
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class MeasureSummary:
+    """What a run did: how many workloads were already stored, measured now, or failed (with why)."""
+
+    fingerprint: str
+    board: str
+    schedule: str
+    total: int
+    reused: int
+    measured: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)  # measurements per worker
+    predicted_ms: dict[str, float] = field(default_factory=dict)  # left out by a budget, predicted
+    model_mape_percent: float | None = None  # cross-validated error of those predictions
+
+
+def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> tuple[str, dict]:
+    """A stable id for (target, board key, what the board reports about itself), and its description."""
+    description = {"target": spec.target_config, "key": board.identity, "device": device}
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], description
+
+
+class Measurer:
+    """Measures workloads on ``board`` (compiled for ``spec``) into ``database``."""
+
+    def __init__(
+        self,
+        board: Board,
+        spec: BoardSpec,
+        database: LatencyDatabase,
+        *,
+        schedule: str = "default",
+        timing: TimingConfig | None = None,
+        workers: int | None = None,
+        toolchain: Toolchain | None = None,
+    ) -> None:
+        self.board = board
+        self.spec = spec
+        self.database = database
+        self.schedule = schedule
+        self.timing = timing or TimingConfig()
+        self.workers = workers
+        self.toolchain = toolchain
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The board's fingerprint (connects once to read what the board reports about itself)."""
+        if self._fingerprint is None:
+            session = self.board.connect(session_timeout_s=self.timing.workload_timeout_s)
+            device = session._guard("reading the device description", session.describe)
+            fingerprint, description = board_fingerprint(self.spec, self.board, device)
+            self.database.add_board(fingerprint, self.board.label, description)
+            self._fingerprint = fingerprint
+        return self._fingerprint
+
+    def _prioritise(self, pending: list[Workload], budget: int, summary: MeasureSummary) -> list[Workload]:
+        from .latency_model import MIN_TRAINING_ROWS, LatencyModel
+
+        rows = [
+            m for m in self.database.measurements(self.fingerprint) if m.ok and m.schedule == self.schedule
+        ]
+        if len(rows) < MIN_TRAINING_ROWS:
+            return pending[:budget]
+        model = LatencyModel.train([m.workload for m in rows], [m.median_ms for m in rows])
+        predicted = model.predict_ms(pending)
+        order = sorted(range(len(pending)), key=lambda i: -predicted[i])
+        chosen = [pending[i] for i in sorted(order[:budget])]
+        summary.predicted_ms = {pending[i].key: float(predicted[i]) for i in order[budget:]}
+        summary.model_mape_percent = model.cv_mape_percent
+        return chosen
+
+    def latencies(self, workloads: Sequence[Workload]) -> dict[str, float]:
+        """Stored median latencies (ms) of ``workloads`` on this board, by key."""
+        return self.database.latencies(self.fingerprint, self.schedule, [w.key for w in workloads])
+
+    def run(
+        self,
+        workloads: Sequence[Workload],
+        progress: Callable[[MeasureEvent], None] | None = None,
+        budget: int | None = None,
+    ) -> MeasureSummary:
+        """Measure what the database lacks; returns a summary. See the module docstring for faults.
+
+        With a ``budget`` (at most that many measurements), the workloads the latency model trained on
+        this board's stored rows predicts slowest are measured first (they weigh most in a plan's
+        latency), or model order without enough rows to train; the rest get predictions in
+        ``summary.predicted_ms``, with the model's cross-validated error in ``summary.model_mape_percent``.
+        """
+        unique = list({w.key: w for w in workloads}.values())
+        fingerprint = self.fingerprint
+        pending = self.database.missing(fingerprint, self.schedule, unique)
+        summary = MeasureSummary(
+            fingerprint, self.board.label, self.schedule, total=len(unique), reused=len(unique) - len(pending)
+        )
+        if budget is not None and len(pending) > budget:
+            pending = self._prioritise(pending, max(0, budget), summary)
+        if not pending:
+            return summary
+        toolchain = self.toolchain or find_toolchain(self.spec.cross_triple)
+        count = max(1, self.workers or self.board.capacity())
+        # On the host board, building competes with measuring for the same cores: alternate them.
+        overlap = not isinstance(self.board, LoopbackBoard)
+        with tempfile.TemporaryDirectory(prefix="ohq-tvm-oqa-") as scratch:
+            run = _Run(self, summary, len(pending), progress, toolchain.fcompile())
+            threads = [
+                threading.Thread(target=run.worker, args=(f"w{i}",), daemon=True) for i in range(count)
+            ]
+            for thread in threads:
+                thread.start()
+            try:
+                for start in range(0, len(pending), count):
+                    for index, workload in enumerate(pending[start : start + count], start):
+                        run.submit(workload, Path(scratch) / f"{index}_{workload.key}.so")
+                        if run.aborted is not None:
+                            break
+                    if not overlap or run.aborted is not None:
+                        run.queue.join()
+                    if run.aborted is not None:
+                        break
+                run.queue.join()
+            finally:
+                run.stop(len(threads))
+                for thread in threads:
+                    thread.join(timeout=5.0)
+        if run.aborted is not None:
+            raise BoardError(
+                f"{run.aborted}; {summary.measured} new measurement(s) of {len(pending)} are stored in "
+                f"{self.database.path}; rerun to measure the rest"
+            )
+        return summary
+
+
+class _Run:
+    """The shared state of one :meth:`Measurer.run`: the work queue, counters, and the abort flag."""
+
+    def __init__(self, measurer: Measurer, summary: MeasureSummary, total: int, progress, fcompile) -> None:
+        self.m = measurer
+        self.summary = summary
+        self.total = total
+        self.progress = progress
+        self.fcompile = fcompile
+        self.queue: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.done = 0
+        self.unreachable = 0  # consecutive sessions that could not even be opened
+        self.aborted: str | None = None
+
+    def _event(self, workload: Workload, status: str, worker: str, **extra) -> None:
+        with self.lock:
+            if status != "retry":
+                self.done += 1
+            event = MeasureEvent(workload, status, self.done, self.total, worker, **extra)
+        if self.progress is not None:
+            self.progress(event)
+
+    def submit(self, workload: Workload, path: Path) -> None:
+        """Build and export on this machine; a workload that does not build is stored as failed."""
+        try:
+            executable = build_executable(workload.module(), self.m.spec, self.m.schedule)
+            executable.export_library(str(path), fcompile=self.fcompile)
+        except Exception as err:  # BuildError, or TVM's own error types from export
+            reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
+            self._fail(workload, reason, attempts=1, worker="build")
+            return
+        self.queue.put((workload, path, 1))
+
+    def _fail(self, workload: Workload, reason: str, attempts: int, worker: str) -> None:
+        self.m.database.record_failure(
+            self.m.fingerprint, workload, self.m.schedule, reason, attempts=attempts, worker=worker
+        )
+        with self.lock:
+            self.summary.failed[workload.key] = reason
+        self._event(workload, "failed", worker, error=reason)
+
+    def stop(self, workers: int) -> None:
+        for _ in range(workers):
+            self.queue.put(None)
+
+    def worker(self, name: str) -> None:
+        timing = self.m.timing
+        while True:
+            item = self.queue.get()
+            if item is None:
+                self.queue.task_done()
+                return
+            workload, path, attempt = item
+            try:
+                if self.aborted is not None:
+                    continue
+                self._measure(name, workload, path, attempt, timing)
+            finally:
+                self.queue.task_done()
+
+    def _measure(self, name: str, workload: Workload, path: Path, attempt: int, timing: TimingConfig) -> None:
+        try:
+            session = self.m.board.connect(session_timeout_s=timing.workload_timeout_s)
+        except BoardError as err:
+            # Says nothing about the workload: put it back with the same attempt count.
+            with self.lock:
+                self.unreachable += 1
+                if self.unreachable >= timing.max_attempts:
+                    self.aborted = f"board {self.m.board.label} unreachable: {err}"
+            if self.aborted is None:
+                self._event(workload, "retry", name, error=str(err))
+                time.sleep(1.0)
+                self.queue.put((workload, path, attempt))
+            return
+        with self.lock:
+            self.unreachable = 0
+        try:
+            vm = session.load_vm(path)
+            stats = vm.time(
+                workload.synthetic_inputs(),
+                repeat=timing.repeat,
+                min_repeat_ms=timing.min_repeat_ms,
+                warmup=timing.warmup,
+            )
+        except BoardError as err:
+            self._retry_or_fail(name, workload, path, attempt, str(err), timing)
+            return
+        finally:
+            del session
+        self.m.database.record(
+            self.m.fingerprint, workload, self.m.schedule, stats, attempts=attempt, worker=name
+        )
+        with self.lock:
+            self.summary.measured += 1
+            self.summary.workers[name] = self.summary.workers.get(name, 0) + 1
+        self._event(workload, "ok", name, latency_ms=stats.median_ms)
+
+    def _retry_or_fail(
+        self, name: str, workload: Workload, path: Path, attempt: int, reason: str, timing: TimingConfig
+    ) -> None:
+        if attempt < timing.max_attempts:
+            self._event(workload, "retry", name, error=reason)
+            self.queue.put((workload, path, attempt + 1))
+        else:
+            self._fail(workload, f"{reason} (after {attempt} attempts)", attempts=attempt, worker=name)
+
+
+__all__ = ["MeasureEvent", "MeasureSummary", "Measurer", "TimingConfig", "board_fingerprint"]

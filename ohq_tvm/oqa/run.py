@@ -1,0 +1,110 @@
+"""``measure_model``: the OQA stage as one call (what ``ohq-tvm measure`` runs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from ..board import open_board
+from ..frontend import ImportedModel, load_onnx
+from ..passes.annotate import AnnotateCandidates
+from ..precision import Precision
+from ..targets import BoardSpec, resolve_target
+from .database import LatencyDatabase
+from .measure import MeasureEvent, Measurer, MeasureSummary, TimingConfig
+from .workloads import ModelWorkloads, Workload, extract_workloads
+
+
+@dataclass
+class ModelMeasurement:
+    """The workloads of a model and their latencies (ms, by key) on one board."""
+
+    imported: ImportedModel
+    board: BoardSpec
+    workloads: ModelWorkloads
+    latencies_ms: dict[str, float]
+    summary: MeasureSummary
+    database_path: str
+
+    def latency_of(self, workload: Workload) -> float | None:
+        """Measured median, else the latency model's prediction (see :meth:`is_predicted`), else None."""
+        return self.latencies_ms.get(workload.key, self.summary.predicted_ms.get(workload.key))
+
+    def is_predicted(self, workload: Workload) -> bool:
+        return workload.key not in self.latencies_ms and workload.key in self.summary.predicted_ms
+
+    def layer_table(self) -> list[dict]:
+        """One row per layer: its op and shape, and the latency (or ``None``) of each candidate precision."""
+        rows = []
+        for layer_id, options in self.workloads.layers.items():
+            info = self.workloads.infos[layer_id]
+            row = {"layer": layer_id, "op": info.op, "macs": info.macs}
+            row["latency_ms"] = {p.value: self.latency_of(w) for p, w in options.items()}
+            row["predicted"] = [p.value for p, w in options.items() if self.is_predicted(w)]
+            for kind, table in (
+                ("quantize", self.workloads.quantize),
+                ("dequantize", self.workloads.dequantize),
+            ):
+                row[f"{kind}_ms"] = self.latency_of(table[layer_id]) if layer_id in table else None
+            rows.append(row)
+        return rows
+
+    def glue_ms(self) -> float:
+        return sum(self.latencies_ms.get(w.key, 0.0) for w in self.workloads.glue)
+
+
+def measure_model(
+    model: str | os.PathLike | onnx.ModelProto | ImportedModel,
+    target: str | BoardSpec = "host",
+    *,
+    tracker: str | None = None,
+    key: str | None = None,
+    server: str | None = None,
+    database: str | os.PathLike | None = None,
+    precisions: Sequence[Precision | str] | None = None,
+    pin_first_last: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    timing: TimingConfig | None = None,
+    workers: int | None = None,
+    schedule: str = "default",
+    budget: int | None = None,
+    progress: Callable[[MeasureEvent], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> ModelMeasurement:
+    """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
+
+    The board is a tracker (``tracker`` + ``key``), a bare ``server``, or by default this machine through
+    a loopback RPC server. ``precisions`` restricts the candidates (default: all the board computes).
+    ``budget`` caps how many operators are measured now (see :meth:`Measurer.run`; the rest are
+    predicted). ``on_plan(total, to_measure)`` is called once the database has been consulted, before
+    measuring.
+    Raises :class:`~ohq_tvm.errors.OHQError` subclasses: bad model or target, unreachable board (with
+    the measurements already stored kept), a database that cannot be opened.
+    """
+    spec = target if isinstance(target, BoardSpec) else resolve_target(target)
+    imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
+    allowed = [Precision.parse(str(p)) for p in (precisions or spec.precisions)]
+    lacking = [p.value for p in allowed if p not in spec.precisions and p is not Precision.FP32]
+    if lacking:
+        from ..errors import TargetError
+
+        have = ", ".join(p.value for p in spec.precisions)
+        raise TargetError(f"board {spec.name} does not compute {', '.join(lacking)} (it has {have})")
+    annotated = AnnotateCandidates(allowed, pin_first_last=pin_first_last)(imported.mod)
+    workloads = extract_workloads(annotated)
+    unique = workloads.unique()
+    with open_board(tracker, key, server, default_key=spec.rpc_key) as board, LatencyDatabase(database) as db:
+        measurer = Measurer(board, spec, db, schedule=schedule, timing=timing, workers=workers)
+        if on_plan is not None:
+            missing = len(db.missing(measurer.fingerprint, schedule, unique))
+            on_plan(len(unique), missing if budget is None else min(missing, budget))
+        summary = measurer.run(unique, progress, budget=budget)
+        latencies = measurer.latencies(unique)
+        path = str(db.path)
+    return ModelMeasurement(imported, spec, workloads, latencies, summary, path)
+
+
+__all__ = ["ModelMeasurement", "measure_model"]

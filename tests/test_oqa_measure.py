@@ -1,0 +1,186 @@
+"""On-board measurement against loopback boards: the database fills, reruns measure nothing, faults heal."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ohq_tvm import Precision, models
+from ohq_tvm.board import LoopbackBoard, TrackerBoard
+from ohq_tvm.board.boards import _free_port
+from ohq_tvm.board.session import LatencyStats
+from ohq_tvm.errors import BoardError, OHQError
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.passes import AnnotateCandidates
+from ohq_tvm.targets import resolve_target
+
+FAST = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
+HOST = resolve_target("host")
+
+
+def _workloads(model=None):
+    imported = load_onnx(model or models.conv_model(channels=8, size=8))
+    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
+    return extract_workloads(annotated).unique()
+
+
+def test_database_keeps_results_and_never_overwrites_success_with_failure(tmp_path):
+    (workload, other, *_) = _workloads()
+    path = tmp_path / "m.sqlite"
+    with LatencyDatabase(path) as db:
+        db.add_board("fp", "board", {"key": "k"})
+        db.record("fp", workload, "default", LatencyStats((1.0, 3.0, 2.0)))
+        db.record_failure("fp", workload, "default", "boom", attempts=3)
+        db.record_failure("fp", other, "default", "boom", attempts=3)
+        assert db.missing("fp", "default", [workload, other]) == [other]
+    with LatencyDatabase(path) as db:  # reopened: everything was committed
+        assert db.latencies("fp", "default") == {workload.key: 2.0}
+        rows = {m.workload.key: m for m in db.measurements()}
+        assert rows[other.key].status == "failed" and rows[other.key].error == "boom"
+        assert rows[workload.key].repeats_ms == (1.0, 3.0, 2.0)
+        assert db.latencies("another board", "default") == {}
+        assert db.clear("fp") == 2
+        assert db.measurements() == []
+
+
+def test_database_refuses_a_file_that_is_not_one(tmp_path):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(OHQError, match="cannot open measurement database"):
+        LatencyDatabase(bad)
+    with sqlite3.connect(tmp_path / "old.sqlite") as conn:
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema', '999')")
+    with pytest.raises(OHQError, match="schema 999"):
+        LatencyDatabase(tmp_path / "old.sqlite")
+
+
+def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_board, tmp_path):
+    workloads = _workloads()
+    events = []
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        summary = Measurer(loopback_board, HOST, db, timing=FAST).run(workloads, events.append)
+        counts = (summary.total, summary.measured, summary.reused, summary.failed)
+        assert counts == (len(workloads), len(workloads), 0, {})
+        assert [e.done for e in events] == list(range(1, len(workloads) + 1))
+        stored = db.latencies(summary.fingerprint, "default")
+        assert set(stored) == {w.key for w in workloads}
+        assert all(0 < ms < 1000 for ms in stored.values())
+        again = Measurer(loopback_board, HOST, db, timing=FAST).run(workloads)
+        assert (again.measured, again.reused) == (0, len(workloads))
+        assert again.fingerprint == summary.fingerprint
+        # Another model with the same operators (here: other weights) reuses every row.
+        retrained = _workloads(models.conv_model(channels=8, size=8, seed=3))
+        third = Measurer(loopback_board, HOST, db, timing=FAST).run(retrained)
+        assert (third.measured, third.reused) == (0, len(workloads))
+
+
+def test_two_servers_under_one_key_both_measure(tmp_path):
+    workloads = _workloads()
+    with LoopbackBoard(key="pair", num_servers=2) as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
+        summary = Measurer(board, HOST, db, timing=FAST).run(workloads)
+    assert summary.measured == len(workloads)
+    assert len(summary.workers) == 2 and all(count > 0 for count in summary.workers.values())
+
+
+def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
+    workloads = _workloads()
+    # Long repeats so that the kill, 1 s after the first result, lands while the next one is being timed.
+    slow = TimingConfig(repeat=2, min_repeat_ms=1500, warmup=0)
+    events = []
+    with (
+        LoopbackBoard(key="dies", wait_for_server_s=60) as board,
+        LatencyDatabase(tmp_path / "m.sqlite") as db,
+    ):
+
+        def kill_then_restart() -> None:
+            time.sleep(1.0)
+            board.server_processes[0].stop(grace_s=0.1)
+            time.sleep(2.0)
+            board.start_server()
+
+        def on_event(event) -> None:
+            events.append(event)
+            if event.status == "ok" and event.done == 1:
+                threading.Thread(target=kill_then_restart, daemon=True).start()
+
+        summary = Measurer(board, HOST, db, timing=slow).run(workloads, on_event)
+        rows = db.measurements(summary.fingerprint)
+    retried = [e for e in events if e.status == "retry"]
+    assert retried and "board" in retried[0].error
+    assert summary.failed == {}
+    assert {m.workload.key for m in rows if m.ok} == {w.key for w in workloads}
+    assert max(m.attempts for m in rows) == 2  # the workload being timed at the kill, measured again
+    first = min(rows, key=lambda m: m.measured_at)
+    assert first.workload.key == events[0].workload.key and first.attempts == 1  # from before the kill
+
+
+def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_path):
+    workloads = _workloads()
+    with (
+        LoopbackBoard(key="gone", wait_for_server_s=1) as board,
+        LatencyDatabase(tmp_path / "m.sqlite") as db,
+    ):
+
+        def kill(event) -> None:
+            if event.status == "ok":
+                for server in board.server_processes:
+                    server.stop(grace_s=0.1)
+
+        measurer = Measurer(board, HOST, db, timing=TimingConfig(repeat=2, min_repeat_ms=5, max_attempts=2))
+        with pytest.raises(BoardError, match="rerun to measure the rest"):
+            measurer.run(workloads, kill)
+        kept = db.latencies(measurer.fingerprint, "default")
+    assert 1 <= len(kept) < len(workloads)
+
+
+def test_an_unreachable_tracker_fails_fast(tmp_path):
+    board = TrackerBoard("127.0.0.1", _free_port("127.0.0.1"), "nobody")
+    started = time.monotonic()
+    with LatencyDatabase(tmp_path / "m.sqlite") as db, pytest.raises(BoardError, match="cannot reach"):
+        Measurer(board, HOST, db, timing=FAST).run(_workloads())
+    assert time.monotonic() - started < 10
+
+
+def test_a_hanging_session_is_cut_retried_then_stored_as_failed(tmp_path):
+    (workload, *_) = _workloads()
+    # Each timing would take 4 s; the session may last 1 s: the board kills it, as it would a hang.
+    hangs = TimingConfig(repeat=1, min_repeat_ms=4000, warmup=0, max_attempts=2, workload_timeout_s=1)
+    started = time.monotonic()
+    with LoopbackBoard(key="hang") as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
+        summary = Measurer(board, HOST, db, timing=hangs).run([workload])
+        (row,) = db.measurements(summary.fingerprint)
+    assert "after 2 attempts" in summary.failed[workload.key]
+    assert (row.status, row.attempts) == ("failed", 2) and row.error == summary.failed[workload.key]
+    assert time.monotonic() - started < 30
+
+
+def test_a_budget_measures_what_the_latency_model_predicts_slowest(loopback_board, tmp_path):
+    history = _workloads(models.tiny_cnn())
+    new = _workloads(models.conv_model(channels=16, size=16))
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        measurer = Measurer(loopback_board, HOST, db, timing=FAST)
+        for workload in history:  # earlier rows of this board: time grows with MACs and tensor size
+            ms = 0.001 + 1e-6 * workload.macs + 1e-6 * np.prod(workload.input_shape)
+            db.record(measurer.fingerprint, workload, "default", LatencyStats((ms,)))
+        summary = measurer.run(new, budget=2)
+        stored = db.latencies(measurer.fingerprint, "default", [w.key for w in new])
+    known = {w.key for w in history}
+    layers = {w.key for w in new if w.kind == "layer"}
+    assert not layers & known and summary.measured == 2
+    assert set(stored) - known == layers  # the convs were measured, not the conversions
+    assert set(summary.predicted_ms) == {w.key for w in new} - layers - known
+    assert all(ms > 0 for ms in summary.predicted_ms.values())
+    assert summary.model_mape_percent is not None and summary.model_mape_percent >= 0
+
+
+def test_a_budget_without_history_measures_in_model_order(loopback_board, tmp_path):
+    new = _workloads()
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        summary = Measurer(loopback_board, HOST, db, timing=FAST).run(new, budget=1)
+    assert summary.measured == 1 and summary.predicted_ms == {}
