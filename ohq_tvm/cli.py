@@ -171,6 +171,60 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _plan_row(name: str, plan) -> list[str]:
+    p = plan.predicted
+    counts = " ".join(f"{n}x{precision}" for precision, n in sorted(plan.counts().items()))
+    return [name, f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['sensitivity']:.3e}", counts]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .jsonfile import write_json
+    from .planner import plan_model
+
+    precisions = [p for p in (args.precisions or "").split(",") if p] or None
+    result = plan_model(
+        args.model,
+        args.target,
+        tracker=args.tracker,
+        key=args.key,
+        server=args.server,
+        database=args.db,
+        precisions=precisions,
+        latency_ms=args.latency_ms,
+        latency_ratio=args.latency_ratio,
+        size_bytes=args.size_mb * 1e6 if args.size_mb is not None else None,
+        num_batches=args.batches,
+        pareto_points=args.pareto,
+        say=lambda message: print(f"  {message}", flush=True),
+    )
+    out = Path(args.output)
+    result.plan.save(out)
+    result.sensitivity.save(out.with_name(out.stem + ".sensitivity.json"))
+    rows = [
+        ["plan", "latency ms", "weights MB", "sensitivity", "precisions"],
+        _plan_row("chosen", result.plan),
+    ]
+    rows += [_plan_row(name, plan) for name, plan in result.baselines.items()]
+    _print_table(rows)
+    if result.frontier:
+        write_json(out.with_name(out.stem + ".frontier.json"), [p.to_json() for p in result.frontier])
+        print("Pareto frontier (latency vs sensitivity):")
+        _print_table(
+            [["#", "latency ms", "weights MB", "sensitivity", "precisions"]]
+            + [_plan_row(str(i), p) for i, p in enumerate(result.frontier)]
+        )
+    print(f"wrote {out} (compile it with `ohq-tvm compile MODEL --plan {out}`)")
+    return 0
+
+
 def _cmd_db(args: argparse.Namespace) -> int:
     import json
 
@@ -308,6 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure at most N operators now, slowest-predicted first; predict the rest",
     )
     meas.set_defaults(run=_cmd_measure)
+
+    plan = sub.add_parser(
+        "plan", help="choose each layer's precision from latency measured on the board and MQE sensitivity"
+    )
+    plan.add_argument("model", help="path to an .onnx file")
+    _board_arguments(plan)
+    plan.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
+    plan.add_argument("--precisions", help="comma-separated candidates (default: all the board has)")
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--latency-ms", type=float, help="latency budget in milliseconds")
+    budget.add_argument("--latency-ratio", type=float, help="latency budget as a fraction of the fp32 plan's")
+    plan.add_argument("--size-mb", type=float, help="weight size budget in MB")
+    plan.add_argument("--batches", type=int, default=4, help="synthetic batches for MQE (default: 4)")
+    plan.add_argument(
+        "--pareto", type=int, default=0, metavar="N", help="also sweep N budgets for the frontier"
+    )
+    plan.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    plan.set_defaults(run=_cmd_plan)
 
     db = sub.add_parser("db", help="show, export or clear the measurement database")
     db.add_argument("action", choices=["show", "export", "clear"])

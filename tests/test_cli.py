@@ -184,3 +184,22 @@ def test_measure_rejects_a_precision_the_board_lacks(tmp_path):
     model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
     proc = ohq("measure", str(model), "--db", str(tmp_path / "x.sqlite"), "--precisions", "fp16")
     assert_one_line_error(proc, "fp16")
+
+
+def test_plan_meets_a_size_budget_and_compiles(tmp_path):
+    model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
+    db, plan_path = tmp_path / "oqa.sqlite", tmp_path / "plan.json"
+    common = ["--db", str(db), "--precisions", "fp32,int8", "--batches", "1"]
+    proc = ohq("plan", str(model), *common, "--size-mb", "0.008", "--pareto", "4", "-o", str(plan_path))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(plan_path.read_text())
+    assert plan["source"] == "ilp" and plan["predicted"]["size_bytes"] <= 8000
+    assert "int8" in plan["assignments"].values()
+    assert {"chosen", "fp32", "int8", "bops-proxy"} <= {
+        line.split()[0] for line in proc.stdout.splitlines() if line
+    }
+    assert (tmp_path / "plan.sensitivity.json").is_file() and (tmp_path / "plan.frontier.json").is_file()
+    built = ohq("compile", str(model), "--plan", str(plan_path), "-o", str(tmp_path / "out"))
+    assert built.returncode == 0, built.stderr
+    too_fast = ohq("plan", str(model), *common, "--latency-ms", "0.000001", "-o", str(plan_path))
+    assert_one_line_error(too_fast, "smallest any plan reaches")

@@ -1,0 +1,329 @@
+"""Choose one precision per layer: an exact integer program over measured latency and sensitivity.
+
+Variables: a binary ``x[l, p]`` per layer and candidate precision (one chosen per layer), plus continuous
+boundary indicators that make the precision-boundary costs linear:
+
+- ``q[s]`` for each tensor ``s`` an integer layer can read: ``q[s] >= I(l) - I(producer of s)`` for every
+  layer ``l`` reading ``s`` (``I`` = the layer is integer), so the ``quantize`` is paid exactly when an
+  integer layer reads a float tensor (once per tensor, as the rewrite shares it);
+- ``d[l]`` for each layer that can be integer: ``d[l] >= I(l) - I(r)`` for every layer ``r`` reading it,
+  and ``d[l] >= I(l)`` when glue or the model output reads it: the ``dequantize`` is paid exactly when
+  something float reads an integer layer.
+
+Latency = layers + quantize + dequantize + glue, the composition of :mod:`ohq_tvm.oqa.cost` (its
+:func:`~ohq_tvm.oqa.cost.plan_latency` is the reference the tests hold the solver to). The objective is
+either the summed sensitivity (under a latency, size and/or BOPs budget) or the latency, size or BOPs
+(under a sensitivity budget). Solved with ``scipy.optimize.milp`` (HiGHS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .oqa.cost import plan_latency
+from .oqa.workloads import ModelWorkloads
+from .plan import Plan, PlanError
+from .precision import Precision
+
+OBJECTIVES = ("sensitivity", "latency", "size", "bops")
+_TOLERANCE = 1e-9
+
+
+@dataclass
+class Problem:
+    """Everything the solver needs about one model on one board.
+
+    ``sensitivity[layer][precision]`` is the estimated accuracy cost of that layer alone in that
+    precision (0 for fp32 by convention); ``latencies_ms`` the board's measured (or predicted) latency
+    of every workload key of ``workloads``.
+    """
+
+    workloads: ModelWorkloads
+    latencies_ms: Mapping[str, float]
+    sensitivity: Mapping[str, Mapping[Precision, float]]
+    layers: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.workloads.layers)
+        for layer_id, options in self.workloads.layers.items():
+            known = self.sensitivity.get(layer_id, {})
+            missing = [p.value for p in options if p not in known and p is not Precision.FP32]
+            if missing:
+                raise PlanError(f"no sensitivity for layer {layer_id!r} in {', '.join(missing)}")
+        unmeasured = [w.label for w in self.workloads.unique() if w.key not in self.latencies_ms]
+        if unmeasured:
+            raise PlanError(
+                f"{len(unmeasured)} operator(s) have no latency on this board (e.g. {unmeasured[0]}); "
+                "measure the model first (ohq-tvm measure)"
+            )
+
+    def options(self, layer_id: str) -> list[Precision]:
+        return list(self.workloads.layers[layer_id])
+
+    def sensitivity_of(self, layer_id: str, precision: Precision) -> float:
+        return float(self.sensitivity.get(layer_id, {}).get(precision, 0.0))
+
+    def size_bytes(self, layer_id: str, precision: Precision) -> float:
+        return float(self.workloads.infos[layer_id].weight_bytes(precision))
+
+    def bops(self, layer_id: str, precision: Precision) -> float:
+        """Bit operations: MACs × weight bits × activation bits (the hardware-blind proxy)."""
+        info = self.workloads.infos[layer_id]
+        return float(info.macs * precision.weight_bits * precision.activation_bits)
+
+    def evaluate(self, assignments: Mapping[str, Precision]) -> dict[str, float]:
+        """Latency (the reference composition), size, BOPs and sensitivity of a complete assignment."""
+        return {
+            "latency_ms": plan_latency(self.workloads, assignments, self.latencies_ms).total_ms,
+            "size_bytes": sum(self.size_bytes(lid, p) for lid, p in assignments.items()),
+            "bops": sum(self.bops(lid, p) for lid, p in assignments.items()),
+            "sensitivity": sum(self.sensitivity_of(lid, p) for lid, p in assignments.items()),
+        }
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Upper bounds; ``None`` leaves a quantity free."""
+
+    latency_ms: float | None = None
+    size_bytes: float | None = None
+    bops: float | None = None
+    sensitivity: float | None = None
+
+
+class _Program:
+    """The linear program of a :class:`Problem`: variable layout and coefficient rows."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        w = problem.workloads
+        self.x: dict[tuple[str, Precision], int] = {}
+        for layer_id in problem.layers:
+            for precision in problem.options(layer_id):
+                self.x[(layer_id, precision)] = len(self.x)
+        count = len(self.x)
+        self.integer_capable = [
+            lid for lid in problem.layers if any(p.is_integer for p in problem.options(lid))
+        ]
+        # One quantize variable per source tensor read by integer-capable layers.
+        self.q: dict[str, int] = {}
+        self.q_cost: dict[str, float] = {}
+        for layer_id in self.integer_capable:
+            source = w.sources[layer_id]
+            if source not in self.q:
+                self.q[source] = count + len(self.q)
+                self.q_cost[source] = problem.latencies_ms[w.quantize[layer_id].key]
+        count += len(self.q)
+        self.d = {lid: count + i for i, lid in enumerate(self.integer_capable)}
+        self.size = count + len(self.d)
+        self.glue_ms = sum(problem.latencies_ms[g.key] for g in w.glue)
+
+    def integer_row(self, layer_id: str | None, sign: float, row: np.ndarray) -> None:
+        """Add ``sign * I(layer)`` to ``row``; nothing for ``None`` or a layer with no integer option."""
+        if layer_id is None:
+            return
+        for precision in self.problem.options(layer_id):
+            if precision.is_integer:
+                row[self.x[(layer_id, precision)]] += sign
+
+    def quantity(self, name: str) -> tuple[np.ndarray, float]:
+        """Coefficients and constant of a linear quantity: latency_ms, size_bytes, bops or sensitivity."""
+        p = self.problem
+        row = np.zeros(self.size)
+        constant = 0.0
+        for (layer_id, precision), index in self.x.items():
+            if name == "latency_ms":
+                row[index] = p.latencies_ms[p.workloads.layers[layer_id][precision].key]
+            elif name == "size_bytes":
+                row[index] = p.size_bytes(layer_id, precision)
+            elif name == "bops":
+                row[index] = p.bops(layer_id, precision)
+            else:
+                row[index] = p.sensitivity_of(layer_id, precision)
+        if name == "latency_ms":
+            for source, index in self.q.items():
+                row[index] = self.q_cost[source]
+            for layer_id, index in self.d.items():
+                row[index] = p.latencies_ms[p.workloads.dequantize[layer_id].key]
+            constant = self.glue_ms
+        return row, constant
+
+    def constraints(self) -> list[LinearConstraint]:
+        p, w = self.problem, self.problem.workloads
+        rows, lower, upper = [], [], []
+        for layer_id in p.layers:  # exactly one precision per layer
+            row = np.zeros(self.size)
+            for precision in p.options(layer_id):
+                row[self.x[(layer_id, precision)]] = 1
+            rows.append(row)
+            lower.append(1)
+            upper.append(1)
+        for layer_id in self.integer_capable:
+            row = np.zeros(self.size)  # q[source] - I(l) + I(producer) >= 0
+            row[self.q[w.sources[layer_id]]] = 1
+            self.integer_row(layer_id, -1, row)
+            self.integer_row(w.producers[layer_id], 1, row)
+            rows.append(row)
+            lower.append(0)
+            upper.append(np.inf)
+            for reader in w.readers[layer_id]:  # d[l] - I(l) + I(reader) >= 0
+                row = np.zeros(self.size)
+                row[self.d[layer_id]] = 1
+                self.integer_row(layer_id, -1, row)
+                self.integer_row(reader, 1, row)
+                rows.append(row)
+                lower.append(0)
+                upper.append(np.inf)
+        return [LinearConstraint(np.array(rows), lower, upper)]
+
+    def decode(self, solution: np.ndarray) -> dict[str, Precision]:
+        chosen = {}
+        for (layer_id, precision), index in self.x.items():
+            if solution[index] > 0.5:
+                chosen[layer_id] = precision
+        return chosen
+
+
+_QUANTITY = {"sensitivity": "sensitivity", "latency": "latency_ms", "size": "size_bytes", "bops": "bops"}
+
+
+def _solve(program: _Program, objective: str, budgets: Budgets) -> dict[str, Precision] | None:
+    cost, _ = program.quantity(_QUANTITY[objective])
+    # A tie-break towards lower latency among equally good plans, too small to change the optimum.
+    tie, _ = program.quantity("latency_ms" if objective != "latency" else "sensitivity")
+    scale = max(float(np.abs(cost).sum()), 1.0) / max(float(np.abs(tie).sum()), 1.0)
+    cost = cost + 1e-7 * scale * tie
+    constraints = program.constraints()
+    for name, limit in (
+        ("latency_ms", budgets.latency_ms),
+        ("size_bytes", budgets.size_bytes),
+        ("bops", budgets.bops),
+        ("sensitivity", budgets.sensitivity),
+    ):
+        if limit is not None:
+            row, constant = program.quantity(name)
+            slack = _TOLERANCE * max(abs(limit), 1.0)
+            constraints.append(LinearConstraint(row[None, :], -np.inf, limit - constant + slack))
+    integrality = np.zeros(program.size)
+    integrality[: len(program.x)] = 1
+    result = milp(
+        cost,
+        constraints=constraints,
+        integrality=integrality,
+        bounds=Bounds(0, 1),
+        options={"presolve": True},
+    )
+    if result.status == 2:  # infeasible
+        return None
+    if not result.success:
+        raise PlanError(f"the solver failed: {result.message}")
+    return program.decode(result.x)
+
+
+def solve(problem: Problem, objective: str = "sensitivity", budgets: Budgets | None = None, **meta) -> Plan:
+    """The optimal plan: minimise ``objective`` under ``budgets``.
+
+    Returns a :class:`~ohq_tvm.plan.Plan` (``source="ilp"``, or ``"bops-proxy"`` when minimising BOPs)
+    whose ``predicted`` holds its latency, size, BOPs and sensitivity. Raises :class:`PlanError` when no
+    plan meets the budgets, stating the smallest latency (or other budgeted quantity) any plan reaches.
+    """
+    if objective not in OBJECTIVES:
+        raise PlanError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    budgets = budgets or Budgets()
+    program = _Program(problem)
+    chosen = _solve(program, objective, budgets)
+    if chosen is None:
+        raise PlanError(_infeasible_message(program, budgets))
+    source = "bops-proxy" if objective == "bops" else "ilp"
+    return Plan(chosen, source=source, predicted=problem.evaluate(chosen), **meta)
+
+
+def _infeasible_message(program: _Program, budgets: Budgets) -> str:
+    parts = []
+    for name, objective, unit in (
+        ("latency_ms", "latency", "ms"),
+        ("size_bytes", "size", "bytes"),
+        ("bops", "bops", "bit-ops"),
+        ("sensitivity", "sensitivity", ""),
+    ):
+        limit = getattr(budgets, name)
+        if limit is None:
+            continue
+        best = _solve(program, objective, Budgets())
+        reachable = program.problem.evaluate(best)[name]
+        if reachable > limit * (1 + 1e-9):
+            parts.append(
+                f"{name.replace('_', ' ')} budget {limit:g} {unit} is below the smallest any plan reaches, "
+                f"{reachable:.6g} {unit}".replace("  ", " ")
+            )
+    detail = "; ".join(parts) or "the budgets cannot all be met by one plan"
+    return f"no plan meets the budgets: {detail}"
+
+
+def pareto_frontier(problem: Problem, points: int = 12) -> list[Plan]:
+    """Plans trading latency for sensitivity, none dominated by another, fastest first.
+
+    Sweeps ``points`` latency budgets from the fastest plan to the most accurate one; at each, the
+    least-sensitive plan, then the fastest plan with that sensitivity.
+    """
+    program = _Program(problem)
+    fastest = problem.evaluate(_solve(program, "latency", Budgets()))["latency_ms"]
+    accurate = problem.evaluate(_solve(program, "sensitivity", Budgets()))["latency_ms"]
+    plans: dict[tuple, Plan] = {}
+    for budget in np.linspace(fastest, max(accurate, fastest), max(points, 2)):
+        best = _solve(program, "sensitivity", Budgets(latency_ms=float(budget)))
+        if best is None:
+            continue
+        level = problem.evaluate(best)["sensitivity"]
+        quickest = _solve(program, "latency", Budgets(sensitivity=level)) or best
+        key = tuple(sorted((k, v.value) for k, v in quickest.items()))
+        plans.setdefault(key, Plan(quickest, source="ilp-pareto", predicted=problem.evaluate(quickest)))
+    frontier = [
+        plan
+        for plan in plans.values()
+        if not any(
+            _dominates(other.predicted, plan.predicted) for other in plans.values() if other is not plan
+        )
+    ]
+    return sorted(frontier, key=lambda plan: plan.predicted["latency_ms"])
+
+
+def _dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    keys = ("latency_ms", "sensitivity")
+    return all(a[k] <= b[k] + 1e-12 for k in keys) and any(a[k] < b[k] - 1e-12 for k in keys)
+
+
+def greedy(problem: Problem, latency_budget_ms: float) -> Plan:
+    """The baseline without a solver: from the least sensitive plan, repeatedly make the one-layer change
+    with the most latency saved per sensitivity added, until the budget is met (or nothing helps)."""
+    chosen = {
+        lid: min(problem.options(lid), key=lambda p: (problem.sensitivity_of(lid, p), p != Precision.FP32))
+        for lid in problem.layers
+    }
+    current = problem.evaluate(chosen)
+    while current["latency_ms"] > latency_budget_ms:
+        best, best_ratio = None, -np.inf
+        for layer_id in problem.layers:
+            for precision in problem.options(layer_id):
+                if precision == chosen[layer_id]:
+                    continue
+                trial = dict(chosen, **{layer_id: precision})
+                after = problem.evaluate(trial)
+                saved = current["latency_ms"] - after["latency_ms"]
+                added = after["sensitivity"] - current["sensitivity"]
+                if saved <= 0:
+                    continue
+                ratio = saved / max(added, 1e-12)
+                if ratio > best_ratio:
+                    best, best_ratio = trial, ratio
+        if best is None:
+            break
+        chosen, current = best, problem.evaluate(best)
+    return Plan(chosen, source="greedy", predicted=current)
+
+
+__all__ = ["OBJECTIVES", "Budgets", "Problem", "greedy", "pareto_frontier", "solve"]

@@ -1,0 +1,189 @@
+"""MQE: mask-guided quantization estimation. Each layer's sensitivity to each precision, with no dataset.
+
+The model is compiled **once** with :class:`~ohq_tvm.passes.mask.InsertPrecisionMasks`; for every
+synthetic (or user) batch it runs once with an all-zero mask (the float32 model) and once per
+(layer, precision) with that one mask entry set. The sensitivity ``s[l][p]`` is the mean, over batches, of
+the KL divergence between the softmax of the float32 output and of the output with layer ``l`` alone in
+precision ``p``. The module runs on the board over RPC when a board is given, else on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .board import Board
+from .build.module import build_executable
+from .build.toolchain import find_toolchain
+from .calibration import Calibration, calibrate, synthetic_batches
+from .errors import OHQError
+from .frontend import ImportedModel
+from .jsonfile import read_json, write_json
+from .passes.mask import InsertPrecisionMasks, mask_layout
+from .precision import Precision
+from .targets import BoardSpec, resolve_target
+
+SENSITIVITY_FORMAT = "ohq-tvm/sensitivity"
+
+
+def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
+    """KL(softmax(reference) || softmax(other)) over the last axis, averaged over the other axes."""
+    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    oth = other.reshape(-1, other.shape[-1]).astype(np.float64)
+    log_p = ref - ref.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    log_q = oth - oth.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+
+
+@dataclass
+class Sensitivity:
+    """``values[layer][precision]``: mean KL divergence with that layer alone in that precision."""
+
+    values: dict[str, dict[Precision, float]]
+    data: str
+    batches: int
+    forward_passes: int
+    seconds: float
+    board: str = "local"
+    calibration: str | None = None
+    per_batch: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def ranking(self, precision: Precision) -> list[str]:
+        """Layer ids from most to least sensitive to ``precision``."""
+        have = [lid for lid, row in self.values.items() if precision in row]
+        return sorted(have, key=lambda lid: -self.values[lid][precision])
+
+    def to_json(self) -> dict:
+        return {
+            "format": SENSITIVITY_FORMAT,
+            "values": {lid: {p.value: v for p, v in row.items()} for lid, row in self.values.items()},
+            "data": self.data,
+            "batches": self.batches,
+            "forward_passes": self.forward_passes,
+            "seconds": self.seconds,
+            "board": self.board,
+            "calibration": self.calibration,
+            "per_batch": self.per_batch,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Sensitivity:
+        if data.get("format") != SENSITIVITY_FORMAT:
+            raise OHQError(f"not an ohq-tvm sensitivity file (format {data.get('format')!r})")
+        values = {
+            lid: {Precision(p): float(v) for p, v in row.items()} for lid, row in data["values"].items()
+        }
+        keys = ("board", "calibration", "per_batch")
+        return cls(
+            values,
+            data["data"],
+            int(data["batches"]),
+            int(data["forward_passes"]),
+            float(data["seconds"]),
+            **{k: data[k] for k in keys if k in data},
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sensitivity:
+        return cls.from_json(read_json(path, "sensitivity"))
+
+
+def _runner(executable: relax.Executable, spec: BoardSpec, board: Board | None, scratch: str):
+    """A function running ``main`` on (inputs..., mask) and returning the first output as numpy."""
+    if board is None:
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        return lambda *args: _first(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]))
+    library = Path(scratch) / "mqe.so"
+    executable.export_library(str(library), fcompile=find_toolchain(spec.cross_triple).fcompile())
+    remote = board.connect().load_vm(library)
+    return lambda *args: remote.run(list(args))[0]
+
+
+def _first(result) -> np.ndarray:
+    return result.numpy() if hasattr(result, "numpy") else result[0].numpy()
+
+
+def estimate_sensitivity(
+    imported: ImportedModel,
+    precisions: Sequence[Precision | str] = (Precision.INT8,),
+    calibration: Calibration | None = None,
+    *,
+    samples: Sequence[Mapping[str, np.ndarray]] | None = None,
+    num_batches: int = 4,
+    synthetic: str = "gaussian",
+    seed: int = 0,
+    target: str | BoardSpec = "host",
+    board: Board | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Sensitivity:
+    """Per-layer, per-precision sensitivity of ``imported`` (see the module docstring).
+
+    ``precisions`` are the lower precisions to score (fp32 is the reference). Integer precisions use
+    ``calibration``, calibrated here (minmax, on the same kind of data) when not given. Batches are
+    ``samples`` when given, else ``num_batches`` synthetic batches of kind ``synthetic``. ``progress(done,
+    total)`` is called after each forward pass. Raises :class:`OHQError` for a model without layers.
+    """
+    chosen = [Precision.parse(str(p)) for p in precisions]
+    spec = target if isinstance(target, BoardSpec) else resolve_target(target)
+    started = time.perf_counter()
+    if samples is None:
+        samples = synthetic_batches(imported.inputs, num_batches, synthetic, seed + 1, imported.onnx_model)
+        data = f"synthetic:{synthetic}"
+    else:
+        data = "samples"
+    if any(p.is_integer for p in chosen) and calibration is None:
+        calibration = calibrate(imported, "minmax", samples=list(samples), seed=seed)
+    masked = InsertPrecisionMasks(chosen, calibration)(imported.mod)
+    layers, columns = mask_layout(masked)
+    if not layers:
+        raise OHQError("the model has no conv/dense layers to estimate")
+    executable = build_executable(masked, spec)
+    total = len(samples) * (1 + len(layers) * len(columns))
+    per_batch: dict[str, dict[str, list[float]]] = {lid: {p.value: [] for p in columns} for lid in layers}
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="ohq-tvm-mqe-") as scratch:
+        run = _runner(executable, spec, board, scratch)
+        for batch in samples:
+            inputs = [np.asarray(batch[s.name], dtype=s.dtype) for s in imported.inputs]
+            mask = np.zeros((len(layers), len(columns)), np.float32)
+            reference = run(*inputs, mask)
+            done += 1
+            for row, layer_id in enumerate(layers):
+                for column, precision in enumerate(columns):
+                    mask[row, column] = 1.0
+                    output = run(*inputs, mask)
+                    mask[row, column] = 0.0
+                    per_batch[layer_id][precision.value].append(kl_divergence(reference, output))
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+    values = {
+        lid: {Precision(p): float(np.mean(scores)) for p, scores in row.items()}
+        for lid, row in per_batch.items()
+    }
+    return Sensitivity(
+        values,
+        data,
+        len(samples),
+        done,
+        time.perf_counter() - started,
+        board=board.label if board is not None else "local",
+        calibration=calibration.method if calibration is not None else None,
+        per_batch=per_batch,
+    )
+
+
+__all__ = ["SENSITIVITY_FORMAT", "Sensitivity", "estimate_sensitivity", "kl_divergence"]

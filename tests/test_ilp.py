@@ -1,0 +1,127 @@
+"""The integer program: its optimum equals brute-force enumeration under the reference latency model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ohq_tvm import Precision, models
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
+from ohq_tvm.oqa import extract_workloads
+from ohq_tvm.plan import PlanError
+
+OPTIONS = [Precision.FP32, Precision.INT8, Precision.INT4W]
+
+
+def _problem(seed: int) -> Problem:
+    """tiny_cnn's real workload graph, with made-up latencies and sensitivities."""
+    workloads = extract_workloads(load_onnx(models.tiny_cnn()).mod, OPTIONS)
+    rng = np.random.default_rng(seed)
+    latencies = {}
+    for workload in workloads.unique():
+        base = {"layer": 1.0, "quantize": 0.15, "dequantize": 0.15, "glue": 0.1}[workload.kind]
+        speed = {Precision.FP32: 1.0, Precision.INT8: 0.55, Precision.INT4W: 0.7}.get(workload.precision, 1.0)
+        latencies[workload.key] = base * speed * rng.uniform(0.5, 1.5)
+    sensitivity = {
+        layer_id: {Precision.INT8: rng.uniform(0.0, 0.2), Precision.INT4W: rng.uniform(0.1, 1.0)}
+        for layer_id in workloads.layers
+    }
+    return Problem(workloads, latencies, sensitivity)
+
+
+def _all_plans(problem: Problem) -> list[tuple[dict, dict]]:
+    plans = []
+    for combo in itertools.product(*[problem.options(lid) for lid in problem.layers]):
+        assignment = dict(zip(problem.layers, combo, strict=True))
+        plans.append((assignment, problem.evaluate(assignment)))
+    return plans
+
+
+@pytest.fixture(scope="module", params=[0, 1])
+def case(request):
+    problem = _problem(request.param)
+    return problem, _all_plans(problem)
+
+
+def test_optimum_equals_brute_force_under_latency_budgets(case):
+    problem, plans = case
+    assert len(plans) == 3**7
+    latencies = sorted(values["latency_ms"] for _, values in plans)
+    for quantile in (0.02, 0.1, 0.3, 0.6, 0.95):
+        budget = latencies[int(quantile * (len(latencies) - 1))]
+        best = min(v["sensitivity"] for _, v in plans if v["latency_ms"] <= budget + 1e-9)
+        plan = solve(problem, budgets=Budgets(latency_ms=budget))
+        assert plan.predicted["latency_ms"] <= budget + 1e-9
+        assert plan.predicted["sensitivity"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+        assert plan.predicted == problem.evaluate(plan.assignments)
+
+
+def test_optimum_equals_brute_force_with_size_and_sensitivity_budgets(case):
+    problem, plans = case
+    sizes = sorted(v["size_bytes"] for _, v in plans)
+    latencies = sorted(v["latency_ms"] for _, v in plans)
+    size, latency = sizes[len(sizes) // 4], latencies[len(latencies) // 2]
+    feasible = [v for _, v in plans if v["size_bytes"] <= size and v["latency_ms"] <= latency + 1e-9]
+    plan = solve(problem, budgets=Budgets(latency_ms=latency, size_bytes=size))
+    assert plan.predicted["sensitivity"] == pytest.approx(min(v["sensitivity"] for v in feasible), abs=1e-9)
+    # The other direction: the fastest plan under a sensitivity budget, and the fewest bit-operations.
+    level = sorted(v["sensitivity"] for _, v in plans)[len(plans) // 3]
+    fastest = solve(problem, "latency", Budgets(sensitivity=level))
+    allowed = [v for _, v in plans if v["sensitivity"] <= level + 1e-9]
+    assert fastest.predicted["latency_ms"] == pytest.approx(min(v["latency_ms"] for v in allowed), rel=1e-6)
+    proxy = solve(problem, "bops", Budgets(sensitivity=level))
+    assert proxy.source == "bops-proxy"
+    assert proxy.predicted["bops"] == pytest.approx(min(v["bops"] for v in allowed), rel=1e-9)
+
+
+def test_infeasible_budget_names_the_smallest_reachable_latency(case):
+    problem, plans = case
+    fastest = min(v["latency_ms"] for _, v in plans)
+    with pytest.raises(PlanError, match=f"smallest any plan reaches, {fastest:.6g} ms"):
+        solve(problem, budgets=Budgets(latency_ms=fastest * 0.9))
+
+
+def test_pareto_points_are_the_brute_force_frontier(case):
+    problem, plans = case
+    frontier = pareto_frontier(problem, points=25)
+    values = [(v["latency_ms"], v["sensitivity"]) for _, v in plans]
+    for plan in frontier:
+        lat, sens = plan.predicted["latency_ms"], plan.predicted["sensitivity"]
+        dominated = any(
+            (a <= lat + 1e-12 and b <= sens + 1e-12) and (a < lat - 1e-9 or b < sens - 1e-9)
+            for a, b in values
+        )
+        assert not dominated, plan.predicted
+    assert len(frontier) >= 4
+    latencies = [p.predicted["latency_ms"] for p in frontier]
+    sensitivities = [p.predicted["sensitivity"] for p in frontier]
+    assert latencies == sorted(latencies) and sensitivities == sorted(sensitivities, reverse=True)
+
+
+def test_greedy_meets_the_budget_but_never_beats_the_solver(case):
+    problem, plans = case
+    latencies = sorted(v["latency_ms"] for _, v in plans)
+    for budget in (latencies[len(latencies) // 10], latencies[len(latencies) // 2]):
+        baseline = greedy(problem, budget)
+        optimum = solve(problem, budgets=Budgets(latency_ms=budget))
+        assert baseline.predicted["latency_ms"] <= budget + 1e-9
+        assert optimum.predicted["sensitivity"] <= baseline.predicted["sensitivity"] + 1e-9
+
+
+def test_missing_inputs_are_clear_errors():
+    problem = _problem(0)
+    with pytest.raises(PlanError, match="no sensitivity for layer 'dw1'"):
+        Problem(
+            problem.workloads,
+            problem.latencies_ms,
+            {k: v for k, v in problem.sensitivity.items() if k != "dw1"},
+        )
+    partial = dict(problem.latencies_ms)
+    partial.popitem()
+    with pytest.raises(PlanError, match="measure the model first"):
+        Problem(problem.workloads, partial, problem.sensitivity)
+    with pytest.raises(PlanError, match="unknown objective"):
+        solve(problem, "speed")
