@@ -85,6 +85,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _board_options(args: argparse.Namespace) -> dict:
+    """Where the board is, which precisions and input shapes: shared by measure and plan."""
+    from .frontend import parse_input_shapes
+
+    return {
+        "tracker": args.tracker,
+        "key": args.key,
+        "server": args.server,
+        "database": args.db,
+        "precisions": [p for p in (args.precisions or "").split(",") if p] or None,
+        "input_shapes": parse_input_shapes(args.input_shape or []),
+    }
+
+
 def _format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -92,7 +106,6 @@ def _format_ms(value: float | None) -> str:
 def _cmd_measure(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .frontend import parse_input_shapes
     from .oqa import TimingConfig
     from .oqa.run import measure_model
 
@@ -111,18 +124,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         bar[0].set_postfix_str(event.workload.label[:40], refresh=False)
         bar[0].update(1)
 
-    precisions = [p for p in (args.precisions or "").split(",") if p] or None
     timing = TimingConfig(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
     try:
         result = measure_model(
             args.model,
             args.target,
-            tracker=args.tracker,
-            key=args.key,
-            server=args.server,
-            database=args.db,
-            precisions=precisions,
-            input_shapes=parse_input_shapes(args.input_shape or []),
+            **_board_options(args),
             timing=timing,
             workers=args.workers,
             budget=args.budget,
@@ -189,15 +196,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .jsonfile import write_json
     from .planner import plan_model
 
-    precisions = [p for p in (args.precisions or "").split(",") if p] or None
     result = plan_model(
         args.model,
         args.target,
-        tracker=args.tracker,
-        key=args.key,
-        server=args.server,
-        database=args.db,
-        precisions=precisions,
+        **_board_options(args),
         latency_ms=args.latency_ms,
         latency_ratio=args.latency_ratio,
         size_bytes=args.size_mb * 1e6 if args.size_mb is not None else None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -40,6 +40,7 @@ def plan_model(
     server: str | None = None,
     database: str | os.PathLike | None = None,
     precisions: Sequence[Precision | str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     latency_ms: float | None = None,
     latency_ratio: float | None = None,
     size_bytes: float | None = None,
@@ -57,7 +58,7 @@ def plan_model(
     """
     say = say or (lambda _message: None)
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
-    imported = model if isinstance(model, ImportedModel) else load_onnx(model)
+    imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
     if latency_ms is not None and latency_ratio is not None:
         raise PlanError("give a latency budget in ms or as a ratio, not both")
     measurement = measure_model(
