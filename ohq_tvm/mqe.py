@@ -9,6 +9,7 @@ precision ``p``. The module runs on the board over RPC when a board is given, el
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -116,6 +117,26 @@ def _first(result) -> np.ndarray:
     return result.numpy() if hasattr(result, "numpy") else result[0].numpy()
 
 
+def _score(run, imported, samples, layers, columns, per_batch, total, progress) -> int:
+    """Run every batch with the zero mask and each one-hot mask; append KL scores; return passes."""
+    done = 0
+    for batch in samples:
+        inputs = [np.asarray(batch[s.name], dtype=s.dtype) for s in imported.inputs]
+        mask = np.zeros((len(layers), len(columns)), np.float32)
+        reference = run(*inputs, mask)
+        done += 1
+        for row, layer_id in enumerate(layers):
+            for column, precision in enumerate(columns):
+                mask[row, column] = 1.0
+                output = run(*inputs, mask)
+                mask[row, column] = 0.0
+                per_batch[layer_id][precision.value].append(kl_divergence(reference, output))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return done
+
+
 def estimate_sensitivity(
     imported: ImportedModel,
     precisions: Sequence[Precision | str] = (Precision.INT8,),
@@ -153,23 +174,14 @@ def estimate_sensitivity(
     executable = build_executable(masked, spec)
     total = len(samples) * (1 + len(layers) * len(columns))
     per_batch: dict[str, dict[str, list[float]]] = {lid: {p.value: [] for p in columns} for lid in layers}
-    done = 0
     with tempfile.TemporaryDirectory(prefix="ohq-tvm-mqe-") as scratch:
         run = _runner(executable, spec, board, scratch)
-        for batch in samples:
-            inputs = [np.asarray(batch[s.name], dtype=s.dtype) for s in imported.inputs]
-            mask = np.zeros((len(layers), len(columns)), np.float32)
-            reference = run(*inputs, mask)
-            done += 1
-            for row, layer_id in enumerate(layers):
-                for column, precision in enumerate(columns):
-                    mask[row, column] = 1.0
-                    output = run(*inputs, mask)
-                    mask[row, column] = 0.0
-                    per_batch[layer_id][precision.value].append(kl_divergence(reference, output))
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+        try:
+            done = _score(run, imported, samples, layers, columns, per_batch, total, progress)
+        finally:
+            # Free the board's session now (the server serves one at a time), not at some later GC.
+            del run
+            gc.collect()
     values = {
         lid: {Precision(p): float(np.mean(scores)) for p, scores in row.items()}
         for lid, row in per_batch.items()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ohq_tvm import Precision, models
+from ohq_tvm.board import TrackerBoard
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
@@ -76,6 +77,10 @@ def test_on_the_board_gives_the_same_numbers(tiny, loopback_board):
     local = estimate_sensitivity(imported, [INT8], calibration, num_batches=1)
     remote = estimate_sensitivity(imported, [INT8], calibration, num_batches=1, board=loopback_board)
     assert remote.board == loopback_board.label
+    # The board's session was released: the (single) server takes a new one at once.
+    TrackerBoard(
+        loopback_board.host, loopback_board.tracker_port, loopback_board.key, wait_for_server_s=3
+    ).connect()
     for layer_id, row in local.values.items():
         assert remote.values[layer_id][INT8] == pytest.approx(row[INT8], rel=1e-5, abs=1e-9)
 
