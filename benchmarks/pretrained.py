@@ -330,9 +330,10 @@ def imagenet_preprocess(path, norm="imagenet", resize=256, crop=224):
 # --------------------------------------------------------------------------
 # ONNX export and ONNX Runtime
 # --------------------------------------------------------------------------
-def export_onnx(model, input_shape, path, opset=17):
+def export_onnx(model, input_shape, path, opset=17, keep_batchnorm=False):
     """Static-shape, batch-1 export with the TorchScript-based exporter
-    (dynamo=False: needs no onnxscript)."""
+    (dynamo=False: needs no onnxscript). ``keep_batchnorm`` skips constant folding, so BatchNormalization
+    nodes stay in the graph (ohq-tvm folds them itself and can read their statistics)."""
     model.eval()
     dummy = torch.zeros(*input_shape)
     torch.onnx.export(
@@ -343,7 +344,9 @@ def export_onnx(model, input_shape, path, opset=17):
         opset_version=opset,
         input_names=["input"],
         output_names=["logits"],
-        do_constant_folding=True,
+        do_constant_folding=not keep_batchnorm,
+        # In eval mode the exporter fuses BatchNormalization into the conv even without constant folding.
+        training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
     )
     import onnx
 
