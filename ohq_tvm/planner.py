@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 
@@ -28,7 +28,6 @@ class PlanningResult:
     measurement: ModelMeasurement
     sensitivity: Sensitivity
     budgets: Budgets
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_model(

@@ -106,12 +106,6 @@ class LayerGraph:
     uses: dict[relax.Var, list[relax.VarBinding | None]]
     values: dict[relax.Var, relax.Expr]
 
-    def node_of_end(self, var: relax.Expr) -> LayerNode | None:
-        for node in self.nodes.values():
-            if node.end.same_as(var):
-                return node
-        return None
-
 
 def _sole_call_reader(uses, var: relax.Var) -> relax.VarBinding | None:
     readers = uses[var]

@@ -51,17 +51,17 @@ class _MaskInserter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, precisions, calibration, mask: relax.Var) -> None:
         super().__init__(mod)
         self.graph = layer_graph(mod["main"])
-        self.rows = {node.binding.var: row for row, node in enumerate(self.graph.nodes.values())}
+        self.rows = {node.binding.var: (row, node) for row, node in enumerate(self.graph.nodes.values())}
         self.precisions = precisions
         self.calibration = calibration
         self.mask = mask
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        row = self.rows.get(binding.var)
-        if row is None:
+        found = self.rows.get(binding.var)
+        if found is None:
             super().visit_var_binding_(binding)
             return
-        node = next(n for n in self.graph.nodes.values() if n.binding.var.same_as(binding.var))
+        row, node = found
         call = binding.value
         data = self.visit_expr(call.args[0])
         layer = LayerSpec.from_call(call, layer_weight(call, self.graph.values))
