@@ -9,7 +9,10 @@ legalization and fusion, give each PrimFunc a sane schedule with no tuning:
   output axis is vectorised (contiguous in memory for NCHW and row-major dense) and the channel axis is
   unrolled by a small factor so each loaded input vector serves several output channels;
 - element-wise blocks are fused, vectorised and parallelised;
-- the outer spatial loops are fused and spread over the cores.
+- the outer spatial loops are fused and spread over the cores;
+- a depthwise conv is tiled per channel plane instead (see :func:`_schedule_depthwise`);
+- the dot-product integer kernels (:mod:`ohq_tvm.kernels`) get their own register-tiled, tensorized
+  schedule with default tiles.
 
 Functions the rules cannot analyse are left to the default (still correct, just slow), and counted by
 :func:`unscheduled_functions` so tests and benchmarks can see them.
@@ -22,47 +25,13 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ApplyDefaultSchedule, ScheduleRule, try_inline
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
 
-_MIN_LANES = 4
+from ..kernels import has_dot_kernel
+from ..kernels import schedule_default as schedule_dot_kernel
+from .conv_schedule import find_conv, schedule_conv
+from .loops import MIN_LANES, extent, fp32_lanes, parallel, vector_factor
+
 _CHANNEL_UNROLL = (4, 2)
-
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    extent = sch.get(loop).extent
-    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
-
-
-def _lanes(target: Target) -> int:
-    """fp32 lanes of the widest vector register the target has (16 with AVX-512, 4 with NEON)."""
-    try:
-        bits = int(llvm_get_vector_width(target))
-    except Exception:  # unknown CPU: SSE/NEON width is a safe floor
-        bits = 128
-    return max(_MIN_LANES, bits // 32)
-
-
-def _vector_factor(extent: int | None, lanes: int) -> int | None:
-    """Vector width for an axis of ``extent``: the largest power of two ≤ ``lanes`` dividing it, else the
-    smallest power of two ≥ 4 covering it (e.g. 14 → 16 lanes, 7 → 8), the tail masked off."""
-    if extent is None or extent < _MIN_LANES:
-        return None
-    factor = lanes
-    while factor >= _MIN_LANES:
-        if extent % factor == 0:
-            return factor
-        factor //= 2
-    covering = _MIN_LANES
-    while covering < min(extent, lanes):
-        covering *= 2
-    return covering
-
-
-def _parallel(sch: s_tir.Schedule, loops: list) -> None:
-    if not loops:
-        return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    sch.parallel(fused)
 
 
 class CPUDefaultRule(ScheduleRule):
@@ -71,12 +40,18 @@ class CPUDefaultRule(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
+        if has_dot_kernel(func):  # hand-laid-out integer kernels bring their own schedule
+            return schedule_dot_kernel(func)
+        lanes = fp32_lanes(target)
         sch = s_tir.Schedule(func)
+        conv = find_conv(sch, lanes)
+        if conv is not None:
+            schedule_conv(sch, conv, lanes)
+            return sch
         blocks = normalize_prim_func(sch)
         if blocks is None:
             return None
         blocks = try_inline(sch, blocks)
-        lanes = _lanes(target)
         for block in blocks:
             kinds = block.dom_kind()
             if "O" in kinds:
@@ -90,8 +65,17 @@ class CPUDefaultRule(ScheduleRule):
     @staticmethod
     def _injective(sch: s_tir.Schedule, block, lanes: int) -> None:
         loops = sch.get_loops(block.block_rv)
+        row = extent(sch, loops[-1]) if len(loops) > 1 else None
+        if row is not None and row >= 2 * MIN_LANES:
+            # Rows long enough to vectorise on their own: keeps the index arithmetic of a pad or a
+            # layout change per row instead of a division per lane of a flattened loop.
+            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+            factor = vector_factor(row, lanes)
+            if factor is not None:
+                sch.vectorize(sch.split(loops[-1], factors=[None, factor])[1])
+            return
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        factor = _vector_factor(_extent(sch, fused), lanes)
+        factor = vector_factor(extent(sch, fused), lanes)
         if factor is None:
             sch.parallel(fused)
             return
@@ -110,7 +94,7 @@ class CPUDefaultRule(ScheduleRule):
             return
         sch.reorder(*spatial, *reduce)
         inner = spatial[-1]
-        factor = _vector_factor(_extent(sch, inner), lanes)
+        factor = vector_factor(extent(sch, inner), lanes)
         tile_inner: list = []
         outer_spatial = spatial[:-1]
         if factor is not None:
@@ -121,14 +105,14 @@ class CPUDefaultRule(ScheduleRule):
         # input vector feeds several output channels.
         channel = spatial[-3] if len(spatial) >= 3 else None
         if channel is not None and factor is not None:
-            extent = _extent(sch, channel)
-            unroll = next((u for u in _CHANNEL_UNROLL if extent and extent % u == 0), None)
+            length = extent(sch, channel)
+            unroll = next((u for u in _CHANNEL_UNROLL if length and length % u == 0), None)
             if unroll is not None:
                 channel_o, channel_i = sch.split(channel, factors=[None, unroll])
                 outer_spatial = [channel_o if loop == channel else loop for loop in outer_spatial]
                 tile_inner = [channel_i, *tile_inner]
         sch.reorder(*outer_spatial, *reduce, *tile_inner)
-        _parallel(sch, outer_spatial)
+        parallel(sch, outer_spatial)
         # Vectorise before splitting off the initialisation: TVM refuses to vectorise a loop over a
         # reduction block once its init has been decomposed.
         if len(tile_inner) == 2:
@@ -151,18 +135,24 @@ def default_cpu_schedule() -> tvm.transform.Pass:
 
 
 def cpu_pipeline(target: Target) -> tvm.transform.Pass:
-    """Relax's CPU pipeline with :func:`default_cpu_schedule` between fusion and lowering."""
+    """Relax's CPU pipeline with :func:`default_cpu_schedule` between fusion and lowering, integer layers
+    first moved to the target's dot-product kernels (``UseDotProductKernels``; no-op without one)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from ohq_tvm.passes import UseDotProductKernels
 
     @tvm.transform.module_pass(opt_level=0, name="OHQCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [default_cpu_schedule()]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
+                [
+                    UseDotProductKernels(target),
+                    *cpu_generic.library_dispatch_passes(target),
+                    *cpu_generic.legalize_passes(target),
+                    default_cpu_schedule(),
+                    *cpu_generic.dataflow_lower_passes(target),
+                    *cpu_generic.finalize_passes(target),
+                ]
             )
             return seq(mod)
 

@@ -1,0 +1,119 @@
+"""Zero-budget schedule of an NCHW 2-D convolution (regular or depthwise), with what FuseOps put around it.
+
+The conv block is tiled into a register tile held in a ``local`` accumulator, the reduction loops
+outside the tile, so each loaded input vector is reused across the tile:
+
+- **regular conv**: ``channels × vector`` outputs (8 output channels unrolled × one vector of output
+  columns); the padded input is its own parallel, vectorised stage (inlined, every tap would load through
+  a predicate: measured 2-3× slower);
+- **depthwise conv**: ``rows × vector`` outputs of one channel; each parallel task owns a channel plane
+  and builds that plane's padded copy in cache first.
+
+The element-wise epilogue (bias, activation, requantize, residual add) is computed per tile from the
+accumulator, never written to memory in between. Measured on EfficientNet/MobileNet shapes against the
+generic reduction rule of :mod:`.schedules` (inlined pad, epilogue as a separate pass): 10-20× faster for
+depthwise and for the 3-channel stem.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from .loops import attempt, extent, parallel, vector_factor
+
+_REGULAR_CHANNELS = (8, 4, 2)
+_DEPTHWISE_ROWS = 4
+
+
+def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | None:
+    """The conv block of the function (n, c, y, x spatial, then the reduction) and whether it is
+    depthwise (reduction over the kernel window only); ``None`` when there is no such block, or when
+    it is a regular conv this schedule does not suit: a 1×1 conv (no window to pad: the generic rule
+    is as fast) or output rows that are no multiple of the vector (a predicated register tile was
+    measured several times slower than the generic rule there)."""
+    spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
+    for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
+        block = sch.get(block_rv)
+        kinds = [int(iv.iter_type) for iv in block.iter_vars]
+        if kinds[:4] != [spatial] * 4 or not kinds[4:] or any(k != reduce for k in kinds[4:]):
+            continue
+        if len(sch.get_loops(block_rv)) != len(kinds) or len(kinds) not in (6, 7):
+            continue
+        extents = [int(iv.dom.extent) for iv in block.iter_vars[4:]]
+        depthwise = len(extents) == 2 or extents[0] == 1
+        if not depthwise:
+            width = int(block.iter_vars[3].dom.extent)
+            vector = vector_factor(width, lanes)
+            if extents[1] * extents[2] == 1 or vector is None or width % vector:
+                return None
+        return block_rv, depthwise
+    return None
+
+
+def _fold_epilogue(sch: s_tir.Schedule, conv: s_tir.SBlockRV) -> s_tir.SBlockRV | None:
+    """Merge the chain of element-wise consumers into the first one; that block (or ``None``)."""
+    consumers = list(sch.get_consumers(conv))
+    if len(consumers) != 1:
+        return None
+    epilogue = consumers[0]
+    merged = True
+    while merged:
+        merged = any(attempt(sch.reverse_compute_inline, c) for c in sch.get_consumers(epilogue))
+    return epilogue
+
+
+def _schedule_producer_stage(sch: s_tir.Schedule, block: s_tir.SBlockRV, lanes: int) -> None:
+    """A pad (or other producer) at root: parallel over rows, each row vectorised."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    parallel(sch, loops[:-1])
+    factor = vector_factor(extent(sch, loops[-1]), lanes)
+    if factor is not None:
+        sch.vectorize(sch.split(loops[-1], factors=[None, factor])[1])
+
+
+def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes: int) -> None:
+    """Schedule the function around the conv block ``found`` (from :func:`find_conv`), as described in
+    the module docstring. Other blocks that can be inlined are; anything else becomes a parallel stage."""
+    conv, depthwise = found
+    n, channel, y, x, *reduce = sch.get_loops(conv)
+    producers = list(sch.get_producers(conv))
+    epilogue = _fold_epilogue(sch, conv)
+    own = {sch.get(b).name_hint for b in [conv, *producers, *([epilogue] if epilogue else [])]}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint not in own and not attempt(sch.compute_inline, block):
+            _schedule_producer_stage(sch, block, lanes)
+    vector = vector_factor(extent(sch, x), lanes)
+    x_o, tile_x = x, []
+    if vector is not None:
+        x_o, x_i = sch.split(x, factors=[None, vector])
+        tile_x = [x_i]
+    if depthwise:
+        rows = max(d for d in range(1, _DEPTHWISE_ROWS + 1) if extent(sch, y) % d == 0)
+        y_o, y_i = sch.split(y, factors=[None, rows])
+        sch.reorder(n, channel, y_o, x_o, *reduce, y_i, *tile_x)
+        task = parallel(sch, [n, channel])
+        unrolled = y_i
+    else:
+        channels = extent(sch, channel)
+        width = next((c for c in _REGULAR_CHANNELS if channels % c == 0), 1)
+        c_o, c_i = sch.split(channel, factors=[None, width])
+        sch.reorder(n, c_o, y, x_o, *reduce, c_i, *tile_x)
+        task = parallel(sch, [n, c_o, y])
+        unrolled = c_i
+    for producer in producers:
+        placed = depthwise and attempt(sch.compute_at, producer, task)
+        if not placed:
+            _schedule_producer_stage(sch, producer, lanes)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, x_o)
+        sch.set_scope(conv, 0, "local")
+        if vector is not None:
+            sch.vectorize(sch.get_loops(epilogue)[-1])
+    sch.unroll(unrolled)
+    if vector is not None:
+        sch.vectorize(tile_x[0])
+    init = sch.decompose_reduction(conv, reduce[0])
+    if vector is not None:
+        sch.vectorize(sch.get_loops(init)[-1])

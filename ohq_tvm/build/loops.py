@@ -1,0 +1,60 @@
+"""Small loop arithmetic shared by the default schedules: extents, vector widths, parallel loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+MIN_LANES = 4
+
+
+def extent(sch: s_tir.Schedule, loop) -> int | None:
+    """A loop's constant extent, or ``None`` when it is symbolic."""
+    value = sch.get(loop).extent
+    return int(value.value) if isinstance(value, tirx.IntImm) else None
+
+
+def fp32_lanes(target: Target) -> int:
+    """fp32 lanes of the widest vector register the target has (16 with AVX-512, 4 with NEON)."""
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # unknown CPU: SSE/NEON width is a safe floor
+        bits = 128
+    return max(MIN_LANES, bits // 32)
+
+
+def vector_factor(length: int | None, lanes: int) -> int | None:
+    """Vector width for an axis of ``length``: the largest power of two ≤ ``lanes`` dividing it, else the
+    smallest power of two ≥ 4 covering it (e.g. 14 → 16 lanes, 7 → 8), the tail masked off."""
+    if length is None or length < MIN_LANES:
+        return None
+    factor = lanes
+    while factor >= MIN_LANES:
+        if length % factor == 0:
+            return factor
+        factor //= 2
+    covering = MIN_LANES
+    while covering < min(length, lanes):
+        covering *= 2
+    return covering
+
+
+def parallel(sch: s_tir.Schedule, loops: list):
+    """Fuse ``loops`` and run the result in parallel; returns the fused loop (``None`` for no loops)."""
+    if not loops:
+        return None
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(fused)
+    return fused
+
+
+def attempt(action: Callable, *args) -> bool:
+    """Apply a schedule primitive; ``False`` (and no change) when TVM refuses it."""
+    try:
+        action(*args)
+        return True
+    except Exception:  # a schedule primitive refused: the caller falls back
+        return False

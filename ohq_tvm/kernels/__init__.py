@@ -1,0 +1,26 @@
+"""Hand-laid-out integer kernels that use the CPU's dot-product instructions (x86 VNNI, AArch64 sdot).
+
+Importing the package registers their tensor intrinsics and MetaSchedule rule.
+"""
+
+from .depthwise import MAX_EXACT_TAPS, depthwise_conv2d_exact
+from .int8_dot import conv2d_dot, dense_dot, pack_conv2d_weight, pack_dense_weight
+from .isa import AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa
+from .schedule import has_dot_kernel, schedule_default
+
+__all__ = [
+    "AVX512_VNNI",
+    "AVX_VNNI",
+    "ISAS",
+    "MAX_EXACT_TAPS",
+    "SDOT",
+    "DotProductISA",
+    "conv2d_dot",
+    "dense_dot",
+    "depthwise_conv2d_exact",
+    "dot_product_isa",
+    "has_dot_kernel",
+    "pack_conv2d_weight",
+    "pack_dense_weight",
+    "schedule_default",
+]

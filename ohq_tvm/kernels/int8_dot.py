@@ -1,0 +1,181 @@
+"""int8 conv2d and dense kernels in the layouts the dot-product instructions want (TE compute + packing).
+
+Both compute ``uint8 activations × int8 weights → int32`` exactly (no saturation), plus a per-output-channel
+int32 ``bias`` (the caller folds zero-point compensation and the layer's bias into it).
+
+- **conv2d** (NCHW in, NCHW out, ``groups == 1``): the kernel's first stage copies the input into
+  ``[N, C/4, H+pad, W+pad, 4]`` (padding with ``pad_value``: the activation zero point, and channels
+  rounded up to 4 with zeros), so the 4 input channels one instruction reduces over are adjacent bytes.
+  The weight is packed offline (:func:`pack_conv2d_weight`) to ``[O/L, C/4, KH, KW, L, 4]``: the ``L × 4``
+  block an instruction multiplies is contiguous (``L`` = the instruction's lanes). The accumulator is
+  ``[N, O/L, OH, OW, L]``; the last stage writes NCHW and adds ``bias``.
+- **dense** (``x[..., K] @ W[K, N]``): rows of ``x`` are already contiguous along ``K``; only ``K`` not a
+  multiple of 4 needs a zero-padded copy. The weight is packed to ``[N/L, K/4, L, 4]``.
+
+For ``sdot`` (signed × signed) the first stage also shifts activations to int8 (``x - 128``); the packing
+functions return the matching ``128 · Σw`` correction for the caller to add to ``bias``.
+
+Blocks carry a ``schedule_rule`` annotation naming the rule in :mod:`.schedule` that schedules them, so
+MetaSchedule tunes them with that rule and the zero-budget schedule uses the same rule with default tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from .isa import DotProductISA
+
+PACK_BLOCK = "ohq_dot_pack"
+CONV_BLOCK = "ohq_dot_conv2d"
+DENSE_BLOCK = "ohq_dot_dense"
+OUTPUT_BLOCK = "ohq_dot_output"
+DOT_RULE = "ohq_dot"  # the custom MetaSchedule rule (see .schedule)
+ISA_ATTR = "ohq_dot_isa"
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack_conv2d_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 → ``[O/L, C/4, KH, KW, L, 4]`` (zero-padded), and the per-channel bias correction."""
+    if weight.dtype != np.int8 or weight.ndim != 4:
+        raise ValueError(f"expected an OIHW int8 weight, got {weight.dtype} {weight.shape}")
+    out_c, in_c, kh, kw = weight.shape
+    lanes = isa.lanes
+    padded = np.zeros((_round_up(out_c, lanes), _round_up(in_c, 4), kh, kw), np.int8)
+    padded[:out_c, :in_c] = weight
+    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // 4, 4, kh, kw)
+    packed = np.ascontiguousarray(packed.transpose(0, 2, 4, 5, 1, 3))
+    correction = isa.activation_offset * weight.reshape(out_c, -1).astype(np.int64).sum(axis=1)
+    return packed, correction
+
+
+def pack_dense_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, N]`` int8 → ``[N/L, K/4, L, 4]`` (zero-padded), and the per-column bias correction."""
+    if weight.dtype != np.int8 or weight.ndim != 2:
+        raise ValueError(f"expected a [K, N] int8 weight, got {weight.dtype} {weight.shape}")
+    reduction, columns = weight.shape
+    lanes = isa.lanes
+    padded = np.zeros((_round_up(columns, lanes), _round_up(reduction, 4)), np.int8)
+    padded[:columns, :reduction] = weight.T
+    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // 4, 4)
+    packed = np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
+    correction = isa.activation_offset * weight.astype(np.int64).sum(axis=0)
+    return packed, correction
+
+
+def _activation(value, isa: DotProductISA):
+    """A uint8 activation as the instruction reads it."""
+    if isa.activation_dtype == "uint8":
+        return value
+    return (value.astype("int32") - isa.activation_offset).astype("int8")
+
+
+def _attrs(isa: DotProductISA) -> dict:
+    return {"schedule_rule": DOT_RULE, ISA_ATTR: isa.name}
+
+
+def conv2d_dot(
+    data: te.Tensor,
+    packed: te.Tensor,
+    bias: te.Tensor,
+    *,
+    isa_name: str,
+    out_channels: int,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    pad_value: int,
+) -> te.Tensor:
+    """NCHW uint8 ``data`` ⊛ ``packed`` (from :func:`pack_conv2d_weight`) + ``bias[O]`` → NCHW int32."""
+    from .isa import ISAS
+
+    isa = ISAS[isa_name]
+    n, in_c, height, width = (int(d) for d in data.shape)
+    kh, kw = kernel
+    top, left, bottom, right = padding
+    padded_h, padded_w = height + top + bottom, width + left + right
+    out_h = (padded_h - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (padded_w - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    blocks_in = _round_up(in_c, 4) // 4
+    lanes = isa.lanes
+    fill = tirx.const(pad_value, "uint8")
+
+    def pack(b, co, y, x, ci):
+        c = co * 4 + ci
+        inside = tirx.all(y >= top, y < height + top, x >= left, x < width + left, c < in_c)
+        value = data[b, tirx.min(c, in_c - 1), tirx.max(y - top, 0), tirx.max(x - left, 0)]
+        return _activation(tirx.if_then_else(inside, value, fill), isa)
+
+    data_packed = te.compute((n, blocks_in, padded_h, padded_w, 4), pack, name=PACK_BLOCK, attrs=_attrs(isa))
+    rco = te.reduce_axis((0, blocks_in), "rco")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    rci = te.reduce_axis((0, 4), "rci")
+    acc = te.compute(
+        (n, int(packed.shape[0]), out_h, out_w, lanes),
+        lambda b, oo, y, x, oi: te.sum(
+            data_packed[
+                b, rco, y * strides[0] + rkh * dilation[0], x * strides[1] + rkw * dilation[1], rci
+            ].astype("int32")
+            * packed[oo, rco, rkh, rkw, oi, rci].astype("int32"),
+            axis=[rco, rkh, rkw, rci],
+        ),
+        name=CONV_BLOCK,
+        attrs=_attrs(isa),
+    )
+    return te.compute(
+        (n, out_channels, out_h, out_w),
+        lambda b, o, y, x: acc[b, o // lanes, y, x, o % lanes] + bias[o],
+        name=OUTPUT_BLOCK,
+        attrs=_attrs(isa),
+    )
+
+
+def dense_dot(
+    data: te.Tensor, packed: te.Tensor, bias: te.Tensor, *, isa_name: str, columns: int
+) -> te.Tensor:
+    """uint8 ``data[..., K]`` @ ``packed`` (from :func:`pack_dense_weight`) + ``bias[N]`` → int32 [..., N]."""
+    from .isa import ISAS
+
+    isa = ISAS[isa_name]
+    *batch, reduction = (int(d) for d in data.shape)
+    blocks_k = int(packed.shape[1])
+    lanes = isa.lanes
+    if reduction % 4 or isa.activation_offset:
+
+        def pack(*idx):
+            k = idx[-2] * 4 + idx[-1]
+            value = data[(*idx[:-2], tirx.min(k, reduction - 1))]
+            return _activation(tirx.if_then_else(k < reduction, value, tirx.const(0, "uint8")), isa)
+
+        rows = te.compute((*batch, blocks_k, 4), pack, name=PACK_BLOCK, attrs=_attrs(isa))
+
+        def row_at(idx, ko, ki):
+            return rows[(*idx, ko, ki)]
+    else:
+        rows = data
+
+        def row_at(idx, ko, ki):
+            return rows[(*idx, ko * 4 + ki)]
+
+    rko = te.reduce_axis((0, blocks_k), "rko")
+    rki = te.reduce_axis((0, 4), "rki")
+    acc = te.compute(
+        (*batch, int(packed.shape[0]), lanes),
+        lambda *idx: te.sum(
+            row_at(idx[:-2], rko, rki).astype("int32") * packed[idx[-2], rko, idx[-1], rki].astype("int32"),
+            axis=[rko, rki],
+        ),
+        name=DENSE_BLOCK,
+        attrs=_attrs(isa),
+    )
+    return te.compute(
+        (*batch, columns),
+        lambda *idx: acc[(*idx[:-1], idx[-1] // lanes, idx[-1] % lanes)] + bias[idx[-1]],
+        name=OUTPUT_BLOCK,
+        attrs=_attrs(isa),
+    )

@@ -1,0 +1,134 @@
+"""Which integer dot-product instruction a target has, and the tensor intrinsic that emits it.
+
+Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` outputs ``i`` and ``k < 4``: four
+8-bit activations (``A``, broadcast to every lane) against a ``lanes × 4`` block of 8-bit weights, summed
+into 32-bit lanes without intermediate saturation. The kernels in :mod:`.int8_dot` lay weights out so that
+each such block is 4·``lanes`` contiguous bytes.
+
+- ``avx512_vnni`` (x86 AVX-512 VNNI): ``vpdpbusd`` on 512-bit registers, uint8 × int8, 16 lanes.
+- ``avx_vnni`` (x86 AVX-VNNI or AVX-512 VNNI+VL on 256-bit registers): ``vpdpbusd`` on ymm, 8 lanes.
+- ``sdot`` (AArch64 ``+dotprod``): ``sdot`` on 128-bit registers, int8 × int8, 4 lanes. Activations are
+  uint8 in ohq-tvm, so the kernel shifts them to int8 (``x - 128``) and adds ``128 · Σw`` back.
+
+LLVM 22 declares ``llvm.x86.avx512.vpdpbusd.*`` over byte vectors (``<64 x i8>``), which TVM's own
+``dot_16x4_vnni`` intrinsic (written for ``<16 x i32>`` operands) fails LLVM verification with; the
+intrinsics here pass byte vectors. The accumulator ``C`` is a ``local`` buffer: the kernels keep their
+register tile there, which LLVM promotes to registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import Target
+from tvm.target.codegen import target_has_features
+
+
+@dataclass(frozen=True)
+class DotProductISA:
+    """One dot-product instruction family: its name, lanes per instruction and the data types it takes."""
+
+    name: str
+    lanes: int
+    activation_dtype: str  # what the instruction multiplies: uint8 (vpdpbusd) or int8 (sdot)
+    intrinsic: str  # registered TensorIntrin name
+
+    @property
+    def activation_offset(self) -> int:
+        """What is subtracted from the uint8 activations before the instruction sees them."""
+        return 128 if self.activation_dtype == "int8" else 0
+
+
+AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx512vnni")
+AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni")
+SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot")
+ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT)}
+
+
+def _has(feature: str, target: Target) -> bool:
+    try:
+        return bool(target_has_features(feature, target))
+    except Exception:  # a target LLVM cannot describe (unknown mcpu): assume the feature is absent
+        return False
+
+
+def dot_product_isa(target: Target) -> DotProductISA | None:
+    """The best dot-product instruction ``target`` has (from its mcpu/mattr), or ``None``."""
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith("aarch64") or triple.startswith("arm64"):
+        return SDOT if _has("dotprod", target) else None
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return None
+    if _has("avx512vnni", target) and _has("avx512bw", target):
+        return AVX512_VNNI
+    if _has("avxvnni", target) or (_has("avx512vnni", target) and _has("avx512vl", target)):
+        return AVX_VNNI
+    return None
+
+
+def _dot_description(lanes: int, dtype: str):
+    @T.prim_func(s_tir=True)
+    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return description
+
+
+def _dot_implementation(lanes: int, dtype: str, llvm_intrinsic: str):
+    """Broadcast the 4 activation bytes to every 32-bit lane, load the weight block as bytes, call."""
+    bytes_ = lanes * 4
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            quad = T.reinterpret(A.vload([0], f"{dtype}x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{dtype}x{bytes_}"),
+                B.vload([0, 0], dtype=f"int8x{bytes_}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    return implementation
+
+
+_LLVM_INTRINSICS = {
+    AVX512_VNNI.name: "llvm.x86.avx512.vpdpbusd.512",
+    AVX_VNNI.name: "llvm.x86.avx512.vpdpbusd.256",  # LLVM selects the VEX form on AVX-VNNI CPUs
+    SDOT.name: "llvm.aarch64.neon.sdot.v4i32.v16i8",
+}
+
+
+def register_intrinsics() -> None:
+    """Register the tensor intrinsics once per process."""
+    for isa in ISAS.values():
+        if TensorIntrin.get(isa.intrinsic, allow_missing=True) is not None:
+            continue
+        TensorIntrin.register(
+            isa.intrinsic,
+            _dot_description(isa.lanes, isa.activation_dtype),
+            _dot_implementation(isa.lanes, isa.activation_dtype, _LLVM_INTRINSICS[isa.name]),
+        )
+
+
+register_intrinsics()

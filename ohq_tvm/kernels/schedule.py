@@ -1,0 +1,195 @@
+"""Schedules for the dot-product kernels of :mod:`.int8_dot`, default and tunable.
+
+The accumulator block is tiled into a register tile of ``rows × cols`` instruction results (``rows``
+output pixels or matrix rows, ``cols`` blocks of ``L`` output channels), with the reduction loops outside
+the tile and the ``L × 4`` innermost block replaced by the dot-product instruction (``tensorize``). The
+tile lives in a ``local`` buffer (registers); the output stage (NCHW write + bias) is computed per tile,
+so the ``[.., O/L, .., L]`` accumulator is never materialised in memory. Outer spatial loops are fused
+and run in parallel; the activation-packing stage is parallel over its outer loops.
+
+- :func:`schedule_default` applies fixed tiles (zero tuning budget): ``rows`` the largest divisor of
+  the row extent up to 8, ``cols`` the largest divisor of the channel blocks up to 4 keeping the tile
+  ≤ 16 accumulators.
+- The MetaSchedule rule ``s_tir.meta_schedule.cpu.ohq_dot`` (registered on import) samples ``rows`` and
+  ``cols`` from the divisors instead, so tuning searches the tile over measured candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tvm
+from tvm import s_tir, tirx
+
+from .int8_dot import CONV_BLOCK, DENSE_BLOCK, DOT_RULE, ISA_ATTR, OUTPUT_BLOCK, PACK_BLOCK
+from .isa import ISAS
+
+_MAX_ROWS = 8
+_MAX_COLS = 4
+_DEFAULT_TILE = 16  # accumulators in the default register tile (x86 and AArch64 both have 32 vector regs)
+
+
+def _divisors(extent: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(extent, limit) + 1) if extent % d == 0]
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _blocks(sch: s_tir.Schedule) -> dict[str, s_tir.SBlockRV]:
+    found = {}
+    for name in (PACK_BLOCK, CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK):
+        try:
+            found[name] = sch.get_sblock(name)
+        except Exception:  # absent stage (dense without a packing copy; conv vs dense)
+            continue
+    return found
+
+
+def has_dot_kernel(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` contains a dot-product kernel block (and so needs :func:`schedule_default`)."""
+    found = False
+
+    def visit(node) -> None:
+        nonlocal found
+        if isinstance(node, s_tir.SBlock) and node.annotations.get("schedule_rule") == DOT_RULE:
+            found = True
+
+    _walk(func.body, visit)
+    return found
+
+
+def _walk(stmt, visit) -> None:
+    """Pre-order walk over the statement kinds a TE-made PrimFunc has (tirx has no stmt_functor here)."""
+    stack = [stmt]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        visit(node)
+        if isinstance(node, s_tir.SBlockRealize):
+            stack.append(node.block)
+        elif isinstance(node, s_tir.SBlock):
+            stack.extend([node.body, node.init])
+        elif isinstance(node, tirx.SeqStmt):
+            stack.extend(node.seq)
+        elif hasattr(node, "body"):
+            stack.append(node.body)
+
+
+def _tile(
+    sch: s_tir.Schedule,
+    compute: s_tir.SBlockRV,
+    output: s_tir.SBlockRV,
+    choose: Callable[[str, list[int]], object],
+) -> None:
+    """Tile, parallelise and tensorize the accumulator block; compute the output stage per tile."""
+    block = sch.get(compute)
+    isa = ISAS[str(block.annotations[ISA_ATTR])]
+    loops = sch.get_loops(compute)
+    if block.name_hint == CONV_BLOCK:  # n, oo, y, x, oi | rco, rkh, rkw, rci
+        n, col, y, row, lanes, *reduce, inner = loops
+        major, minor = [n], [y]
+    else:  # *batch, no, ni | rko, rki
+        *batch, col, lanes, reduce_k, inner = loops
+        reduce = [reduce_k]
+        if batch:
+            major, minor, row = batch[:-1], [], batch[-1]
+        else:
+            major, minor, row = [], [], None
+    row_extent = _extent(sch, row) if row is not None else 1
+    rows = choose("rows", _divisors(row_extent, _MAX_ROWS))
+    col_extent = _extent(sch, col)
+    cols = choose("cols", _divisors(col_extent, _MAX_COLS))
+    col_o, col_i = sch.split(col, factors=[None, cols])
+    tile = [col_i]
+    outer = [*major, col_o, *minor]
+    if row is not None:
+        row_o, row_i = sch.split(row, factors=[None, rows])
+        outer.append(row_o)
+        tile.append(row_i)
+    sch.reorder(*outer, *reduce, *tile, lanes, inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.reverse_compute_at(output, fused)
+    sch.set_scope(compute, 0, "local")
+    init = sch.decompose_reduction(compute, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in tile:
+        sch.unroll(loop)
+    sch.tensorize(lanes, isa.intrinsic)
+
+
+def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
+    """Fold what FuseOps put around the kernel into it: the element-wise epilogue (requantize or
+    dequantize, activation, residual add) is reverse-inlined into the output stage, so it runs on each
+    register tile; other producers (e.g. a residual's dequantize) are inlined into their readers. A block
+    that cannot be inlined is left in place and given a parallel loop."""
+    output = sch.get_sblock(OUTPUT_BLOCK)
+    changed = True
+    while changed:
+        changed = False
+        for consumer in sch.get_consumers(output):
+            try:
+                sch.reverse_compute_inline(consumer)
+                changed = True
+            except Exception:  # not element-wise over the output: stays a separate stage
+                continue
+    own = {PACK_BLOCK, CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK}
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint in own:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:
+            loops = sch.get_loops(block)
+            if loops:
+                sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+def _pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV) -> None:
+    loops = sch.get_loops(pack)
+    outer = loops[:-2] if len(loops) > 2 else loops[:1]
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.unroll(loops[-1])
+
+
+def _default_choice(name: str, candidates: list[int], state: dict) -> int:
+    if name == "rows":
+        state["rows"] = candidates[-1]
+        return candidates[-1]
+    fitting = [c for c in candidates if c * state.get("rows", 1) <= _DEFAULT_TILE]
+    return fitting[-1] if fitting else 1
+
+
+def schedule_default(func: tirx.PrimFunc) -> s_tir.Schedule:
+    """The zero-budget schedule of a PrimFunc holding one dot-product kernel (see the module docstring)."""
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    compute = blocks.get(CONV_BLOCK) or blocks.get(DENSE_BLOCK)
+    state: dict = {}
+    _absorb_fused_ops(sch)
+    _tile(sch, compute, blocks[OUTPUT_BLOCK], lambda name, c: _default_choice(name, c, state))
+    if PACK_BLOCK in blocks:
+        _pack(sch, blocks[PACK_BLOCK])
+    return sch
+
+
+def _tuning_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
+    """MetaSchedule custom rule: called once per annotated block; the accumulator block does the work."""
+    name = sch.get(block).name_hint
+    if name in (CONV_BLOCK, DENSE_BLOCK):
+
+        def sample(_name: str, candidates: list[int]):
+            return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+
+        _absorb_fused_ops(sch)
+        _tile(sch, block, sch.get_sblock(OUTPUT_BLOCK), sample)
+    elif name == PACK_BLOCK:
+        _pack(sch, block)
+    return [sch]
+
+
+tvm.register_global_func(f"s_tir.meta_schedule.cpu.{DOT_RULE}", _tuning_rule, override=True)

@@ -1,0 +1,297 @@
+"""Replace integer conv2d/matmul with kernels that use the target's dot-product instruction.
+
+After :class:`~passes.apply_plan.ApplyPlan`, an ``int8`` layer is ``relax.nn.conv2d`` (or ``matmul``) of
+uint8 activations with a constant int8 weight, accumulating in int32, usually followed by an ``add`` of a
+constant per-channel int32 vector (bias and zero-point compensation). On a target with a dot-product
+instruction (x86 AVX-512 VNNI / AVX-VNNI, AArch64 ``+dotprod``: see :mod:`ohq_tvm.kernels.isa`) this pass
+rewrites each such call into a ``call_tir`` of :mod:`ohq_tvm.kernels.int8_dot`, with the weight packed
+offline into the instruction's layout and that ``add`` folded into the kernel's output stage.
+
+Rewritten: ``conv2d`` NCHW/OIHW with ``groups == 1`` (regular and 1×1), and ``matmul`` with a 2-D
+constant ``[K, N]`` weight. Depthwise convs have no dot-product form; on every CPU target they become
+:mod:`ohq_tvm.kernels.depthwise` (computed exactly in float32 arithmetic, faster than int32 multiplies).
+An explicit ``pad`` in front of a layer (ApplyPlan pads with the activation zero point) is folded into the
+kernel when the layer is its only reader. Left as they are: grouped convs that are not depthwise, int4w
+layers (their own TE kernel), float layers, and regular layers on a target without a dot-product
+instruction. The rewrite is exact: the kernels compute the same int32 values.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.target import Target
+
+from ohq_tvm.kernels import (
+    MAX_EXACT_TAPS,
+    DotProductISA,
+    conv2d_dot,
+    dense_dot,
+    depthwise_conv2d_exact,
+    dot_product_isa,
+    pack_conv2d_weight,
+    pack_dense_weight,
+)
+
+_CONV = "relax.nn.conv2d"
+_MATMUL = "relax.matmul"
+_OUT_ELEMWISE_FUSABLE = 4  # relax OpPatternKind::kOutEWiseFusable
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(getattr(expr.ty, "dtype", ""))
+
+
+def _int8_weight(expr: relax.Expr, ndim: int) -> np.ndarray | None:
+    if not isinstance(expr, Constant):
+        return None
+    value = expr.value.numpy()
+    return value if value.dtype == np.int8 and value.ndim == ndim else None
+
+
+def _integer_layer(call: relax.Expr) -> bool:
+    return (
+        isinstance(call, relax.Call)
+        and isinstance(call.op, tvm.ir.Op)
+        and call.op.name in (_CONV, _MATMUL)
+        and _dtype(call) == "int32"
+        and _dtype(call.args[0]) == "uint8"
+    )
+
+
+def _nchw(call: relax.Call) -> bool:
+    a = call.attrs
+    return (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) == (
+        "NCHW",
+        "OIHW",
+        "NCHW",
+    )
+
+
+def _eligible(call: relax.Expr, isa: DotProductISA | None) -> np.ndarray | None:
+    """The int8 weight of an integer conv2d/matmul that has a dot-product kernel on ``isa``."""
+    if isa is None or not _integer_layer(call):
+        return None
+    if call.op.name == _CONV:
+        if int(call.attrs.groups) != 1 or not _nchw(call):
+            return None
+        return _int8_weight(call.args[1], 4)
+    if len(call.args[0].ty.shape) < 1:
+        return None
+    return _int8_weight(call.args[1], 2)
+
+
+def _depthwise(call: relax.Expr) -> np.ndarray | None:
+    """The int8 [C, 1, KH, KW] weight of an integer depthwise conv2d (one output per input channel)."""
+    if not _integer_layer(call) or call.op.name != _CONV or not _nchw(call):
+        return None
+    weight = _int8_weight(call.args[1], 4)
+    channels = int(call.args[0].ty.shape[1])
+    if weight is None or int(call.attrs.groups) != channels or weight.shape[:2] != (channels, 1):
+        return None
+    return weight if weight.shape[2] * weight.shape[3] <= MAX_EXACT_TAPS else None
+
+
+def _spatial_pad(call: relax.Expr) -> tuple[relax.Expr, tuple[int, int, int, int], int] | None:
+    """``(input, (top, left, bottom, right), value)`` of a constant NCHW pad on H/W only, else ``None``."""
+    if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.nn.pad")):
+        return None
+    a = call.attrs
+    widths = [int(w) for w in a.pad_width]
+    value = float(a.pad_value)
+    if str(a.pad_mode) != "constant" or len(widths) != 8 or any(widths[:4]) or value != int(value):
+        return None
+    if _dtype(call) != "uint8" or not 0 <= value <= 255:
+        return None
+    top, bottom, left, right = widths[4:]
+    return call.args[0], (top, left, bottom, right), int(value)
+
+
+def _channel_vector(expr: relax.Expr, channels: int, axis_from_end: int) -> np.ndarray | None:
+    """A constant int32 vector over the output channels broadcast along ``axis_from_end``."""
+    if not isinstance(expr, Constant):
+        return None
+    value = expr.value.numpy()
+    if value.dtype != np.int32 or value.size != channels:
+        return None
+    if value.ndim and value.shape[value.ndim - axis_from_end] != channels and channels != 1:
+        return None
+    return value.reshape(channels)
+
+
+@mutator
+class _DotRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, isa: DotProductISA | None) -> None:
+        super().__init__(mod)
+        self.isa = isa
+        self.pads: dict[relax.Var, tuple[relax.Expr, tuple[int, int, int, int], int]] = {}
+        self.uses: dict[relax.Var, int] = defaultdict(int)
+        self.bias_of: dict[relax.Var, np.ndarray] = {}  # layer var -> the add's vector folded into it
+        self.folded: dict[relax.Var, relax.Var] = {}  # add var -> layer var
+        self.rewritten = 0
+
+    def plan(self, func: relax.Function) -> None:
+        """Find each eligible layer whose only reader adds a constant channel vector: fold that add."""
+        bindings = [b for block in func.body.blocks for b in block.bindings]
+        for binding in bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                self.uses[var] += 1
+        for var in relax.analysis.free_vars(func.body.body):
+            self.uses[var] += 1
+        layers = {b.var: b.value for b in bindings if self._kind(b.value) is not None}
+        pads = {b.var: _spatial_pad(b.value) for b in bindings}
+        for value in layers.values():
+            data = value.args[0]
+            if value.op.name == _CONV and pads.get(data) is not None and self.uses[data] == 1:
+                self.pads[data] = pads[data]
+        for binding in bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.add")):
+                continue
+            lhs, rhs = value.args
+            layer = lhs if lhs in layers else rhs if rhs in layers else None
+            if layer is None or self.uses[layer] != 1 or self._kind(layers[layer]) != "dot":
+                continue
+            conv = layers[layer].op.name == _CONV
+            channels = int(layers[layer].ty.shape[1 if conv else -1])
+            vector = _channel_vector(rhs if layer is lhs else lhs, channels, 3 if conv else 1)
+            if vector is not None and _dtype(value) == "int32":
+                self.bias_of[layer] = vector
+                self.folded[binding.var] = layer
+
+    def _kind(self, call: relax.Expr) -> str | None:
+        if _eligible(call, self.isa) is not None:
+            return "dot"
+        return "depthwise" if _depthwise(call) is not None else None
+
+    def _conv_input(self, call: relax.Call) -> tuple[relax.Expr, tuple[int, ...], int]:
+        """The conv's data with a folded pad: (data, padding top/left/bottom/right, pad value)."""
+        padding = tuple(int(p) for p in call.attrs.padding)
+        folded = self.pads.get(call.args[0])
+        if folded is None:
+            return self.visit_expr(call.args[0]), padding, 0
+        data, extra, value = folded
+        if any(padding) and value != 0:  # two pads with different values cannot be merged
+            return self.visit_expr(call.args[0]), padding, 0
+        return self.visit_expr(data), tuple(p + e for p, e in zip(padding, extra, strict=True)), value
+
+    def _depthwise_kernel(self, call: relax.Call) -> relax.Expr:
+        weight = _depthwise(call)
+        data, padding, pad_value = self._conv_input(call)
+        self.rewritten += 1
+        return self._fusable(
+            self.builder_.call_te(
+                depthwise_conv2d_exact,
+                data,
+                relax.const(weight.astype(np.float32)),
+                strides=tuple(int(s) for s in call.attrs.strides),
+                padding=padding,
+                dilation=tuple(int(d) for d in call.attrs.dilation),
+                pad_value=pad_value,
+                primfunc_name_hint="depthwise_conv2d_int8",
+            )
+        )
+
+    def _kernel(self, call: relax.Call, bias: np.ndarray | None) -> relax.Expr:
+        weight = _eligible(call, self.isa)
+        if call.op.name == _CONV:
+            data, padding, pad_value = self._conv_input(call)
+        else:
+            data = self.visit_expr(call.args[0])
+        if call.op.name == _CONV:
+            packed, correction = pack_conv2d_weight(weight, self.isa)
+            channels = weight.shape[0]
+        else:
+            packed, correction = pack_dense_weight(weight, self.isa)
+            channels = weight.shape[1]
+        total = correction + (bias.astype(np.int64) if bias is not None else 0)
+        vector = relax.const(np.broadcast_to(total, (channels,)).astype(np.int32))
+        self.rewritten += 1
+        if call.op.name == _MATMUL:
+            return self._fusable(
+                self.builder_.call_te(
+                    dense_dot,
+                    data,
+                    relax.const(packed),
+                    vector,
+                    isa_name=self.isa.name,
+                    columns=int(channels),
+                    primfunc_name_hint=f"dense_int8_{self.isa.name}",
+                )
+            )
+        a = call.attrs
+        return self._fusable(
+            self.builder_.call_te(
+                conv2d_dot,
+                data,
+                relax.const(packed),
+                vector,
+                isa_name=self.isa.name,
+                out_channels=int(channels),
+                kernel=tuple(int(k) for k in weight.shape[2:]),
+                strides=tuple(int(s) for s in a.strides),
+                padding=padding,
+                dilation=tuple(int(d) for d in a.dilation),
+                pad_value=pad_value,
+                primfunc_name_hint=f"conv2d_int8_{self.isa.name}",
+            )
+        )
+
+    def _fusable(self, call: relax.Call) -> relax.Call:
+        """Mark the kernel like conv2d (``kOutEWiseFusable``): FuseOps then fuses the requantize or
+        dequantize that follows into it, and the kernel's schedule computes it per register tile."""
+        gv = call.args[0]
+        func = self.builder_.get()[gv]
+        self.builder_.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
+        return call
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.folded:  # the add now happens inside the kernel
+            layer = self.visit_expr(self.folded[binding.var])
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, layer))
+            return
+        kind = self._kind(binding.value)
+        if kind is None:
+            super().visit_var_binding_(binding)
+            return
+        if kind == "depthwise":
+            kernel = self._depthwise_kernel(binding.value)
+        else:
+            kernel = self._kernel(binding.value, self.bias_of.get(binding.var))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(kernel)))
+
+
+@tvm.transform.module_pass(opt_level=0, name="UseDotProductKernels")
+class UseDotProductKernels:
+    """Rewrite ``main``'s integer conv2d/matmul to dot-product kernels for ``target`` (module docstring).
+
+    On a target without a dot-product instruction only depthwise convs are rewritten; a non-CPU target
+    is left unchanged.
+    """
+
+    def __init__(self, target: Target | dict) -> None:
+        self.target = target if isinstance(target, Target) else Target(target)
+        self.isa = dot_product_isa(self.target)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        flat = relax.transform.ToNonDataflow()(mod)
+        rewriter = _DotRewriter(flat, self.isa)
+        rewriter.plan(flat["main"])
+        func = rewriter.visit_expr(flat["main"])
+        if not rewriter.rewritten:
+            return mod
+        result = rewriter.builder_.get()
+        result["main"] = func
+        result = relax.transform.CanonicalizeBindings()(result)
+        result = relax.transform.ConvertToDataflow()(result)
+        return relax.transform.DeadCodeElimination(["main"])(result)
+
+
+__all__ = ["UseDotProductKernels"]
