@@ -6,6 +6,7 @@ from .errors import (
     ModelImportError,
     OHQError,
     TargetError,
+    TuningError,
     VerificationError,
 )
 from .precision import Precision
@@ -30,6 +31,7 @@ __all__ = [
     "OHQError",
     "Precision",
     "TargetError",
+    "TuningError",
     "VerificationError",
     "compile_model",
 ]

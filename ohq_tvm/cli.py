@@ -51,6 +51,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_model
 
     shapes = parse_input_shapes(args.input_shape or [])
+    bar = _TuningBar()
     try:
         result = compile_model(
             args.model,
@@ -69,11 +70,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             calibration_samples=args.calibration_samples,
             normalization=args.normalization,
             synthetic=args.synthetic,
-            progress=lambda message: print(f"  {message}", flush=True),
+            trials=args.trials,
+            tuning_dir=args.tuning_dir,
+            progress=bar.say,
+            tuning_progress=bar.update,
         )
     except VerificationError as err:
         print(f"FAILED verification: {err}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
+    finally:
+        bar.close()
     print(f"wrote {result.library_path} and {result.manifest_path}")
     if result.verification is not None:
         latency = result.verification.latency
@@ -83,6 +89,33 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         print(f"built, not verified: {result.skipped_verification}")
     return 0
+
+
+class _TuningBar:
+    """A tqdm bar over the tuning budget, opened when the search starts; stage messages close it."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.close()
+        print(f"  {message}", flush=True)
+
+    def update(self, event) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=event.trials_total, unit="trial", desc="  tuning")
+        if event.task:
+            best = "-" if event.best_ms is None else f"{event.best_ms:.4f} ms"
+            self.bar.set_postfix_str(f"{event.task[:32]} best {best}", refresh=False)
+        self.bar.update(min(event.trials_done, event.trials_total) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _board_options(args: argparse.Namespace) -> dict:
@@ -305,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["default", "none"],
         default="default",
         help="default: parallel, vectorised CPU schedule with no tuning; none: TVM's naive loops",
+    )
+    comp.add_argument(
+        "--trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tune with MetaSchedule, measuring up to N candidates on the board; functions already in "
+        "the tuning database are not measured again (default: 0, no tuning)",
+    )
+    comp.add_argument(
+        "--tuning-dir",
+        metavar="DIR",
+        help="root of the per-target tuning databases (default: $OHQ_TVM_TUNING_DIR or "
+        "~/.cache/ohq-tvm/tuning)",
     )
     quant = comp.add_argument_group("quantization (default: fp32, no plan)")
     which = quant.add_mutually_exclusive_group()

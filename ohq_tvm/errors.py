@@ -33,5 +33,10 @@ class BuildError(OHQError):
 
 
 @register_error
+class TuningError(BuildError):
+    """MetaSchedule tuning cannot run: an unusable tuning database, or no candidate could be measured."""
+
+
+@register_error
 class VerificationError(OHQError):
     """A compiled module ran on the board but its outputs disagree with the reference."""

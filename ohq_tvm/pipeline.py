@@ -21,16 +21,19 @@ from .build import (
     FP32_TOLERANCE,
     QUANTIZED_TOLERANCE,
     ExportedModule,
+    TuneResult,
+    TuningProgress,
     Verification,
     build_executable,
     export_module,
     find_toolchain,
     host_arch,
     triple_arch,
+    tune_module,
     verify_on_board,
 )
 from .calibration import Calibration, calibrate, load_samples
-from .errors import VerificationError
+from .errors import BoardError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
 from .plan import Plan, PlanError
 from .precision import Precision
@@ -54,6 +57,7 @@ class CompileResult:
     plan: Plan | None = None
     calibration: Calibration | None = None
     qdq_path: Path | None = None
+    tuning: TuneResult | None = None
 
     @property
     def verified(self) -> bool:
@@ -83,7 +87,10 @@ def compile_model(
     calibration_samples: str | os.PathLike | None = None,
     normalization: str = "imagenet",
     synthetic: str = "gaussian",
+    trials: int = 0,
+    tuning_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    tuning_progress: Callable[[TuningProgress], None] | None = None,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
 
@@ -102,10 +109,19 @@ def compile_model(
             per ``normalization``) or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``,
             or ``matched`` to the first layer's BatchNormalization statistics); ``plan.json``,
             ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
+        trials: MetaSchedule budget (0: none, the zero-budget default schedule only). With trials, every
+            fused function without a record in the target's tuning database is tuned on the board
+            (measured through its RPC tracker; the loopback host board by default) and the module is
+            built with the database's schedules, the default schedule covering the rest.
+        tuning_dir: root of the tuning databases (default: ``$OHQ_TVM_TUNING_DIR`` or
+            ``~/.cache/ohq-tvm/tuning``).
+        progress: called with one-line messages as stages finish;
+        tuning_progress: called with a :class:`TuningProgress` after each measured batch of candidates.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
-    unreachable boards and build failures, and :class:`VerificationError` (after writing the outputs and
-    a manifest marked as failed) when the board's outputs disagree with ONNX Runtime.
+    unreachable boards (also when candidates must be measured on a board of another architecture and no
+    tracker is given), tuning and build failures, and :class:`VerificationError` (after writing the
+    outputs and a manifest marked as failed) when the board's outputs disagree with ONNX Runtime.
     """
     say = progress or (lambda _message: None)
     seconds: dict[str, float] = {}
@@ -138,43 +154,63 @@ def compile_model(
         )
         stage("plan", started)
     quantized = chosen is not None and any(p is not Precision.FP32 for p in chosen.assignments.values())
-    started = time.perf_counter()
-    executable = build_executable(mod, board, schedule)
-    stage("build", started)
-    say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
-
-    started = time.perf_counter()
-    exported = export_module(executable, out_dir, board, imported, toolchain=toolchain, schedule=schedule)
-    stage("export", started)
-    say(f"exported {exported.library_path} with {toolchain.describe()}")
-
-    result = CompileResult(
-        out_dir=Path(out_dir),
-        library_path=exported.library_path,
-        manifest_path=exported.manifest_path,
-        board=board,
-        imported=imported,
-        verification=None,
-        stage_seconds=seconds,
-        plan=chosen,
-        calibration=calibration,
-        qdq_path=qdq_path,
-    )
     remote_given = bool(tracker or server)
-    if not verify:
-        result.skipped_verification = "verification disabled"
-    elif not remote_given and not _can_run_locally(board):
-        result.skipped_verification = (
-            f"no {board.name} board connected (this machine is {host_arch()}); "
-            f"pass --tracker HOST:PORT --key {board.rpc_key} to verify on the board"
-        )
-    else:
+    runs_here = remote_given or _can_run_locally(board)
+    live = open_board(tracker, key, server, default_key=board.rpc_key) if runs_here else _NoBoard(board)
+    try:  # the board (a loopback one starts on first use) serves both tuning and verification
+        tuned = None
+        if trials:
+            if schedule != "default":
+                raise TuningError(f"--trials tunes on top of the default schedule, not schedule {schedule!r}")
+            started = time.perf_counter()
+            tuned = tune_module(mod, board, live, trials, tuning_dir=tuning_dir, progress=tuning_progress)
+            stage("tune", started)
+            untuned = sum(1 for task in tuned.tasks if task.best_ms is None)
+            say(
+                f"tuned: {tuned.trials_measured} trials measured ({tuned.trials_failed} failed), "
+                f"{tuned.tasks_reused} of {len(tuned.tasks)} tasks from the database {tuned.database_path}"
+                + (f"; {untuned} without a record keep the default schedule" if untuned else "")
+            )
         started = time.perf_counter()
-        with open_board(tracker, key, server, default_key=board.rpc_key) as live:
+        executable = build_executable(mod, board, schedule, tuned.database if tuned else None)
+        stage("build", started)
+        say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
+
+        started = time.perf_counter()
+        exported = export_module(executable, out_dir, board, imported, toolchain=toolchain, schedule=schedule)
+        stage("export", started)
+        say(f"exported {exported.library_path} with {toolchain.describe()}")
+
+        result = CompileResult(
+            out_dir=Path(out_dir),
+            library_path=exported.library_path,
+            manifest_path=exported.manifest_path,
+            board=board,
+            imported=imported,
+            verification=None,
+            stage_seconds=seconds,
+            plan=chosen,
+            calibration=calibration,
+            qdq_path=qdq_path,
+            tuning=tuned,
+        )
+        if not verify:
+            result.skipped_verification = "verification disabled"
+        elif not runs_here:
+            result.skipped_verification = (
+                f"no {board.name} board connected (this machine is {host_arch()}); "
+                f"pass --tracker HOST:PORT --key {board.rpc_key} to verify on the board"
+            )
+        else:
+            started = time.perf_counter()
             say(f"running on board {live.label}")
             result.verification = _verify(live, exported, imported, seed, qdq if quantized else None)
-        stage("verify", started)
-        say(result.verification.summary())
+            stage("verify", started)
+            say(result.verification.summary())
+    finally:
+        live.close()
+    if tuned is not None:
+        exported.manifest["tuning"] = {"trials": trials, **tuned.to_json()}
     exported.manifest["verification"] = (
         result.verification.to_json() if result.verification else {"skipped": result.skipped_verification}
     )
@@ -188,6 +224,24 @@ def compile_model(
             f"(see {exported.manifest_path})"
         )
     return result
+
+
+class _NoBoard(Board):
+    """Stands in for a board of another architecture when no tracker is given: tuning that finds every
+    task in the database never asks for it; anything that does gets an error naming the fix."""
+
+    def __init__(self, spec: BoardSpec) -> None:
+        self.label = f"{spec.name} (not connected)"
+        self._fix = (
+            f"no {spec.name} board connected (this machine is {host_arch()}); candidates must be measured "
+            f"on the board: pass --tracker HOST:PORT --key {spec.rpc_key}"
+        )
+
+    def connect(self, session_timeout_s: float = 0):
+        raise BoardError(self._fix)
+
+    def rpc_tracker(self) -> tuple[str, int, str]:
+        raise BoardError(self._fix)
 
 
 def _apply_plan(

@@ -203,3 +203,24 @@ def test_plan_meets_a_size_budget_and_compiles(tmp_path):
     assert built.returncode == 0, built.stderr
     too_fast = ohq("plan", str(model), *common, "--latency-ms", "0.000001", "-o", str(plan_path))
     assert_one_line_error(too_fast, "smallest any plan reaches")
+
+
+def test_compile_with_trials_tunes_on_the_board_then_reuses_the_database(tmp_path, loopback_board):
+    model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
+    tune = ["--trials", "4", "--tuning-dir", str(tmp_path / "tuning")]
+    board = ["--tracker", loopback_board.tracker_address, "--key", loopback_board.key]
+    first = ohq("compile", str(model), *board, *tune, "-o", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    assert "tuned: 4 trials measured (0 failed), 0 of 1 tasks from the database" in first.stdout
+    assert "4/4" in first.stderr  # the progress bar
+    assert "matched ONNX Runtime" in first.stdout
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["tuning"]["trials_measured"] == 4 and manifest["tuning"]["tasks"] == 1
+    assert manifest["verification"]["passed"] is True
+    # Same model again: nothing to measure (so no board is needed), the database's schedule is used.
+    second = ohq("compile", str(model), *tune, "--no-verify", "-o", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr
+    assert "tuned: 0 trials measured (0 failed), 1 of 1 tasks from the database" in second.stdout
+    assert_one_line_error(
+        ohq("compile", str(model), *tune, "--schedule", "none", "-o", str(tmp_path / "c")), "schedule"
+    )

@@ -16,6 +16,7 @@ from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError, OHQError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.targets import resolve_target
 
@@ -68,7 +69,7 @@ def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_bo
         counts = (summary.total, summary.measured, summary.reused, summary.failed)
         assert counts == (len(workloads), len(workloads), 0, {})
         assert [e.done for e in events] == list(range(1, len(workloads) + 1))
-        stored = db.latencies(summary.fingerprint, "default")
+        stored = db.latencies(summary.fingerprint, schedule_label("default"))
         assert set(stored) == {w.key for w in workloads}
         assert all(0 < ms < 1000 for ms in stored.values())
         again = Measurer(loopback_board, HOST, db, timing=FAST).run(workloads)
@@ -135,7 +136,7 @@ def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_p
         measurer = Measurer(board, HOST, db, timing=TimingConfig(repeat=2, min_repeat_ms=5, max_attempts=2))
         with pytest.raises(BoardError, match="rerun to measure the rest"):
             measurer.run(workloads, kill)
-        kept = db.latencies(measurer.fingerprint, "default")
+        kept = db.latencies(measurer.fingerprint, measurer.schedule)
     assert 1 <= len(kept) < len(workloads)
 
 
@@ -167,9 +168,9 @@ def test_a_budget_measures_what_the_latency_model_predicts_slowest(loopback_boar
         measurer = Measurer(loopback_board, HOST, db, timing=FAST)
         for workload in history:  # earlier rows of this board: time grows with MACs and tensor size
             ms = 0.001 + 1e-6 * workload.macs + 1e-6 * np.prod(workload.input_shape)
-            db.record(measurer.fingerprint, workload, "default", LatencyStats((ms,)))
+            db.record(measurer.fingerprint, workload, measurer.schedule, LatencyStats((ms,)))
         summary = measurer.run(new, budget=2)
-        stored = db.latencies(measurer.fingerprint, "default", [w.key for w in new])
+        stored = db.latencies(measurer.fingerprint, measurer.schedule, [w.key for w in new])
     known = {w.key for w in history}
     layers = {w.key for w in new if w.kind == "layer"}
     assert not layers & known and summary.measured == 2

@@ -53,6 +53,18 @@ class Board(ABC):
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
         """Open an RPC session on the board. Raises :class:`BoardError` if it cannot be reached."""
 
+    def rpc_tracker(self) -> tuple[str, int, str]:
+        """``(host, port, key)`` of the RPC tracker that hands out sessions on this board.
+
+        For tools that request their own sessions, such as MetaSchedule's RPC runner. Raises
+        :class:`BoardError` when the board has no tracker or its tracker cannot be reached.
+        """
+        raise BoardError(
+            f"board {self.label} is a bare RPC server, but tuning requests its sessions through an RPC "
+            "tracker: start one (`python -m tvm.exec.rpc_tracker`), register the server with "
+            "`--tracker HOST:PORT --key KEY`, and pass --tracker HOST:PORT --key KEY instead of --server"
+        )
+
     def close(self) -> None:  # noqa: B027 - a no-op is the right default for remote boards
         """Release what the board owns (nothing, unless it started processes)."""
 
@@ -113,6 +125,10 @@ class TrackerBoard(Board):
                     f"`python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} --key {self.key}`"
                 )
             time.sleep(0.2)
+
+    def rpc_tracker(self) -> tuple[str, int, str]:
+        self.wait_until_ready()
+        return self.host, self.port, self.key
 
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
         self.wait_until_ready()
@@ -256,6 +272,10 @@ class LoopbackBoard(Board):
         self.start()
         assert self._tracker_board is not None
         return self._tracker_board.connect(session_timeout_s)
+
+    def rpc_tracker(self) -> tuple[str, int, str]:
+        self.start()
+        return self.host, self.tracker_port, self.key
 
     def capacity(self) -> int:
         return max(1, sum(1 for server in self.server_processes if server.alive()) or self.num_servers)

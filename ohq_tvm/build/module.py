@@ -19,6 +19,8 @@ from ..targets import BoardSpec
 from .elf import elf_machine
 from .schedules import build_scheduled
 from .toolchain import Toolchain, find_toolchain, host_arch, triple_arch
+from .tuned_build import build_tuned
+from .tuning_database import TuningDatabase, target_fingerprint, tuning_target
 
 MANIFEST_FORMAT = "ohq-tvm/manifest"
 MANIFEST_VERSION = 1
@@ -27,17 +29,31 @@ MANIFEST_VERSION = 1
 SCHEDULES = ("default", "none")
 
 
-def build_executable(mod: tvm.IRModule, board: BoardSpec, schedule: str = "default") -> relax.Executable:
+def build_executable(
+    mod: tvm.IRModule,
+    board: BoardSpec,
+    schedule: str = "default",
+    tuning: TuningDatabase | None = None,
+) -> relax.Executable:
     """Compile ``mod`` for ``board``'s TVM target.
 
     ``schedule="default"`` gives every TIR function the zero-budget CPU schedule (parallel, vectorised);
     ``"none"`` is Relax's own pipeline, which leaves them as naive single-threaded loops (kept for
-    comparison). Raises :class:`BuildError` with TVM's last message line when compilation fails.
+    comparison). With a ``tuning`` database (see :func:`~ohq_tvm.build.tune.tune_module`), functions it
+    has records for get MetaSchedule's best schedule and the rest the default one. Raises
+    :class:`BuildError` for a tuning database with ``schedule="none"`` or for another target, and with
+    TVM's last message line when compilation fails.
     """
     if schedule not in SCHEDULES:
         raise BuildError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if tuning is not None and schedule != "default":
+        raise BuildError(f"tuning records apply on top of the default schedule, not schedule {schedule!r}")
     target = board.tvm_target()
+    if tuning is not None and target_fingerprint(tuning.target) != target_fingerprint(tuning_target(board)):
+        raise BuildError(f"the tuning database {tuning.path} is for another target than {board.name}'s")
     try:
+        if tuning is not None:
+            return build_tuned(mod, tuning)
         if schedule == "default" and target.kind.name == "llvm":
             return build_scheduled(mod, target)
         return relax.build(mod, target)

@@ -134,27 +134,37 @@ def default_cpu_schedule() -> tvm.transform.Pass:
     return ApplyDefaultSchedule(CPUDefaultRule())
 
 
-def cpu_pipeline(target: Target) -> tvm.transform.Pass:
-    """Relax's CPU pipeline with :func:`default_cpu_schedule` between fusion and lowering, integer layers
-    first moved to the target's dot-product kernels (``UseDotProductKernels``; no-op without one)."""
+def fusion_passes(target: Target) -> list[tvm.transform.Pass]:
+    """What the CPU pipeline runs before scheduling: integer layers onto their kernels
+    (``UseDotProductKernels``), library dispatch, legalization, constant folding and fusion. Tuning
+    extracts its tasks after exactly these passes, so they are written once, here."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from ohq_tvm.passes import UseDotProductKernels
 
+    return [
+        UseDotProductKernels(target),
+        *cpu_generic.library_dispatch_passes(target),
+        *cpu_generic.legalize_passes(target),
+    ]
+
+
+def lowering_passes(target: Target) -> list[tvm.transform.Pass]:
+    """What the CPU pipeline runs after scheduling: Relax dataflow lowering and finalization."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    return [*cpu_generic.dataflow_lower_passes(target), *cpu_generic.finalize_passes(target)]
+
+
+def cpu_pipeline(target: Target) -> tvm.transform.Pass:
+    """Relax's CPU pipeline with :func:`default_cpu_schedule` between :func:`fusion_passes` and
+    :func:`lowering_passes`."""
+
     @tvm.transform.module_pass(opt_level=0, name="OHQCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(
-                [
-                    UseDotProductKernels(target),
-                    *cpu_generic.library_dispatch_passes(target),
-                    *cpu_generic.legalize_passes(target),
-                    default_cpu_schedule(),
-                    *cpu_generic.dataflow_lower_passes(target),
-                    *cpu_generic.finalize_passes(target),
-                ]
-            )
-            return seq(mod)
+            passes = [*fusion_passes(target), default_cpu_schedule(), *lowering_passes(target)]
+            return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from ..board import Board, LoopbackBoard
 from ..build.module import build_executable
 from ..build.toolchain import Toolchain, find_toolchain
+from ..build.tuning_database import TuningDatabase
 from ..errors import BoardError, OHQError
 from ..targets import BoardSpec
 from .database import LatencyDatabase
@@ -85,6 +86,19 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:16], description
 
 
+# Bumped whenever the default schedule or the kernels it selects change, so that latencies measured with an
+# older build are not mixed with new ones (they stay in the database under their old label).
+DEFAULT_SCHEDULE_REVISION = 2
+
+
+def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
+    """How measurements name the build they timed: ``default/r2``, ``none``, or ``tuned/<database>``
+    (the default schedule with that tuning database's records on top)."""
+    if tuning is not None:
+        return f"tuned/{tuning.path.name}"
+    return f"{schedule}/r{DEFAULT_SCHEDULE_REVISION}" if schedule == "default" else schedule
+
+
 class Measurer:
     """Measures workloads on ``board`` (compiled for ``spec``) into ``database``."""
 
@@ -98,11 +112,14 @@ class Measurer:
         timing: TimingConfig | None = None,
         workers: int | None = None,
         toolchain: Toolchain | None = None,
+        tuning: TuningDatabase | None = None,
     ) -> None:
         self.board = board
         self.spec = spec
         self.database = database
-        self.schedule = schedule
+        self.build_schedule = schedule
+        self.tuning = tuning
+        self.schedule = schedule_label(schedule, tuning)
         self.timing = timing or TimingConfig()
         self.workers = workers
         self.toolchain = toolchain
@@ -222,7 +239,9 @@ class _Run:
     def submit(self, workload: Workload, path: Path) -> None:
         """Build and export on this machine; a workload that does not build is stored as failed."""
         try:
-            executable = build_executable(workload.module(), self.m.spec, self.m.schedule)
+            executable = build_executable(
+                workload.module(), self.m.spec, self.m.build_schedule, tuning=self.m.tuning
+            )
             executable.export_library(str(path), fcompile=self.fcompile)
         except Exception as err:  # BuildError, or TVM's own error types from export
             reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..board import open_board
+from ..board import Board, open_board
+from ..build.tune import TuningProgress
+from ..build.tuning_database import TuningDatabase
 from ..frontend import ImportedModel, load_onnx
 from ..passes.annotate import AnnotateCandidates
 from ..precision import Precision
@@ -73,6 +75,9 @@ def measure_model(
     budget: int | None = None,
     progress: Callable[[MeasureEvent], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    trials: int = 0,
+    tuning_dir: str | os.PathLike | None = None,
+    tuning_progress: Callable[[TuningProgress], None] | None = None,
 ) -> ModelMeasurement:
     """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
 
@@ -80,7 +85,9 @@ def measure_model(
     a loopback RPC server. ``precisions`` restricts the candidates (default: all the board computes).
     ``budget`` caps how many operators are measured now (see :meth:`Measurer.run`; the rest are
     predicted). ``on_plan(total, to_measure)`` is called once the database has been consulted, before
-    measuring.
+    measuring. With ``trials`` > 0 the candidates are first tuned with MetaSchedule on the board
+    (:func:`tune_candidates`) and every operator is timed as built with those records (measurements are
+    stored under the label ``tuned/<database>``, apart from the default-schedule ones).
     Raises :class:`~ohq_tvm.errors.OHQError` subclasses: bad model or target, unreachable board (with
     the measurements already stored kept), a database that cannot be opened.
     """
@@ -97,9 +104,12 @@ def measure_model(
     workloads = extract_workloads(annotated)
     unique = workloads.unique()
     with open_board(tracker, key, server, default_key=spec.rpc_key) as board, LatencyDatabase(database) as db:
-        measurer = Measurer(board, spec, db, schedule=schedule, timing=timing, workers=workers)
+        tuning = None
+        if trials:
+            tuning = tune_candidates(imported, spec, board, allowed, trials, tuning_dir, tuning_progress)
+        measurer = Measurer(board, spec, db, schedule=schedule, timing=timing, workers=workers, tuning=tuning)
         if on_plan is not None:
-            missing = len(db.missing(measurer.fingerprint, schedule, unique))
+            missing = len(db.missing(measurer.fingerprint, measurer.schedule, unique))
             on_plan(len(unique), missing if budget is None else min(missing, budget))
         summary = measurer.run(unique, progress, budget=budget)
         latencies = measurer.latencies(unique)
@@ -107,4 +117,43 @@ def measure_model(
     return ModelMeasurement(imported, spec, workloads, latencies, summary, path)
 
 
-__all__ = ["ModelMeasurement", "measure_model"]
+def tune_candidates(
+    imported: ImportedModel,
+    spec: BoardSpec,
+    board: Board,
+    precisions: Sequence[Precision],
+    trials: int,
+    tuning_dir: str | os.PathLike | None = None,
+    progress: Callable[[TuningProgress], None] | None = None,
+) -> TuningDatabase:
+    """Tune the model once per candidate precision (all layers fp32, all int8, ...) with ``trials``
+    shared between them, so the tuning database holds schedules for the operators OQA then times.
+
+    A layer's workload compiles to the same fused TIR function as the layer inside the uniform model
+    (same ops, same shapes; constants are parameters), so the records apply to it; the few that differ
+    (a layer whose epilogue in the model includes a residual add) keep the default schedule. Integer
+    variants are calibrated on synthetic data: the values do not change the kernels.
+    """
+    from ..build.tune import tune_module
+    from ..calibration import calibrate
+    from ..layers import quantizable_layers
+    from ..passes.apply_plan import ApplyPlan
+    from ..plan import Plan
+
+    layers = quantizable_layers(imported.mod)
+    calibration = (
+        calibrate(imported, "minmax", num_samples=2) if any(p.is_integer for p in precisions) else None
+    )
+    variants = [imported.mod] + [
+        ApplyPlan(Plan.uniform(layers, p), calibration if p.is_integer else None)(imported.mod)
+        for p in precisions
+        if p is not Precision.FP32
+    ]
+    share = max(1, trials // len(variants))
+    result = None
+    for mod in variants:
+        result = tune_module(mod, spec, board, share, tuning_dir=tuning_dir, progress=progress)
+    return result.database
+
+
+__all__ = ["ModelMeasurement", "measure_model", "tune_candidates"]

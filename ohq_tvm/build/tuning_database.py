@@ -1,0 +1,149 @@
+"""Where MetaSchedule tuning records live: one JSON database per TVM target, shared by every model.
+
+A directory per target, named after a stable hash of the target (``llvm-znver4-<hash>``), under the root
+``$OHQ_TVM_TUNING_DIR`` or ``$XDG_CACHE_HOME/ohq-tvm/tuning`` (``~/.cache`` by default), or a root the caller
+names. Inside: MetaSchedule's ``database_workload.json`` / ``database_tuning_record.json`` and ``target.json``
+(which target the records are for, for people). Records are keyed by the structure of each fused TIR
+function, so a conv2d tuned in one model is reused by every model that has the same conv2d.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.target import Target
+
+from ..errors import TuningError
+from ..targets import BoardSpec
+
+TUNING_DIR_ENV = "OHQ_TVM_TUNING_DIR"
+_FINGERPRINT_CHARS = 12
+
+
+def default_tuning_root() -> Path:
+    """``$OHQ_TVM_TUNING_DIR``, else ``$XDG_CACHE_HOME/ohq-tvm/tuning`` (``~/.cache`` by default)."""
+    explicit = os.environ.get(TUNING_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ohq-tvm" / "tuning"
+
+
+def tuning_target(board: BoardSpec) -> Target:
+    """The board's TVM target with ``num-cores`` set (MetaSchedule refuses a CPU target without it)."""
+    config = dict(board.target_config)
+    config.setdefault("num-cores", board.num_cores)
+    try:
+        return Target(config)
+    except Exception as err:  # TVM raises builtin types with its own message
+        raise TuningError(f"board {board.name}: TVM rejects its tuning target: {err}") from None
+
+
+def target_fingerprint(target: Target) -> str:
+    """A stable hash of everything in the target (kind, CPU, triple, features, cores)."""
+    canonical = json.dumps(_plain(target.export()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:_FINGERPRINT_CHARS]
+
+
+def _plain(value: object) -> object:
+    """TVM containers → JSON values, so the hash does not depend on how TVM prints them."""
+    if isinstance(value, dict) or type(value).__name__ == "Map":
+        return {str(k): _plain(v) for k, v in value.items()}  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [_plain(v) for v in value]  # type: ignore[union-attr]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _directory_name(target: Target) -> str:
+    attrs = target.attrs
+    cpu = str(attrs.get("mcpu") or attrs.get("mtriple") or "generic")
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{target.kind.name}-{cpu}")
+    return f"{readable}-{target_fingerprint(target)}"
+
+
+def register_cpu_intrinsics() -> None:
+    """Register the CPU tensor intrinsics (x86 VNNI/AVX-512, Arm NEON/dot-product) MetaSchedule uses.
+
+    ``import tvm.s_tir.tensor_intrin`` (which ``TuneContext`` does) parses every intrinsic TVM has, the
+    CUDA ones included: 35-55 s on a 2-core machine. Only the CPU ones are needed to tune for, or replay
+    records on, a CPU, and they take about a second, so the package is entered into ``sys.modules``
+    without running its ``__init__``; its other submodules still import on demand.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            return
+        package = types.ModuleType(name)
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        package.__package__ = name
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package  # type: ignore[attr-defined]
+    for cpu in ("x86", "arm_cpu"):
+        importlib.import_module(f"{name}.{cpu}")
+
+
+@dataclass
+class TuningDatabase:
+    """The tuning records of one target: a MetaSchedule ``JSONDatabase`` in :attr:`path`."""
+
+    path: Path
+    target: Target
+    database: ms.Database
+
+    @classmethod
+    def open(cls, board: BoardSpec, root: str | os.PathLike | None = None) -> TuningDatabase:
+        """Open (creating if needed) the database for ``board``'s target under ``root``.
+
+        ``root`` defaults to :func:`default_tuning_root`. Raises :class:`TuningError` naming the directory
+        when it cannot be created or written, or when its files are not a MetaSchedule database.
+        """
+        target = tuning_target(board)
+        base = Path(root) if root is not None else default_tuning_root()
+        path = base.expanduser() / _directory_name(target)
+        fix = f"pass another directory with --tuning-dir or set {TUNING_DIR_ENV}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            marker = path / "target.json"
+            marker.write_text(json.dumps(_plain(target.export()), indent=2) + "\n")
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise TuningError(f"tuning directory {path} cannot be written ({reason}); {fix}") from None
+        register_cpu_intrinsics()
+        try:
+            database = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+        except Exception as err:  # TVM raises builtin types (ValueError, RuntimeError)
+            lines = str(err).strip().splitlines()
+            raise TuningError(
+                f"tuning database in {path} is unreadable ({lines[-1] if lines else err!r}); "
+                f"delete the directory to start afresh, or {fix}"
+            ) from None
+        return cls(path, target, database)
+
+    def best_seconds(self, task_mod: tvm.IRModule) -> float | None:
+        """Mean run time of the best valid record for a (normalised) task module; ``None`` if none."""
+        if not self.database.has_workload(task_mod):
+            return None
+        records = self.database.get_top_k(self.database.commit_workload(task_mod), 1)
+        if not records:
+            return None
+        run_secs = [float(s) for s in records[0].run_secs]
+        return sum(run_secs) / len(run_secs)
+
+    def __len__(self) -> int:
+        """Number of stored records (failed measurements included)."""
+        return len(self.database)
