@@ -31,6 +31,9 @@ from ohq_tvm.build.tune_builder import build_candidate
 from ohq_tvm.build.tuned_build import fuse, scheduled_module
 from ohq_tvm.build.tuning_database import register_cpu_intrinsics, target_fingerprint, tuning_target
 from ohq_tvm.errors import BoardError, BuildError, TuningError
+from ohq_tvm.kernels import dot_product_isa
+from ohq_tvm.oqa.workloads import Workload
+from ohq_tvm.precision import Precision
 from ohq_tvm.targets import resolve_target
 
 TRIALS = 6
@@ -227,3 +230,40 @@ def test_candidates_for_an_arm_board_are_cross_compiled_and_linked():
         assert elf_machine(path) == "aarch64"
     finally:
         shutil.rmtree(os.path.dirname(path))
+
+
+@pytest.mark.skipif(
+    dot_product_isa(resolve_target("host").tvm_target()) is None,
+    reason="this CPU has no dot-product instruction",
+)
+def test_tuned_int8_conv_keeps_the_dot_product_instruction(tmp_path, loopback_board, host):
+    """MetaSchedule tunes the int8 kernel through its own rule (sampled register tiles), and the tuned
+    build still multiplies with the dot-product instruction and gives the same integers."""
+    workload = Workload(
+        "layer",
+        "conv2d",
+        Precision.INT8,
+        (1, 16, 14, 14),
+        (1, 32, 14, 14),
+        weight_shape=(32, 16, 3, 3),
+        strides=(1, 1),
+        padding=(1, 1, 1, 1),
+        dilation=(1, 1),
+        bias=True,
+        activation="relu",
+    )
+    mod = workload.module()
+    result = tune_module(mod, host, loopback_board, TRIALS, tuning_dir=tmp_path)
+    assert result.trials_measured >= TRIALS and result.trials_failed == 0
+    records = (result.database_path / "database_tuning_record.json").read_text()
+    assert "SampleCategorical" in records  # the kernel's tile sizes were searched
+    scheduled = scheduled_module(mod, result.database)
+    (kernel,) = [
+        f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in str(f)
+    ]
+    kernel = kernel.with_attr("global_symbol", "main")
+    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=result.database.target).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm
+    (x,) = workload.synthetic_inputs()
+    untuned = run(build_executable(mod, host), x)
+    np.testing.assert_array_equal(run(build_executable(mod, host, tuning=result.database), x), untuned)

@@ -187,6 +187,9 @@ def _tuning_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Sched
 
         _absorb_fused_ops(sch)
         _tile(sch, block, sch.get_sblock(OUTPUT_BLOCK), sample)
+        # The function is fully scheduled here: keep MetaSchedule's generic rules off the root block (its
+        # parallel/vectorise annotation would be rewritten onto loops that are already parallel).
+        sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")
     elif name == PACK_BLOCK:
         _pack(sch, block)
     return [sch]
