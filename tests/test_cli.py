@@ -180,6 +180,20 @@ def test_measure_fills_the_database_then_reuses_it(tmp_path):
     assert "deleted 4 measurements" in cleared.stdout
 
 
+def test_measure_with_tuning_times_the_tuned_operators_apart(tmp_path):
+    model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
+    db = tmp_path / "oqa.sqlite"
+    common = ["--db", str(db), "--precisions", "fp32,int8", "--repeat", "2", "--min-repeat-ms", "5"]
+    tuned = ohq("measure", str(model), *common, "--trials", "8", "--tuning-dir", str(tmp_path / "tuning"))
+    assert tuned.returncode == 0, tuned.stderr
+    assert "measured 4, reused 0, failed 0" in tuned.stdout
+    labels = {m["schedule"] for m in json.loads(ohq("db", "export", "--db", str(db)).stdout)["measurements"]}
+    assert len(labels) == 1 and labels.pop().startswith("tuned/")
+    # The default-schedule measurements are a separate set: nothing of them is in the database yet.
+    plain = ohq("measure", str(model), *common)
+    assert "measured 4, reused 0, failed 0" in plain.stdout
+
+
 def test_measure_rejects_a_precision_the_board_lacks(tmp_path):
     model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
     proc = ohq("measure", str(model), "--db", str(tmp_path / "x.sqlite"), "--precisions", "fp16")
