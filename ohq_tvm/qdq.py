@@ -24,7 +24,7 @@ from .onnx_fold import fold_batch_norms
 from .passes.layer_id import LAYERS_ATTR
 from .plan import Plan
 from .precision import Precision
-from .qparams import quantize_weight
+from .qparams import bias_safe_scales, quantize_weight
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
@@ -101,7 +101,10 @@ def export_qdq(
             activation_dq[key] = f"{prefix}_x"
         inputs[0] = activation_dq[key]
         axis = _weight_axis(node)
-        qw = quantize_weight(weight, precision, axis)
+        bias_values = None
+        if len(inputs) > 2 and inputs[2] in initializers:
+            bias_values = numpy_helper.to_array(initializers[inputs[2]]).astype(np.float32)
+        qw = quantize_weight(weight, precision, axis, bias_safe_scales(bias_values, qp.scale))
         channels = qw.scales.size
         w_q = constant(f"{prefix}_w_q", qw.values)
         w_scale = constant(f"{prefix}_w_scale", qw.scales)

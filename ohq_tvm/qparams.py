@@ -93,13 +93,35 @@ class QuantizedWeight:
         return self.values.astype(np.int64).sum(axis=other)
 
 
-def quantize_weight(weight: np.ndarray, precision: Precision, axis: int) -> QuantizedWeight:
-    """Symmetric per-channel quantization of ``weight`` along ``axis`` (the output channels)."""
+# The bias enters the int32 accumulator as round(bias / (s_x * s_w)); keep it within 2^30 so the sum of
+# products still fits beside it.
+BIAS_LIMIT = float(1 << 30)
+
+
+def bias_safe_scales(bias: np.ndarray | None, input_scale: float) -> np.ndarray | None:
+    """Per-channel lower bounds on the weight scale that keep ``bias / (input_scale · s_w)`` within
+    :data:`BIAS_LIMIT`. A channel whose weights are almost zero (batch norm folded over a dead channel)
+    but whose bias is not would otherwise overflow int32; its scale is raised instead (its tiny weights
+    round to zero, which they nearly are)."""
+    if bias is None:
+        return None
+    return (np.abs(np.asarray(bias, np.float64).reshape(-1)) / (float(input_scale) * BIAS_LIMIT)).astype(
+        np.float32
+    )
+
+
+def quantize_weight(
+    weight: np.ndarray, precision: Precision, axis: int, min_scales: np.ndarray | None = None
+) -> QuantizedWeight:
+    """Symmetric per-channel quantization of ``weight`` along ``axis`` (the output channels); ``min_scales``
+    (see :func:`bias_safe_scales`) raises the scale of the channels that need it."""
     qmax = weight_qmax(precision)
     w = np.asarray(weight, np.float32)
     other = tuple(a for a in range(w.ndim) if a != axis)
     peak = np.abs(w).max(axis=other) if other else np.abs(w)
     scales = np.where(peak > 0, peak / qmax, 1.0).astype(np.float32)
+    if min_scales is not None:
+        scales = np.maximum(scales, min_scales).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
     values = np.clip(np.rint(w / scales.reshape(shape)), -qmax, qmax).astype(np.int8)

@@ -18,6 +18,7 @@ from ohq_tvm.qparams import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     ActivationQParams,
+    bias_safe_scales,
     pack_int4,
     quantize_weight,
 )
@@ -161,7 +162,9 @@ def emit_accumulator(
 ) -> Accumulator:
     """uint8 ``data`` (quantized with ``qp``) × the quantized weight → int32, bias and zero point folded
     in."""
-    qw = quantize_weight(layer.weight, precision, layer.channel_axis_of_weight)
+    qw = quantize_weight(
+        layer.weight, precision, layer.channel_axis_of_weight, bias_safe_scales(bias, qp.scale)
+    )
     channels = layer.channels
     channel_axis = 1 if layer.conv else out_ndim - 1
     channel_shape = [1] * out_ndim

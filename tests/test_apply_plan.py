@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tvm
 from onnx import numpy_helper
@@ -16,6 +17,7 @@ from ohq_tvm.passes import AnnotateCandidates, ApplyPlan, applied_plan
 from ohq_tvm.passes.apply_plan import layer_weight
 from ohq_tvm.passes.layer_id import bound_values, layer_bindings
 from ohq_tvm.plan import Plan, PlanError
+from ohq_tvm.qdq import export_qdq
 from ohq_tvm.qparams import pack_int4, quantize_weight, unpack_int4
 
 from testing_support import conv2d_int_reference, host_target, run_local
@@ -241,3 +243,28 @@ def test_bad_plans_are_rejected(tiny):
     once = ApplyPlan(Plan.uniform(layers, "fp32"))(imported.mod)
     with pytest.raises(PlanError, match="already has a plan"):
         ApplyPlan(Plan.uniform(layers, "fp32"))(once)
+
+
+def test_a_near_dead_channel_with_a_bias_does_not_overflow_the_accumulator():
+    """Batch norm folded over a dead channel leaves weights ~1e-8 and a real bias: bias / (s_x * s_w)
+    would exceed int32, so that channel's weight scale is raised and its output stays the bias."""
+    model = models.conv_model(channels=8, size=10)
+    weights = {init.name: init for init in model.graph.initializer}
+    weight = numpy_helper.to_array(weights["conv0.weight"]).copy()
+    bias = numpy_helper.to_array(weights["conv0.bias"]).copy()
+    weight[1] = 1e-8
+    bias[1] = 0.5
+    weights["conv0.weight"].CopyFrom(numpy_helper.from_array(weight, "conv0.weight"))
+    weights["conv0.bias"].CopyFrom(numpy_helper.from_array(bias, "conv0.bias"))
+    imported, _binding, _weight, calibration = _single_layer(model)
+    (layer_id,) = calibration.ranges
+    plan = Plan.uniform([layer_id], INT8)
+    x = np.random.default_rng(3).standard_normal(imported.inputs[0].shape).astype(np.float32)
+    (out,) = run_local(ApplyPlan(plan, calibration)(imported.mod), x)
+    (fp32,) = run_local(imported.mod, x)
+    np.testing.assert_allclose(out[0, 1], 0.5, atol=0.02)
+    np.testing.assert_allclose(out, fp32, atol=0.1 * float(np.abs(fp32).max()))
+    qdq = export_qdq(imported, plan, calibration)
+    session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    (from_ort,) = session.run(None, {imported.inputs[0].name: x})
+    np.testing.assert_allclose(from_ort[0, 1], 0.5, atol=0.02)

@@ -114,7 +114,11 @@ def test_tuning_measures_the_budget_and_records_it(tuned):
     # One database per target, under the root, holding every measured candidate.
     assert result.database_path.parent == root and result.database_path.name.startswith("llvm-")
     records = (result.database_path / "database_tuning_record.json").read_text().splitlines()
-    assert len(records) == TRIALS == len(result.database)
+    # The budget's candidates plus the default schedule, timed first so a tuned build never loses to it.
+    assert len(records) == TRIALS + 1 == len(result.database)
+    default_record = json.loads(records[0])[1]
+    assert "Sample" not in json.dumps(default_record[0])  # a fixed schedule, nothing sampled
+    assert task.best_ms <= 1e3 * float(np.mean(default_record[1]))
     assert json.loads((result.database_path / "target.json").read_text())["num-cores"] >= 1
     # Progress: a start event, then monotonically increasing trials ending at the budget.
     assert events[0].trials_done == 0 and events[-1].trials_done == TRIALS
@@ -134,7 +138,7 @@ def test_second_run_measures_nothing_and_needs_no_board(tuned, host):
     assert again.trials_measured == 0 and events == []
     assert again.tasks_reused == 1 and again.tasks[0].reused
     assert again.best_ms == result.best_ms
-    assert len(again.database) == TRIALS
+    assert len(again.database) == TRIALS + 1
 
 
 def test_tuned_build_equals_the_untuned_build(tuned, host):

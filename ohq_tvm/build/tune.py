@@ -304,6 +304,7 @@ def _search(
             max_workers=board.capacity(),
         )
         cleanup.callback(runner.pool.shutdown)
+        _commit_default_schedules(pending, tuning, builder, runner)
         counter.start()
         try:
             ms.tune.tune_tasks(
@@ -325,3 +326,46 @@ def _search(
                 f"tuning on {board.label} failed: {_last_line(str(err))} "
                 f"(MetaSchedule's log: {tuning.path / 'logs' / 'tune.log'})"
             ) from err
+
+
+def _commit_default_schedules(
+    pending: list[ms.ExtractedTask], tuning: TuningDatabase, builder, runner
+) -> None:
+    """Time each task's zero-budget schedule on the board like any candidate and store it as a record.
+
+    The search then starts from it (MetaSchedule seeds its population from the database), and since the
+    build takes the best record, a tuned build is never slower than the default one: at small budgets
+    MetaSchedule's own candidates often are. These measurements are not counted against the budget.
+    A default schedule that fails to build or run is skipped (the search goes on without it).
+    """
+    from .schedules import CPUDefaultRule
+
+    rule = CPUDefaultRule()
+    scheduled = []
+    for task in pending:
+        mod = task.dispatched[0]
+        (gvar,) = mod.get_global_vars()
+        sch = rule.apply(mod[gvar], tuning.target, False)
+        if sch is not None and sch.trace is not None:
+            scheduled.append((mod, sch))
+    if not scheduled:
+        return
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tuning.target) for _, sch in scheduled])
+    inputs, measured = [], []
+    for (mod, sch), result in zip(scheduled, built, strict=True):
+        if result.error_msg is None:
+            args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+            inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu", args_info))
+            measured.append((mod, sch, args_info))
+    for (mod, sch, args_info), future in zip(measured, runner.run(inputs), strict=True):
+        result = future.result()
+        if result.error_msg is not None or not result.run_secs:
+            continue
+        record = ms.database.TuningRecord(
+            sch.trace,
+            tuning.database.commit_workload(mod),
+            [float(seconds) for seconds in result.run_secs],
+            tuning.target,
+            args_info,
+        )
+        tuning.database.commit_tuning_record(record)
