@@ -95,14 +95,10 @@ def view_tensor(photo: Photo, view: View, preprocessing: Preprocessing) -> np.nd
     """``[1, 3, 224, 224]`` float32, NCHW. The centre view equals ``pretrained.imagenet_preprocess``."""
     from PIL import Image
 
-    image = Image.open(photo.path).convert("RGB")
-    resize = view.resize or preprocessing.resize
-    width, height = image.size
-    if width <= height:
-        new_width, new_height = resize, int(resize * height / width)
-    else:
-        new_width, new_height = int(resize * width / height), resize
-    image = image.resize((new_width, new_height), Image.BILINEAR)
+    image = pretrained.resize_shorter_side(
+        Image.open(photo.path).convert("RGB"), view.resize or preprocessing.resize
+    )
+    new_width, new_height = image.size
     left, top = round((new_width - CROP) * view.fx), round((new_height - CROP) * view.fy)
     image = image.crop((left, top, left + CROP, top + CROP))
     if view.flip:

@@ -303,18 +303,25 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+def resize_shorter_side(image, resize):
+    """A PIL image scaled (bilinear) so that its shorter side is ``resize`` pixels."""
+    from PIL import Image
+
+    width, height = image.size
+    if width <= height:
+        size = resize, int(resize * height / width)
+    else:
+        size = int(resize * width / height), resize
+    return image.resize(size, Image.BILINEAR)
+
+
 def imagenet_preprocess(path, norm="imagenet", resize=256, crop=224):
     """Resize shorter side to `resize` (bilinear), center-crop `crop`, NCHW float32.
     norm='imagenet': (x/255-mean)/std (MobileNetV2);  norm='half': (x/255-0.5)/0.5 (Lite0)."""
     from PIL import Image
 
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    if w <= h:
-        nw, nh = resize, int(resize * h / w)
-    else:
-        nw, nh = int(resize * w / h), resize
-    im = im.resize((nw, nh), Image.BILINEAR)
+    im = resize_shorter_side(Image.open(path).convert("RGB"), resize)
+    nw, nh = im.size
     left, top = round((nw - crop) / 2.0), round((nh - crop) / 2.0)
     im = im.crop((left, top, left + crop, top + crop))
     x = np.asarray(im, dtype=np.float32) / 255.0
