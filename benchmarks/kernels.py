@@ -182,30 +182,36 @@ def main() -> None:
         "",
         f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, dot-product instruction: "
         f"{isa.name if isa else 'none'}; TVM {tvm.__version__}, ONNX Runtime {ort.__version__} "
-        f"({spec.num_cores} threads); median of {args.repeats} interleaved rounds. Tuned = MetaSchedule, "
-        f"{trials} trials per operator and precision on the loopback host board, fresh database.",
-        "",
-        "| operator | fp32 default (ms) | int8 default (ms) | fp32 / int8 default "
-        "| fp32 tuned (ms) | int8 tuned (ms) | fp32 / int8 tuned |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"({spec.num_cores} threads); median of {args.repeats} interleaved rounds. Tuned = MetaSchedule on "
+        "the loopback host board, fresh database.",
     ]
-    for row in ops:  # (no rows when the operators were skipped)
+    if ops:
+        lines += [
+            "",
+            f"Per operator ({trials} trials per operator and precision).",
+            "",
+            "| operator | fp32 default (ms) | int8 default (ms) | fp32 / int8 default "
+            "| fp32 tuned (ms) | int8 tuned (ms) | fp32 / int8 tuned |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+    for row in ops:
         m = row["median_ms"]
         lines.append(
             f"| {row['op']} | {_ms(m['fp32_default'])} | {_ms(m['int8_default'])} | "
             f"{_ratio(m['fp32_default'], m['int8_default'])} | {_ms(m.get('fp32_tuned'))} | "
             f"{_ms(m.get('int8_tuned'))} | {_ratio(m.get('fp32_tuned'), m.get('int8_tuned'))} |"
         )
-    lines += [
-        "",
-        f"Whole models (tuned: {model_trials} trials per model and precision"
-        + ("; not run" if not model_trials else "")
-        + ").",
-        "",
-        "| model | ORT fp32 | ORT int8 | TVM fp32 unscheduled | TVM fp32 default | TVM int8 default "
-        "| TVM fp32 tuned | TVM int8 tuned | default vs unscheduled (fp32) | best TVM int8 / ORT int8 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    if whole:
+        lines += [
+            "",
+            f"Whole models (tuned: {model_trials} trials per model and precision"
+            + ("; not run" if not model_trials else "")
+            + ").",
+            "",
+            "| model | ORT fp32 | ORT int8 | TVM fp32 unscheduled | TVM fp32 default | TVM int8 default "
+            "| TVM fp32 tuned | TVM int8 tuned | default vs unscheduled (fp32) | best TVM int8 / ORT int8 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for row in whole:
         m = row["median_ms"]
         best_int8 = min(v for k, v in m.items() if k.startswith("tvm_int8"))
