@@ -35,7 +35,7 @@ from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
 
-from timing import machine_record, parse_args, write_results
+from timing import machine_record, parse_args, scratch_host_board, write_results
 
 CASES = {"mobilenet_v2": models.mobilenet_v2, "efficientnet_lite0": models.efficientnet_lite0}
 CANDIDATES = [Precision.FP32, Precision.INT8]
@@ -108,11 +108,7 @@ def main() -> None:
     args = parse_args(__doc__, repeats=5, extra={"--models": ",".join(CASES)})
     spec = resolve_target("host")
     names = [n for n in args.models.split(",") if n]
-    with (
-        tempfile.TemporaryDirectory() as scratch,
-        LoopbackBoard(key="ohq-vs-bops") as board,
-        LatencyDatabase(Path(scratch) / "bench.sqlite") as db,
-    ):
+    with scratch_host_board("ohq-vs-bops") as (board, db):
         results = [bench(n, CASES[n](), board, spec, db, args.repeats) for n in names]
     record = {**machine_record(spec.tvm_target()), "timing": TIMING.__dict__, "results": results}
     lines = [

@@ -41,7 +41,7 @@ from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
 
-from timing import machine_record, parse_args, write_results
+from timing import machine_record, parse_args, scratch_host_board, write_results
 
 CASES = {"mobilenet_v2": models.mobilenet_v2, "efficientnet_lite0": models.efficientnet_lite0}
 PLANS = (Precision.FP32, Precision.INT8)
@@ -107,11 +107,7 @@ def main() -> None:
     args = parse_args(__doc__, repeats=5, extra={"--models": ",".join(CASES)})
     spec = resolve_target("host")
     names = [n for n in args.models.split(",") if n]
-    with (
-        tempfile.TemporaryDirectory() as scratch,
-        LoopbackBoard(key="oqa-bench") as board,
-        LatencyDatabase(Path(scratch) / "bench.sqlite") as db,
-    ):
+    with scratch_host_board("oqa-bench") as (board, db):
         measured = {n: bench(n, CASES[n](), board, spec, db, args.repeats) for n in names}
         rows = {m.workload.key: m for m in db.measurements() if m.ok}
     results = [record for _, record in measured.values()]

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ohq_tvm import models
+
 
 # --------------------------------------------------------------------------
 # locating weight files without importing the packages (only their folders)
@@ -108,16 +110,7 @@ class _InvRes(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    # (expand t, out channels c, repeats n, first stride s)
-    CFG = (
-        (1, 16, 1, 1),
-        (6, 24, 2, 2),
-        (6, 32, 3, 2),
-        (6, 64, 4, 2),
-        (6, 96, 3, 1),
-        (6, 160, 3, 2),
-        (6, 320, 1, 1),
-    )
+    CFG = models.MOBILENET_V2_STAGES  # (expand t, out channels c, repeats n, first stride s)
 
     def __init__(self, num_classes=1000, width=1.0):
         super().__init__()

@@ -7,14 +7,19 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import tvm
 from tvm import relax
+
+from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.oqa import LatencyDatabase
 
 Timer = Callable[[], float]
 
@@ -64,6 +69,18 @@ def parse_args(doc: str, repeats: int, extra: dict[str, str] | None = None) -> a
     for flag, default in (extra or {}).items():
         parser.add_argument(flag, default=default)
     return parser.parse_args()
+
+
+@contextmanager
+def scratch_host_board(key: str) -> Iterator[tuple[LoopbackBoard, LatencyDatabase]]:
+    """A loopback host board under ``key`` and a fresh measurement database, both gone afterwards (a
+    benchmark measures from scratch, never from a user's cache)."""
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        LoopbackBoard(key=key) as board,
+        LatencyDatabase(Path(scratch) / "bench.sqlite") as db,
+    ):
+        yield board, db
 
 
 def write_results(out_dir: str, name: str, record: dict, lines: list[str]) -> None:

@@ -194,7 +194,7 @@ def tiny_cnn(seed: int = 0, size: int = 32, classes: int = 10) -> onnx.ModelProt
 
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2's inverted residual stages.
-_MOBILENET_V2_STAGES = [
+MOBILENET_V2_STAGES = [
     (1, 16, 1, 1),
     (6, 24, 2, 2),
     (6, 32, 3, 2),
@@ -218,7 +218,7 @@ def mobilenet_v2(size: int = 224, classes: int = 1000, width: float = 1.0, seed:
     cin = channels(32)
     x = g.relu6(g.conv("input", 3, cin, stride=2, name="features_0_conv"))
     block = 1
-    for t, c, n, first_stride in _MOBILENET_V2_STAGES:
+    for t, c, n, first_stride in MOBILENET_V2_STAGES:
         cout = channels(c)
         for i in range(n):
             stride = first_stride if i == 0 else 1

@@ -133,7 +133,15 @@ class _DotRewriter(PyExprMutator):
         self.uses: dict[relax.Var, int] = defaultdict(int)
         self.bias_of: dict[relax.Var, np.ndarray] = {}  # layer var -> the add's vector folded into it
         self.folded: dict[relax.Var, relax.Var] = {}  # add var -> layer var
-        self.rewritten = 0
+        # layer var -> ("dot" | "depthwise", its int8 weight): classified once, in plan()
+        self.layers: dict[relax.Var, tuple[str, np.ndarray]] = {}
+
+    def _classify(self, call: relax.Expr) -> tuple[str, np.ndarray] | None:
+        weight = _eligible(call, self.isa)
+        if weight is not None:
+            return "dot", weight
+        weight = _depthwise(call)
+        return ("depthwise", weight) if weight is not None else None
 
     def plan(self, func: relax.Function) -> None:
         """Find each eligible layer whose only reader adds a constant channel vector: fold that add."""
@@ -143,7 +151,11 @@ class _DotRewriter(PyExprMutator):
                 self.uses[var] += 1
         for var in relax.analysis.free_vars(func.body.body):
             self.uses[var] += 1
-        layers = {b.var: b.value for b in bindings if self._kind(b.value) is not None}
+        for binding in bindings:
+            found = self._classify(binding.value)
+            if found is not None:
+                self.layers[binding.var] = found
+        layers = {b.var: b.value for b in bindings if b.var in self.layers}
         pads = {b.var: _spatial_pad(b.value) for b in bindings}
         for value in layers.values():
             data = value.args[0]
@@ -155,7 +167,7 @@ class _DotRewriter(PyExprMutator):
                 continue
             lhs, rhs = value.args
             layer = lhs if lhs in layers else rhs if rhs in layers else None
-            if layer is None or self.uses[layer] != 1 or self._kind(layers[layer]) != "dot":
+            if layer is None or self.uses[layer] != 1 or self.layers[layer][0] != "dot":
                 continue
             conv = layers[layer].op.name == _CONV
             channels = int(layers[layer].ty.shape[1 if conv else -1])
@@ -163,11 +175,6 @@ class _DotRewriter(PyExprMutator):
             if vector is not None and _dtype(value) == "int32":
                 self.bias_of[layer] = vector
                 self.folded[binding.var] = layer
-
-    def _kind(self, call: relax.Expr) -> str | None:
-        if _eligible(call, self.isa) is not None:
-            return "dot"
-        return "depthwise" if _depthwise(call) is not None else None
 
     def _conv_input(self, call: relax.Call) -> tuple[relax.Expr, tuple[int, ...], int]:
         """The conv's data with a folded pad: (data, padding top/left/bottom/right, pad value)."""
@@ -180,10 +187,8 @@ class _DotRewriter(PyExprMutator):
             return self.visit_expr(call.args[0]), padding, 0
         return self.visit_expr(data), tuple(p + e for p, e in zip(padding, extra, strict=True)), value
 
-    def _depthwise_kernel(self, call: relax.Call) -> relax.Expr:
-        weight = _depthwise(call)
+    def _depthwise_kernel(self, call: relax.Call, weight: np.ndarray) -> relax.Expr:
         data, padding, pad_value = self._conv_input(call)
-        self.rewritten += 1
         return self._fusable(
             self.builder_.call_te(
                 depthwise_conv2d_exact,
@@ -197,21 +202,17 @@ class _DotRewriter(PyExprMutator):
             )
         )
 
-    def _kernel(self, call: relax.Call, bias: np.ndarray | None) -> relax.Expr:
-        weight = _eligible(call, self.isa)
+    def _dot_kernel(self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
         if call.op.name == _CONV:
             data, padding, pad_value = self._conv_input(call)
-        else:
-            data = self.visit_expr(call.args[0])
-        if call.op.name == _CONV:
             packed, correction = pack_conv2d_weight(weight, self.isa)
             channels = weight.shape[0]
         else:
+            data = self.visit_expr(call.args[0])
             packed, correction = pack_dense_weight(weight, self.isa)
             channels = weight.shape[1]
         total = correction + (bias.astype(np.int64) if bias is not None else 0)
         vector = relax.const(np.broadcast_to(total, (channels,)).astype(np.int32))
-        self.rewritten += 1
         if call.op.name == _MATMUL:
             return self._fusable(
                 self.builder_.call_te(
@@ -255,14 +256,14 @@ class _DotRewriter(PyExprMutator):
             layer = self.visit_expr(self.folded[binding.var])
             self.builder_.emit_normalized(relax.VarBinding(binding.var, layer))
             return
-        kind = self._kind(binding.value)
-        if kind is None:
+        if binding.var not in self.layers:
             super().visit_var_binding_(binding)
             return
+        kind, weight = self.layers[binding.var]
         if kind == "depthwise":
-            kernel = self._depthwise_kernel(binding.value)
+            kernel = self._depthwise_kernel(binding.value, weight)
         else:
-            kernel = self._kernel(binding.value, self.bias_of.get(binding.var))
+            kernel = self._dot_kernel(binding.value, weight, self.bias_of.get(binding.var))
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(kernel)))
 
 
@@ -284,9 +285,9 @@ class UseDotProductKernels:
         flat = relax.transform.ToNonDataflow()(mod)
         rewriter = _DotRewriter(flat, self.isa)
         rewriter.plan(flat["main"])
-        func = rewriter.visit_expr(flat["main"])
-        if not rewriter.rewritten:
+        if not rewriter.layers:
             return mod
+        func = rewriter.visit_expr(flat["main"])
         result = rewriter.builder_.get()
         result["main"] = func
         result = relax.transform.CanonicalizeBindings()(result)

@@ -10,8 +10,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from ohq_tvm import models
 from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
-from ohq_tvm.build.loops import vector_factor
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
+from ohq_tvm.kernels.loops import vector_factor
 
 from testing_support import host_target
 

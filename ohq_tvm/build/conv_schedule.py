@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .loops import attempt, extent, parallel, vector_factor
+from ..kernels.loops import attempt, extent, fold_consumers, inline_other_blocks, parallel, vector_factor
 
 _REGULAR_CHANNELS = (8, 4, 2)
 _DEPTHWISE_ROWS = 4
@@ -56,9 +56,7 @@ def _fold_epilogue(sch: s_tir.Schedule, conv: s_tir.SBlockRV) -> s_tir.SBlockRV 
     if len(consumers) != 1:
         return None
     epilogue = consumers[0]
-    merged = True
-    while merged:
-        merged = any(attempt(sch.reverse_compute_inline, c) for c in sch.get_consumers(epilogue))
+    fold_consumers(sch, epilogue)
     return epilogue
 
 
@@ -81,9 +79,7 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
     producers = list(sch.get_producers(conv))
     epilogue = _fold_epilogue(sch, conv)
     own = {sch.get(b).name_hint for b in [conv, *producers, *([epilogue] if epilogue else [])]}
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).name_hint not in own and not attempt(sch.compute_inline, block):
-            _schedule_producer_stage(sch, block, lanes)
+    inline_other_blocks(sch, own, lambda block: _schedule_producer_stage(sch, block, lanes))
     vector = vector_factor(extent(sch, x), lanes)
     x_o, tile_x = x, []
     if vector is not None:

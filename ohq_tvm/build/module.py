@@ -15,6 +15,7 @@ from tvm import relax
 
 from ..errors import BuildError
 from ..frontend import ImportedModel
+from ..jsonfile import plain_json
 from ..targets import BoardSpec
 from .elf import elf_machine
 from .schedules import build_scheduled
@@ -145,17 +146,6 @@ def export_module(
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "verification": None,
     }
-    exported = ExportedModule(library_path, out / "manifest.json", toolchain, _jsonable(manifest))
+    exported = ExportedModule(library_path, out / "manifest.json", toolchain, plain_json(manifest))
     exported.write_manifest()
     return exported
-
-
-def _jsonable(value: object) -> object:
-    """TVM target exports hold TVM containers; turn them into plain JSON values."""
-    if isinstance(value, dict) or type(value).__name__ == "Map":
-        return {str(k): _jsonable(v) for k, v in value.items()}  # type: ignore[union-attr]
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
-        return [_jsonable(v) for v in value]  # type: ignore[union-attr]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

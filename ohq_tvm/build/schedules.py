@@ -28,8 +28,8 @@ from tvm.target import Target
 
 from ..kernels import has_dot_kernel
 from ..kernels import schedule_default as schedule_dot_kernel
+from ..kernels.loops import MIN_LANES, extent, fp32_lanes, parallel, vector_factor
 from .conv_schedule import find_conv, schedule_conv
-from .loops import MIN_LANES, extent, fp32_lanes, parallel, vector_factor
 
 _CHANNEL_UNROLL = (4, 2)
 

@@ -25,6 +25,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.target import Target
 
 from ..errors import TuningError
+from ..jsonfile import plain_json
 from ..targets import BoardSpec
 
 TUNING_DIR_ENV = "OHQ_TVM_TUNING_DIR"
@@ -52,19 +53,8 @@ def tuning_target(board: BoardSpec) -> Target:
 
 def target_fingerprint(target: Target) -> str:
     """A stable hash of everything in the target (kind, CPU, triple, features, cores)."""
-    canonical = json.dumps(_plain(target.export()), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(plain_json(target.export()), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:_FINGERPRINT_CHARS]
-
-
-def _plain(value: object) -> object:
-    """TVM containers → JSON values, so the hash does not depend on how TVM prints them."""
-    if isinstance(value, dict) or type(value).__name__ == "Map":
-        return {str(k): _plain(v) for k, v in value.items()}  # type: ignore[union-attr]
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
-        return [_plain(v) for v in value]  # type: ignore[union-attr]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _directory_name(target: Target) -> str:
@@ -119,7 +109,7 @@ class TuningDatabase:
         try:
             path.mkdir(parents=True, exist_ok=True)
             marker = path / "target.json"
-            marker.write_text(json.dumps(_plain(target.export()), indent=2) + "\n")
+            marker.write_text(json.dumps(plain_json(target.export()), indent=2) + "\n")
         except OSError as err:
             reason = err.strerror or type(err).__name__
             raise TuningError(f"tuning directory {path} cannot be written ({reason}); {fix}") from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from .isa import DotProductISA
+from .isa import ISAS, DotProductISA
 
 PACK_BLOCK = "ohq_dot_pack"
 CONV_BLOCK = "ohq_dot_conv2d"
@@ -91,8 +91,6 @@ def conv2d_dot(
     pad_value: int,
 ) -> te.Tensor:
     """NCHW uint8 ``data`` ⊛ ``packed`` (from :func:`pack_conv2d_weight`) + ``bias[O]`` → NCHW int32."""
-    from .isa import ISAS
-
     isa = ISAS[isa_name]
     n, in_c, height, width = (int(d) for d in data.shape)
     kh, kw = kernel
@@ -139,8 +137,6 @@ def dense_dot(
     data: te.Tensor, packed: te.Tensor, bias: te.Tensor, *, isa_name: str, columns: int
 ) -> te.Tensor:
     """uint8 ``data[..., K]`` @ ``packed`` (from :func:`pack_dense_weight`) + ``bias[N]`` → int32 [..., N]."""
-    from .isa import ISAS
-
     isa = ISAS[isa_name]
     *batch, reduction = (int(d) for d in data.shape)
     blocks_k = int(packed.shape[1])

@@ -23,6 +23,7 @@ from tvm import s_tir, tirx
 
 from .int8_dot import CONV_BLOCK, DENSE_BLOCK, DOT_RULE, ISA_ATTR, OUTPUT_BLOCK, PACK_BLOCK
 from .isa import ISAS
+from .loops import fold_consumers, inline_other_blocks, parallel
 
 _MAX_ROWS = 8
 _MAX_COLS = 4
@@ -126,26 +127,9 @@ def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
     dequantize, activation, residual add) is reverse-inlined into the output stage, so it runs on each
     register tile; other producers (e.g. a residual's dequantize) are inlined into their readers. A block
     that cannot be inlined is left in place and given a parallel loop."""
-    output = sch.get_sblock(OUTPUT_BLOCK)
-    changed = True
-    while changed:
-        changed = False
-        for consumer in sch.get_consumers(output):
-            try:
-                sch.reverse_compute_inline(consumer)
-                changed = True
-            except Exception:  # not element-wise over the output: stays a separate stage
-                continue
+    fold_consumers(sch, sch.get_sblock(OUTPUT_BLOCK))
     own = {PACK_BLOCK, CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK}
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).name_hint in own:
-            continue
-        try:
-            sch.compute_inline(block)
-        except Exception:
-            loops = sch.get_loops(block)
-            if loops:
-                sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    inline_other_blocks(sch, own, lambda block: parallel(sch, sch.get_loops(block)))
 
 
 def _pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV) -> None:

@@ -1,4 +1,5 @@
-"""Small loop arithmetic shared by the default schedules: extents, vector widths, parallel loops."""
+"""Loop arithmetic and schedule steps shared by the kernels' schedules and the default schedules of
+:mod:`ohq_tvm.build`: extents, vector widths, parallel loops, folding fused neighbours into a block."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def attempt(action: Callable, *args) -> bool:
         return True
     except Exception:  # a schedule primitive refused: the caller falls back
         return False
+
+
+def fold_consumers(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
+    """Reverse-inline ``block``'s element-wise consumers into it, repeatedly, until none can be."""
+    while any(attempt(sch.reverse_compute_inline, consumer) for consumer in sch.get_consumers(block)):
+        pass
+
+
+def inline_other_blocks(
+    sch: s_tir.Schedule, own: set[str], fallback: Callable[[s_tir.SBlockRV], None]
+) -> None:
+    """Inline every block at the root not named in ``own``; ``fallback`` schedules one that cannot be."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint not in own and not attempt(sch.compute_inline, block):
+            fallback(block)
