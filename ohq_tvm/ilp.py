@@ -292,6 +292,25 @@ def pareto_frontier(problem: Problem, points: int = 12) -> list[Plan]:
     return sorted(frontier, key=lambda plan: plan.predicted["latency_ms"])
 
 
+def knee(frontier: list[Plan]) -> Plan:
+    """The frontier's knee: on axes scaled to [0, 1], the plan farthest below the straight line from the
+    fastest plan to the most accurate one (the end points themselves when the frontier has fewer than 3).
+
+    Raises :class:`PlanError` for an empty frontier.
+    """
+    if not frontier:
+        raise PlanError("an empty Pareto frontier has no knee")
+    points = sorted(frontier, key=lambda plan: plan.predicted["latency_ms"])
+    if len(points) < 3:
+        return points[0]
+    latency = np.array([p.predicted["latency_ms"] for p in points])
+    loss = np.array([p.predicted["sensitivity"] for p in points])
+    x = (latency - latency[0]) / max(latency[-1] - latency[0], 1e-12)
+    y = (loss - loss[-1]) / max(loss[0] - loss[-1], 1e-12)
+    # Line from (0, 1) (fastest, most loss) to (1, 0): below it means x + y < 1.
+    return points[int(np.argmax(1.0 - x - y))]
+
+
 def _dominates(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     keys = ("latency_ms", "sensitivity")
     return all(a[k] <= b[k] + 1e-12 for k in keys) and any(a[k] < b[k] - 1e-12 for k in keys)
@@ -326,4 +345,4 @@ def greedy(problem: Problem, latency_budget_ms: float) -> Plan:
     return Plan(chosen, source="greedy", predicted=current)
 
 
-__all__ = ["OBJECTIVES", "Budgets", "Problem", "greedy", "pareto_frontier", "solve"]
+__all__ = ["OBJECTIVES", "Budgets", "Problem", "greedy", "knee", "pareto_frontier", "solve"]

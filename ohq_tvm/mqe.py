@@ -58,6 +58,17 @@ class Sensitivity:
     board: str = "local"
     calibration: str | None = None
     per_batch: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    model_sha256: str = ""
+
+    def matches(self, model_sha256: str, precisions: Sequence[Precision], data: str, batches: int) -> bool:
+        """Whether this estimate answers the same question (a cached one can then stand in for it)."""
+        have = {p for row in self.values.values() for p in row}
+        return (
+            self.model_sha256 == model_sha256
+            and set(precisions) <= have
+            and self.data == data
+            and self.batches == batches
+        )
 
     def ranking(self, precision: Precision) -> list[str]:
         """Layer ids from most to least sensitive to ``precision``."""
@@ -75,6 +86,7 @@ class Sensitivity:
             "board": self.board,
             "calibration": self.calibration,
             "per_batch": self.per_batch,
+            "model_sha256": self.model_sha256,
         }
 
     @classmethod
@@ -84,7 +96,7 @@ class Sensitivity:
         values = {
             lid: {Precision(p): float(v) for p, v in row.items()} for lid, row in data["values"].items()
         }
-        keys = ("board", "calibration", "per_batch")
+        keys = ("board", "calibration", "per_batch", "model_sha256")
         return cls(
             values,
             data["data"],
@@ -195,6 +207,7 @@ def estimate_sensitivity(
         board=board.label if board is not None else "local",
         calibration=calibration.method if calibration is not None else None,
         per_batch=per_batch,
+        model_sha256=imported.sha256,
     )
 
 

@@ -1,9 +1,11 @@
 """The Python API: ``compile_model`` runs the pipeline the ``ohq-tvm compile`` command runs.
 
-Stages: import ONNX → [plan: calibrate, rewrite with ``ApplyPlan``, export the QDQ twin] → build for the
-target → export (cross-linked for the board's triple) → run on the board over RPC and compare with ONNX
-Runtime (on the QDQ export when the plan quantizes). Measurement, estimation and the solver slot in before
-the rewrite.
+Stages: import ONNX → [with a budget: measure every candidate operator on the board (OQA), estimate
+sensitivity (MQE), solve (ILP) — :func:`ohq_tvm.planner.plan_model`] → [with a plan: calibrate, rewrite
+with ``ApplyPlan``, export the QDQ twin — :mod:`ohq_tvm.rewrite`] → tune (with trials) → build for the
+target → export (cross-linked for the board's triple) → run on the board over RPC: compare with ONNX
+Runtime (on the QDQ export when the plan quantizes), time it, and measure fidelity to float32 →
+manifest, and after planning the report and Pareto plot.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from pathlib import Path
 import onnx
 
 from .board import Board, open_board
+from .budget import BudgetSpec
 from .build import (
     FP32_TOLERANCE,
     QUANTIZED_TOLERANCE,
     ExportedModule,
     TuneResult,
-    TuningProgress,
     Verification,
     build_executable,
     export_module,
@@ -30,13 +32,18 @@ from .build import (
     host_arch,
     triple_arch,
     tune_module,
-    verify_on_board,
+    verify_vm,
 )
-from .calibration import Calibration, calibrate, load_samples
+from .build.fidelity import Fidelity, agreement_failure, check_fidelity, describe
+from .calibration import Calibration
 from .errors import BoardError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
+from .jsonfile import write_json
 from .plan import Plan, PlanError
+from .planner import PlanningResult, default_sensitivity_cache, plan_model
 from .precision import Precision
+from .progress import StageProgress, as_progress
+from .rewrite import rewrite_for_plan
 from .targets import BoardSpec, resolve_target
 
 Progress = Callable[[str], None]
@@ -58,10 +65,21 @@ class CompileResult:
     calibration: Calibration | None = None
     qdq_path: Path | None = None
     tuning: TuneResult | None = None
+    planning: PlanningResult | None = None
+    fidelity: dict[str, Fidelity] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # why verification failed, if it did
+    report_path: Path | None = None
+    pareto_path: Path | None = None
 
     @property
     def verified(self) -> bool:
-        return self.verification is not None and self.verification.passed
+        return self.verification is not None and self.verification.passed and not self.failures
+
+    @property
+    def measured_ms(self) -> float | None:
+        """The built module's median latency on the board, if it ran there."""
+        latency = self.verification.latency if self.verification is not None else None
+        return latency.median_ms if latency is not None else None
 
 
 def _can_run_locally(board: BoardSpec) -> bool:
@@ -83,14 +101,20 @@ def compile_model(
     schedule: str = "default",
     precision: Precision | str | None = None,
     plan: Plan | str | os.PathLike | None = None,
+    budget: BudgetSpec | str | None = None,
+    database: str | os.PathLike | None = None,
+    precisions: Sequence[Precision | str] | None = None,
+    mqe_batches: int = 4,
     calibration_method: str = "minmax",
     calibration_samples: str | os.PathLike | None = None,
     normalization: str = "imagenet",
     synthetic: str = "gaussian",
+    eval_images: str | os.PathLike | None = None,
+    fidelity_samples: int = 8,
+    min_agreement: float | None = None,
     trials: int = 0,
     tuning_dir: str | os.PathLike | None = None,
-    progress: Progress | None = None,
-    tuning_progress: Callable[[TuningProgress], None] | None = None,
+    progress: StageProgress | Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
 
@@ -104,66 +128,108 @@ def compile_model(
             the target's architecture differs from this machine's and no tracker/server is given).
         schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
         precision: every layer in this precision (a uniform plan); or
-        plan: a :class:`Plan` or the path of its JSON. With either, integer layers are calibrated with
-            ``calibration_method`` on ``calibration_samples`` (a folder of ``.npy``/images, normalised
-            per ``normalization``) or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``,
-            or ``matched`` to the first layer's BatchNormalization statistics); ``plan.json``,
-            ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
+        plan: a :class:`Plan` or the path of its JSON; or
+        budget: run the whole OHQ pipeline: every candidate operator timed on the board (OQA, into
+            ``database``), MQE sensitivity (``mqe_batches`` synthetic batches; cached next to the
+            database), the ILP under this :class:`~ohq_tvm.budget.BudgetSpec` (or its text, e.g.
+            ``"latency=0.8*int8"``); ``precisions`` restricts the candidates. Writes ``report.md``,
+            ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too.
+            With a precision, plan or budget, integer layers are calibrated with ``calibration_method``
+            on ``calibration_samples`` (a folder of ``.npy``/images, normalised per ``normalization``)
+            or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``, or ``matched`` to the
+            first layer's BatchNormalization statistics); ``plan.json``, ``calibration.json`` and
+            ``model.qdq.onnx`` are written next to the module.
+        eval_images / fidelity_samples / min_agreement: a quantized module's first output is compared
+            with the float32 model's on ``fidelity_samples`` synthetic batches and on the images (or
+            ``.npy`` arrays) in ``eval_images``; with ``min_agreement``, a top-1 agreement below it (on
+            the images when given) fails verification.
         trials: MetaSchedule budget (0: none, the zero-budget default schedule only). With trials, every
             fused function without a record in the target's tuning database is tuned on the board
             (measured through its RPC tracker; the loopback host board by default) and the module is
-            built with the database's schedules, the default schedule covering the rest.
+            built with the database's schedules, the default schedule covering the rest. With a budget,
+            the candidate operators are tuned (and timed as tuned builds) before planning, too.
         tuning_dir: root of the tuning databases (default: ``$OHQ_TVM_TUNING_DIR`` or
             ``~/.cache/ohq-tvm/tuning``).
-        progress: called with one-line messages as stages finish;
-        tuning_progress: called with a :class:`TuningProgress` after each measured batch of candidates.
+        progress: a :class:`~ohq_tvm.progress.StageProgress` (bars for the long stages) or a callback
+            for one-line stage messages.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
     unreachable boards (also when candidates must be measured on a board of another architecture and no
     tracker is given), tuning and build failures, and :class:`VerificationError` (after writing the
-    outputs and a manifest marked as failed) when the board's outputs disagree with ONNX Runtime.
+    outputs, the report and a manifest marked as failed) when the board's outputs disagree with ONNX
+    Runtime or fall below ``min_agreement``. An interrupted run keeps every operator measured, the
+    sensitivity estimate and the tuning records: rerunning resumes from them.
     """
-    say = progress or (lambda _message: None)
+    hooks = as_progress(progress)
+    say = hooks.say
     seconds: dict[str, float] = {}
+    out = Path(out_dir)
 
     def stage(name: str, started: float) -> None:
         seconds[name] = round(time.perf_counter() - started, 3)
 
     board = target if isinstance(target, BoardSpec) else resolve_target(target)
+    wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
+    if sum(x is not None for x in (precision, plan, wanted)) > 1:
+        raise PlanError("give one of a precision, a plan or a budget")
     started = time.perf_counter()
     imported = load_onnx(model, input_shapes)
     stage("import", started)
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
-    mod, chosen, calibration, qdq, qdq_path = imported.mod, None, None, None, None
-    if precision is not None or plan is not None:
-        started = time.perf_counter()
-        mod, chosen, calibration, qdq, qdq_path = _apply_plan(
-            imported,
-            board,
-            Path(out_dir),
-            precision=precision,
-            plan=plan,
-            method=calibration_method,
-            samples_path=calibration_samples,
-            normalization=normalization,
-            synthetic=synthetic,
-            seed=seed,
-            say=say,
-        )
-        stage("plan", started)
-    quantized = chosen is not None and any(p is not Precision.FP32 for p in chosen.assignments.values())
     remote_given = bool(tracker or server)
     runs_here = remote_given or _can_run_locally(board)
+    # One board serves measurement, MQE, tuning and verification (a loopback one starts on first use).
     live = open_board(tracker, key, server, default_key=board.rpc_key) if runs_here else _NoBoard(board)
-    try:  # the board (a loopback one starts on first use) serves both tuning and verification
+    try:
+        planning = None
+        if wanted is not None:
+            if not runs_here:
+                raise BoardError(live.fix)
+            started = time.perf_counter()
+            planning = plan_model(
+                imported,
+                board,
+                board=live,
+                database=database,
+                precisions=precisions,
+                budget=wanted,
+                num_batches=mqe_batches,
+                sensitivity_cache=default_sensitivity_cache(database, imported),
+                trials=trials,
+                tuning_dir=tuning_dir,
+                frontier_points=FRONTIER_POINTS,
+                progress=hooks,
+            )
+            plan = planning.plan
+            stage("plan", started)
+            say(f"chosen plan: {_describe(plan)} (budget {wanted})")
+        rewritten = None
+        if precision is not None or plan is not None:
+            started = time.perf_counter()
+            rewritten = rewrite_for_plan(
+                imported,
+                board,
+                out,
+                precision=precision,
+                plan=plan,
+                method=calibration_method,
+                samples_path=calibration_samples,
+                normalization=normalization,
+                synthetic=synthetic,
+                seed=seed,
+                say=say,
+            )
+            stage("rewrite", started)
+        mod = rewritten.mod if rewritten is not None else imported.mod
+        quantized = rewritten is not None and rewritten.quantized
         tuned = None
         if trials:
             if schedule != "default":
                 raise TuningError(f"--trials tunes on top of the default schedule, not schedule {schedule!r}")
             started = time.perf_counter()
-            tuned = tune_module(mod, board, live, trials, tuning_dir=tuning_dir, progress=tuning_progress)
+            tuned = tune_module(mod, board, live, trials, tuning_dir=tuning_dir, progress=hooks.tuning)
             stage("tune", started)
             untuned = sum(1 for task in tuned.tasks if task.best_ms is None)
             say(
@@ -177,22 +243,23 @@ def compile_model(
         say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
 
         started = time.perf_counter()
-        exported = export_module(executable, out_dir, board, imported, toolchain=toolchain, schedule=schedule)
+        exported = export_module(executable, out, board, imported, toolchain=toolchain, schedule=schedule)
         stage("export", started)
         say(f"exported {exported.library_path} with {toolchain.describe()}")
 
         result = CompileResult(
-            out_dir=Path(out_dir),
+            out_dir=out,
             library_path=exported.library_path,
             manifest_path=exported.manifest_path,
             board=board,
             imported=imported,
             verification=None,
             stage_seconds=seconds,
-            plan=chosen,
-            calibration=calibration,
-            qdq_path=qdq_path,
+            plan=rewritten.plan if rewritten else None,
+            calibration=rewritten.calibration if rewritten else None,
+            qdq_path=rewritten.qdq_path if rewritten else None,
             tuning=tuned,
+            planning=planning,
         )
         if not verify:
             result.skipped_verification = "verification disabled"
@@ -204,26 +271,102 @@ def compile_model(
         else:
             started = time.perf_counter()
             say(f"running on board {live.label}")
-            result.verification = _verify(live, exported, imported, seed, qdq if quantized else None)
-            stage("verify", started)
+            vm = live.connect().load_vm(exported.library_path)
+            reference = rewritten.qdq if quantized else None
+            tolerance = QUANTIZED_TOLERANCE if quantized else FP32_TOLERANCE
+            result.verification = verify_vm(vm, imported, seed=seed, tolerance=tolerance, reference=reference)
             say(result.verification.summary())
+            if not result.verification.passed:
+                result.failures.append(result.verification.summary())
+            if quantized:
+                result.fidelity = check_fidelity(
+                    vm,
+                    imported,
+                    samples=fidelity_samples,
+                    eval_images=eval_images,
+                    normalization=normalization,
+                    seed=seed,
+                )
+                say("fidelity to fp32: " + "; ".join(describe(f) for f in result.fidelity.values()))
+                failure = agreement_failure(result.fidelity, min_agreement)
+                if failure:
+                    result.failures.append(failure)
+            stage("verify", started)
     finally:
         live.close()
-    if tuned is not None:
-        exported.manifest["tuning"] = {"trials": trials, **tuned.to_json()}
-    exported.manifest["verification"] = (
-        result.verification.to_json() if result.verification else {"skipped": result.skipped_verification}
-    )
-    exported.manifest["stage_seconds"] = seconds
-    if chosen is not None:
-        exported.manifest["plan"] = {"counts": chosen.counts(), "file": "plan.json", "qdq": "model.qdq.onnx"}
-    exported.write_manifest()
-    if result.verification is not None and not result.verification.passed:
+    _finish(result, exported, wanted, trials, say)
+    if result.failures:
         raise VerificationError(
-            f"{exported.library_path} {result.verification.summary()}; not shipped as verified "
+            f"{exported.library_path}: {'; '.join(result.failures)}; not shipped as verified "
             f"(see {exported.manifest_path})"
         )
     return result
+
+
+# Budgets swept for the frontier drawn in pareto.png when the budget does not ask for more.
+FRONTIER_POINTS = 8
+
+
+def _describe(plan: Plan) -> str:
+    counts = ", ".join(f"{n} {p}" for p, n in sorted(plan.counts().items()))
+    predicted = plan.predicted.get("latency_ms")
+    return counts + (f", predicted {predicted:.3f} ms" if predicted is not None else "")
+
+
+def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int, say: Progress) -> None:
+    """Write the manifest (and, after planning, the frontier, the report and the Pareto plot)."""
+    manifest = exported.manifest
+    if result.tuning is not None:
+        manifest["tuning"] = {"trials": trials, **result.tuning.to_json()}
+    if result.verification is not None:
+        manifest["verification"] = {**result.verification.to_json(), "failures": result.failures}
+    else:
+        manifest["verification"] = {"skipped": result.skipped_verification}
+    if result.fidelity:
+        manifest["fidelity"] = {name: f.to_json() for name, f in result.fidelity.items()}
+    manifest["stage_seconds"] = result.stage_seconds
+    if result.plan is not None:
+        manifest["plan"] = {"counts": result.plan.counts(), "file": "plan.json", "qdq": "model.qdq.onnx"}
+    planning = result.planning
+    if planning is not None:
+        from .report import plot_pareto, write_report
+
+        out = result.out_dir
+        write_json(out / "frontier.json", [p.to_json() for p in planning.frontier])
+        planning.sensitivity.save(out / "sensitivity.json")
+        verdict = result.verification.summary() if result.verification else result.skipped_verification
+        others = [f for f in result.failures if result.verification is None or f != verdict]
+        verdict = "; ".join([str(verdict), *(f"FAILED: {f}" for f in others)])
+        result.report_path = write_report(
+            out / "report.md",
+            planning,
+            model_label=str(result.imported.source),
+            board_label=result.verification.board if result.verification else result.board.name,
+            budget=str(wanted),
+            measured_ms=result.measured_ms,
+            fidelity={name: f.to_json() for name, f in result.fidelity.items()} or None,
+            verification=verdict,
+            stage_seconds=result.stage_seconds,
+        )
+        result.pareto_path = plot_pareto(
+            out / "pareto.png",
+            planning,
+            measured_ms=result.measured_ms,
+            title=Path(str(result.imported.source)).name,
+        )
+        manifest["planning"] = {
+            "budget": str(wanted),
+            "budgets": {k: v for k, v in vars(planning.budgets).items() if v is not None},
+            "predicted": planning.plan.predicted,
+            "measured_ms": result.measured_ms,
+            "measurement_database": planning.measurement.database_path,
+            "operators_measured": planning.measurement.summary.measured,
+            "operators_reused": planning.measurement.summary.reused,
+            "sensitivity_reused": planning.sensitivity_reused,
+            "files": ["report.md", "pareto.png", "frontier.json", "sensitivity.json"],
+        }
+        say(f"wrote {result.report_path} and {result.pareto_path}")
+    exported.write_manifest()
 
 
 class _NoBoard(Board):
@@ -232,77 +375,13 @@ class _NoBoard(Board):
 
     def __init__(self, spec: BoardSpec) -> None:
         self.label = f"{spec.name} (not connected)"
-        self._fix = (
+        self.fix = (
             f"no {spec.name} board connected (this machine is {host_arch()}); candidates must be measured "
             f"on the board: pass --tracker HOST:PORT --key {spec.rpc_key}"
         )
 
     def connect(self, session_timeout_s: float = 0):
-        raise BoardError(self._fix)
+        raise BoardError(self.fix)
 
     def rpc_tracker(self) -> tuple[str, int, str]:
-        raise BoardError(self._fix)
-
-
-def _apply_plan(
-    imported: ImportedModel,
-    board: BoardSpec,
-    out_dir: Path,
-    *,
-    precision: Precision | str | None,
-    plan: Plan | str | os.PathLike | None,
-    method: str,
-    samples_path: str | os.PathLike | None,
-    normalization: str,
-    synthetic: str,
-    seed: int,
-    say: Progress,
-):
-    """Make or load the plan, calibrate what it quantizes, rewrite, and write plan/calibration/QDQ files."""
-    from .layers import quantizable_layers
-    from .passes import AnnotateCandidates, ApplyPlan, candidates
-    from .qdq import export_qdq
-
-    layers = quantizable_layers(imported.mod)
-    if plan is not None and precision is not None:
-        raise PlanError("give a precision or a plan, not both")
-    if plan is not None:
-        chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
-        if chosen.model_sha256 and chosen.model_sha256 != imported.sha256:
-            raise PlanError(
-                f"the plan was made for another model (sha256 {chosen.model_sha256[:12]}…, "
-                f"this one is {imported.sha256[:12]}…)"
-            )
-    else:
-        chosen = Plan.uniform(layers, precision, model_sha256=imported.sha256, target=board.name)
-    annotated = AnnotateCandidates(board, pin_first_last=False)(imported.mod)
-    chosen.validate_against(layers, candidates(annotated))
-    calibration = None
-    if any(p.is_integer for p in chosen.assignments.values()):
-        samples = load_samples(samples_path, imported.inputs, normalization) if samples_path else None
-        calibration = calibrate(imported, method, samples=samples, synthetic=synthetic, seed=seed)
-        chosen.calibration = method
-        say(f"calibrated {len(calibration.ranges)} layer inputs ({method}, {calibration.source})")
-    mod = ApplyPlan(chosen, calibration)(annotated)
-    chosen.save(out_dir / "plan.json")
-    if calibration is not None:
-        calibration.save(out_dir / "calibration.json")
-    qdq_path = out_dir / "model.qdq.onnx"
-    qdq = export_qdq(imported, chosen, calibration, qdq_path)
-    counts = ", ".join(f"{n} {p}" for p, n in chosen.counts().items())
-    say(f"applied plan: {counts}")
-    return mod, chosen, calibration, qdq, qdq_path
-
-
-def _verify(
-    board: Board,
-    exported: ExportedModule,
-    imported: ImportedModel,
-    seed: int,
-    reference: onnx.ModelProto | None = None,
-) -> Verification:
-    session = board.connect()
-    tolerance = FP32_TOLERANCE if reference is None else QUANTIZED_TOLERANCE
-    return verify_on_board(
-        session, exported.library_path, imported, seed=seed, tolerance=tolerance, reference=reference
-    )
+        raise BoardError(self.fix)

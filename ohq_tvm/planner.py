@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
-from .board import open_board
+from .board import Board, open_board
+from .budget import BudgetSpec
+from .errors import OHQError
 from .frontend import ImportedModel, load_onnx
-from .ilp import Budgets, Problem, greedy, pareto_frontier, solve
+from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
 from .mqe import Sensitivity, estimate_sensitivity
+from .oqa.database import default_database_path
 from .oqa.run import ModelMeasurement, measure_model
 from .plan import Plan, PlanError
 from .precision import Precision
+from .progress import StageProgress, as_progress
 from .targets import BoardSpec, resolve_target
 
 
@@ -28,6 +34,8 @@ class PlanningResult:
     measurement: ModelMeasurement
     sensitivity: Sensitivity
     budgets: Budgets
+    budget: BudgetSpec | None = None
+    sensitivity_reused: bool = False
 
 
 def plan_model(
@@ -40,62 +48,135 @@ def plan_model(
     database: str | os.PathLike | None = None,
     precisions: Sequence[Precision | str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    latency_ms: float | None = None,
-    latency_ratio: float | None = None,
-    size_bytes: float | None = None,
+    budget: BudgetSpec | str | None = None,
     num_batches: int = 4,
-    pareto_points: int = 0,
-    say: Callable[[str], None] | None = None,
+    sensitivity_cache: str | os.PathLike | None = None,
+    trials: int = 0,
+    tuning_dir: str | os.PathLike | None = None,
+    frontier_points: int | None = None,
+    progress: StageProgress | Callable[[str], None] | None = None,
+    board: Board | None = None,
 ) -> PlanningResult:
-    """The least-sensitive plan within the budgets, from latency measured on the board.
+    """The least-sensitive plan within ``budget``, from latency measured on the board.
 
-    ``latency_ratio`` sets the latency budget as a fraction of the all-fp32 plan's latency (``latency_ms``
-    sets it in milliseconds). Baselines in the result: ``fp32`` and uniform plans of each integer
-    precision, ``greedy`` (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen
-    plan's sensitivity, as hardware-blind methods pick). Raises :class:`PlanError` for infeasible budgets
-    (naming the smallest reachable latency) and the errors of measurement and import.
+    ``budget`` is a :class:`~ohq_tvm.budget.BudgetSpec` or its text (``"latency=0.8*int8"``,
+    ``"latency=5ms,size=2MB"``, ``"pareto"``, ...; none: the least-loss plan). Relative limits are
+    resolved against the predicted numbers of the reference plans (``fp32`` and uniform plans of each
+    lower precision). Baselines in the result: those reference plans, ``greedy`` (same latency budget)
+    and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity, as hardware-blind methods
+    pick). With ``sensitivity_cache`` (a JSON path) MQE's estimate is read from there when it answers the
+    same question (same model, precisions, data and batches) and written there otherwise. ``trials`` >
+    0 times operators as tuned builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points``
+    asks for a Pareto sweep of at least that many budgets (default: the budget's ``pareto=N``, else none).
+    ``progress``: a :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an
+    open :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
+    ``tracker``/``key``/``server``.
+
+    Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency),
+    :class:`~ohq_tvm.budget.BudgetError` for unreadable ones, and the errors of measurement and import.
+    Measurements finished before an error or interruption stay in the database.
     """
-    say = say or (lambda _message: None)
+    hooks = as_progress(progress)
+    say = hooks.say
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
-    if latency_ms is not None and latency_ratio is not None:
-        raise PlanError("give a latency budget in ms or as a ratio, not both")
+    wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
     measurement = measure_model(
-        imported, spec, tracker=tracker, key=key, server=server, database=database, precisions=precisions
+        imported,
+        spec,
+        tracker=tracker,
+        key=key,
+        server=server,
+        database=database,
+        precisions=precisions,
+        progress=hooks.measured,
+        on_plan=hooks.measuring,
+        trials=trials,
+        tuning_dir=tuning_dir,
+        tuning_progress=hooks.tuning,
+        board=board,
     )
     summary = measurement.summary
+    if summary.failed:
+        raise PlanError(
+            f"{len(summary.failed)} operator(s) failed on board {summary.board} "
+            f"(e.g. {next(iter(summary.failed.values()))}); the {summary.measured} measured now are kept in "
+            f"{measurement.database_path}: rerun to retry"
+        )
     say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
-    chosen_precisions = sorted(
+    lower = sorted(
         {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
     )
-    if not chosen_precisions:
+    if not lower:
         raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
-    with open_board(tracker, key, server, default_key=spec.rpc_key) as board:
-        sensitivity = estimate_sensitivity(
-            imported, chosen_precisions, num_batches=num_batches, target=spec, board=board
+    with contextlib.ExitStack() as stack:
+        if board is None:
+            board = stack.enter_context(open_board(tracker, key, server, default_key=spec.rpc_key))
+        sensitivity, reused = _sensitivity(
+            imported, spec, board, lower, num_batches, sensitivity_cache, hooks
         )
-    say(f"sensitivity: {sensitivity.forward_passes} forward passes in {sensitivity.seconds:.1f} s")
+    if reused:
+        say(f"sensitivity: reused {sensitivity_cache}")
+    else:
+        say(f"sensitivity: {sensitivity.forward_passes} forward passes in {sensitivity.seconds:.1f} s")
     problem = Problem(measurement.workloads, measurement.latencies_ms, sensitivity.values)
     layers = list(measurement.workloads.layers)
     baselines = {"fp32": Plan.uniform(layers, Precision.FP32)}
-    for precision in chosen_precisions:
+    for precision in lower:
         if all(precision in options for options in measurement.workloads.layers.values()):
             baselines[precision.value] = Plan.uniform(layers, precision)
     for plan in baselines.values():
         plan.predicted = problem.evaluate(plan.assignments)
-    if latency_ratio is not None:
-        latency_ms = latency_ratio * baselines["fp32"].predicted["latency_ms"]
-    budgets = Budgets(latency_ms=latency_ms, size_bytes=size_bytes)
-    meta = {"model_sha256": imported.sha256, "target": spec.name}
-    plan = solve(problem, "sensitivity", budgets, **meta)
-    plan.notes = f"budgets: {budgets}; sensitivity: {sensitivity.data}, {sensitivity.batches} batches"
-    if latency_ms is not None:
-        baselines["greedy"] = greedy(problem, latency_ms)
-    baselines["bops-proxy"] = solve(
-        problem, "bops", Budgets(sensitivity=plan.predicted["sensitivity"], size_bytes=size_bytes), **meta
+    references = {name: plan.predicted for name, plan in baselines.items()}
+    budgets = Budgets(
+        latency_ms=wanted.latency.resolve("latency_ms", references) if wanted and wanted.latency else None,
+        size_bytes=wanted.size.resolve("size_bytes", references) if wanted and wanted.size else None,
     )
-    frontier = pareto_frontier(problem, pareto_points) if pareto_points else []
-    return PlanningResult(plan, baselines, frontier, measurement, sensitivity, budgets)
+    meta = {"model_sha256": imported.sha256, "target": spec.name}
+    points = max(frontier_points or 0, wanted.pareto_points if wanted else 0)
+    frontier = pareto_frontier(problem, points) if points else []
+    if wanted is not None and wanted.knee:
+        plan = Plan(dict(knee(frontier).assignments), source="ilp-knee", **meta)
+        plan.predicted = problem.evaluate(plan.assignments)
+    else:
+        plan = solve(problem, "sensitivity", budgets, **meta)
+    plan.notes = (
+        f"budget: {wanted or 'none (least loss)'} -> {budgets}; sensitivity: {sensitivity.data}, "
+        f"{sensitivity.batches} batches"
+    )
+    if budgets.latency_ms is not None:
+        baselines["greedy"] = greedy(problem, budgets.latency_ms)
+    baselines["bops-proxy"] = solve(
+        problem,
+        "bops",
+        Budgets(sensitivity=plan.predicted["sensitivity"], size_bytes=budgets.size_bytes),
+        **meta,
+    )
+    return PlanningResult(plan, baselines, frontier, measurement, sensitivity, budgets, wanted, reused)
 
 
-__all__ = ["PlanningResult", "plan_model"]
+def default_sensitivity_cache(database: str | os.PathLike | None, imported: ImportedModel) -> Path:
+    """Where MQE's estimate of a model is kept: next to the measurement database, one file per model."""
+    root = Path(database) if database is not None else default_database_path()
+    return root.parent / "sensitivity" / f"{imported.sha256[:16]}.json"
+
+
+def _sensitivity(imported, spec, board, precisions, num_batches, cache, hooks) -> tuple[Sensitivity, bool]:
+    """MQE's estimate, from ``cache`` when it answers the same question, else run on the board."""
+    data = "synthetic:gaussian"
+    if cache is not None and Path(cache).is_file():
+        try:
+            cached = Sensitivity.load(cache)
+        except OHQError:
+            cached = None
+        if cached is not None and cached.matches(imported.sha256, precisions, data, num_batches):
+            return cached, True
+    sensitivity = estimate_sensitivity(
+        imported, precisions, num_batches=num_batches, target=spec, board=board, progress=hooks.estimating
+    )
+    if cache is not None:
+        sensitivity.save(cache)
+    return sensitivity, False
+
+
+__all__ = ["PlanningResult", "default_sensitivity_cache", "plan_model"]

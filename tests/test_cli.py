@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from ohq_tvm import models
 from ohq_tvm.board.boards import _free_port
 
-# The installed console script, run from a neutral folder (from the repository root, `python -m ohq_tvm`
-# would import the source folder rather than the installed package).
-OHQ_TVM = Path(sys.executable).parent / "ohq-tvm"
-
-
-def ohq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(OHQ_TVM), *args], capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir()
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from testing_support import assert_one_line_error, ohq
 
 
 def test_targets_lists_the_builtin_boards():

@@ -9,9 +9,9 @@ import pytest
 
 from ohq_tvm import Precision, models
 from ohq_tvm.frontend import load_onnx
-from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
+from ohq_tvm.ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
 from ohq_tvm.oqa import extract_workloads
-from ohq_tvm.plan import PlanError
+from ohq_tvm.plan import Plan, PlanError
 
 OPTIONS = [Precision.FP32, Precision.INT8, Precision.INT4W]
 
@@ -99,6 +99,27 @@ def test_pareto_points_are_the_brute_force_frontier(case):
     latencies = [p.predicted["latency_ms"] for p in frontier]
     sensitivities = [p.predicted["sensitivity"] for p in frontier]
     assert latencies == sorted(latencies) and sensitivities == sorted(sensitivities, reverse=True)
+
+
+def _point(latency_ms: float, sensitivity: float) -> Plan:
+    return Plan({"a": "fp32"}, predicted={"latency_ms": latency_ms, "sensitivity": sensitivity})
+
+
+def test_knee_is_the_point_farthest_below_the_chord():
+    # Fastest (1 ms, loss 1.0) to most accurate (5 ms, loss 0): the chord is loss = (5 - x) / 4.
+    points = [_point(1, 1.0), _point(2, 0.2), _point(3, 0.1), _point(5, 0.0)]
+    assert knee(points[::-1]).predicted["latency_ms"] == 2  # 0.75 - 0.2 below the chord, the most
+    assert knee(points[:2]).predicted["latency_ms"] == 1  # two points: the fastest
+    with pytest.raises(PlanError, match="empty"):
+        knee([])
+
+
+def test_knee_of_a_real_frontier_is_on_it(case):
+    problem, _ = case
+    frontier = pareto_frontier(problem, points=12)
+    chosen = knee(frontier)
+    assert chosen in frontier
+    assert frontier[0].predicted["latency_ms"] <= chosen.predicted["latency_ms"]
 
 
 def test_greedy_meets_the_budget_but_never_beats_the_solver(case):

@@ -63,5 +63,5 @@ def test_plan_made_for_another_model_is_refused(tmp_path):
     plan = Plan.uniform(layers, "fp32", model_sha256="0" * 64)
     with pytest.raises(PlanError, match="another model"):
         compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan)
-    with pytest.raises(PlanError, match="not both"):
+    with pytest.raises(PlanError, match="one of a precision, a plan or a budget"):
         compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan, precision="int8")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import psutil
 import tvm
 from tvm import relax
@@ -76,3 +82,25 @@ def conv2d_int_reference(data, weight, strides=(1, 1), padding=(0, 0, 0, 0), gro
             patch = patch.reshape(n, groups, cin_group, out_h, out_w)
             out += np.einsum("ngchw,goc->ngohw", patch, grouped_w[..., i, j])
     return out.reshape(n, out_c, out_h, out_w)
+
+
+# The installed console script, run from a neutral folder (from the repository root, `python -m ohq_tvm`
+# would import the source folder rather than the installed package).
+OHQ_TVM = Path(sys.executable).parent / "ohq-tvm"
+
+
+def ohq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(OHQ_TVM), *args], capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir()
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit status 2 and one ``error:`` line, the last thing on stderr (progress bars may precede it)."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    bars = re.compile(r"^\s*(measuring|sensitivity|tuning):")
+    lines = [line for line in proc.stderr.strip().splitlines() if not bars.match(line.split("\r")[-1])]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]

@@ -6,7 +6,14 @@ from .toolchain import Toolchain, find_toolchain, host_arch, triple_arch
 from .tune import TaskTuning, TuneResult, TuningProgress, tune_module
 from .tuned_build import build_tuned
 from .tuning_database import TUNING_DIR_ENV, TuningDatabase, default_tuning_root
-from .verify import FP32_TOLERANCE, QUANTIZED_TOLERANCE, Verification, reference_outputs, verify_on_board
+from .verify import (
+    FP32_TOLERANCE,
+    QUANTIZED_TOLERANCE,
+    Verification,
+    reference_outputs,
+    verify_on_board,
+    verify_vm,
+)
 
 __all__ = [
     "FP32_TOLERANCE",
@@ -34,4 +41,5 @@ __all__ = [
     "tune_module",
     "unscheduled_functions",
     "verify_on_board",
+    "verify_vm",
 ]

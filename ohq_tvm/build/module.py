@@ -18,10 +18,10 @@ from ..frontend import ImportedModel
 from ..jsonfile import plain_json
 from ..targets import BoardSpec
 from .elf import elf_machine
-from .schedules import build_scheduled
+from .schedules import cpu_pipeline
 from .toolchain import Toolchain, find_toolchain, host_arch, triple_arch
-from .tuned_build import build_tuned
-from .tuning_database import TuningDatabase, target_fingerprint, tuning_target
+from .tuned_build import tuned_cpu_pipeline
+from .tuning_database import TuningDatabase, register_cpu_intrinsics, target_fingerprint, tuning_target
 
 MANIFEST_FORMAT = "ohq-tvm/manifest"
 MANIFEST_VERSION = 1
@@ -45,6 +45,22 @@ def build_executable(
     :class:`BuildError` for a tuning database with ``schedule="none"`` or for another target, and with
     TVM's last message line when compilation fails.
     """
+    lowered = lower_for_board(mod, board, schedule, tuning)
+    try:
+        return relax.build(lowered, board.tvm_target(), relax_pipeline=None)
+    except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
+        raise _build_error(board, err) from err
+
+
+def lower_for_board(
+    mod: tvm.IRModule,
+    board: BoardSpec,
+    schedule: str = "default",
+    tuning: TuningDatabase | None = None,
+) -> tvm.IRModule:
+    """``mod`` after the Relax pipeline :func:`build_executable` compiles it with (fused, scheduled,
+    lowered): ``main`` calls its TIR kernels directly, each a scheduled PrimFunc of the result. Same
+    arguments and errors as :func:`build_executable`."""
     if schedule not in SCHEDULES:
         raise BuildError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if tuning is not None and schedule != "default":
@@ -54,13 +70,19 @@ def build_executable(
         raise BuildError(f"the tuning database {tuning.path} is for another target than {board.name}'s")
     try:
         if tuning is not None:
-            return build_tuned(mod, tuning)
+            register_cpu_intrinsics()  # records may replay tensorized schedules (VNNI, dot-product)
+            return tuned_cpu_pipeline(tuning)(mod)
         if schedule == "default" and target.kind.name == "llvm":
-            return build_scheduled(mod, target)
-        return relax.build(mod, target)
+            return cpu_pipeline(target)(mod)
+        with target:
+            return relax.get_pipeline("default")(mod)
     except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
-        lines = str(err).strip().splitlines()
-        raise BuildError(f"building for {board.name} failed: {lines[-1] if lines else err!r}") from err
+        raise _build_error(board, err) from err
+
+
+def _build_error(board: BoardSpec, err: Exception) -> BuildError:
+    lines = str(err).strip().splitlines()
+    return BuildError(f"building for {board.name} failed: {lines[-1] if lines else err!r}")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from ..board import BoardSession, LatencyStats
+from ..board.session import RemoteVM
 from ..errors import VerificationError
 from ..frontend import ImportedModel, synthetic_inputs
 
@@ -86,16 +88,36 @@ def reference_outputs(
     imported: ImportedModel, inputs: dict[str, np.ndarray], reference: onnx.ModelProto | None = None
 ) -> list[np.ndarray]:
     """Run the (shape-resolved) ONNX model, or ``reference`` (e.g. a QDQ export), in ONNX Runtime."""
+    return reference_session(imported, reference)(inputs)
+
+
+def reference_session(
+    imported: ImportedModel, reference: onnx.ModelProto | None = None
+) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """An ONNX Runtime session on the model (or ``reference``), as a function of the input dict."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     model = reference if reference is not None else imported.onnx_model
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run([o.name for o in imported.outputs], inputs)
+    names = [o.name for o in imported.outputs]
+    return lambda inputs: session.run(names, inputs)
 
 
 def verify_on_board(
-    session: BoardSession,
-    library_path: str | os.PathLike,
+    session: BoardSession, library_path: str | os.PathLike, imported: ImportedModel, **options
+) -> Verification:
+    """Upload and run ``library_path`` on the board with synthetic inputs, compare with ONNX Runtime
+    running the imported model (or ``reference``, the QDQ export of a quantized plan). ``options`` are
+    :func:`verify_vm`'s.
+
+    Raises :class:`~ohq_tvm.errors.BoardError` if the board fails; a numeric disagreement is not an
+    exception here, it is reported by :attr:`Verification.passed`.
+    """
+    return verify_vm(session.load_vm(library_path), imported, **options)
+
+
+def verify_vm(
+    vm: RemoteVM,
     imported: ImportedModel,
     *,
     seed: int = 0,
@@ -103,20 +125,16 @@ def verify_on_board(
     measure_latency: bool = True,
     reference: onnx.ModelProto | None = None,
 ) -> Verification:
-    """Upload and run ``library_path`` on the board with synthetic inputs, compare with ONNX Runtime
-    running the imported model (or ``reference``, the QDQ export of a quantized plan).
-
-    Raises :class:`~ohq_tvm.errors.BoardError` if the board fails; a numeric disagreement is not an
-    exception here, it is reported by :attr:`Verification.passed`.
-    """
+    """:func:`verify_on_board` for a module already loaded on the board: ``seed`` of the synthetic
+    inputs, relative ``tolerance``, whether to time it, and the ``reference`` model (default: the
+    imported one)."""
     inputs = synthetic_inputs(imported.inputs, seed=seed)
     ordered = [inputs[spec.name] for spec in imported.inputs]
-    vm = session.load_vm(library_path)
     got = vm.run(ordered)
     expected = reference_outputs(imported, inputs, reference)
     if len(got) != len(expected):
         raise VerificationError(
-            f"{library_path}: module returned {len(got)} outputs, the ONNX model {len(expected)}"
+            f"{vm.name}: module returned {len(got)} outputs, the ONNX model {len(expected)}"
         )
     agreements = tuple(
         OutputAgreement(
@@ -128,4 +146,4 @@ def verify_on_board(
     )
     latency = vm.time(ordered) if measure_latency else None
     label = "onnxruntime" if reference is None else "onnxruntime-qdq"
-    return Verification(session.label, seed, tolerance, agreements, latency, label)
+    return Verification(vm.session.label, seed, tolerance, agreements, latency, label)

@@ -1,9 +1,11 @@
 """Time workloads on a board over RPC and store every result the moment it is measured.
 
-Each workload is built for the board's target on this machine, exported with the board's toolchain,
-uploaded, and timed with ``time_evaluator`` on synthetic inputs in a fresh RPC session of its own (a
-kernel that crashes or hangs the session takes only that workload with it; the session timeout bounds a
-hang). One worker thread per server available under the board's key measures in parallel.
+Each workload is lowered for the board's target on this machine as a model would be, its kernels
+exported with the board's toolchain, uploaded, and timed with ``time_evaluator`` on synthetic inputs in
+a fresh RPC session of its own (a kernel that crashes or hangs the session takes only that workload with
+it; the session timeout bounds a hang). Every run finds its weights and output out of cache and its
+input in cache, as inside a model (see :mod:`.kernel_timing`). One worker thread per server available
+under the board's key measures in parallel.
 
 Faults: a session that fails (the board died, the connection dropped, the timeout fired) puts the workload
 back in the queue, for any worker, up to ``max_attempts`` times; then it is stored as failed with the
@@ -25,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..board import Board, LoopbackBoard
-from ..build.module import build_executable
+from ..build.module import lower_for_board
 from ..build.toolchain import Toolchain, find_toolchain
 from ..build.tuning_database import TuningDatabase
 from ..errors import BoardError, OHQError
 from ..targets import BoardSpec
 from .database import LatencyDatabase
+from .kernel_timing import KernelCall, build_kernel_library, time_kernels
 from .workloads import Workload
 
 
@@ -86,17 +89,17 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:16], description
 
 
-# Bumped whenever the default schedule or the kernels it selects change, so that latencies measured with an
-# older build are not mixed with new ones (they stay in the database under their old label).
-DEFAULT_SCHEDULE_REVISION = 2
+# Bumped whenever the default schedule, the kernels it selects or the way a workload is timed change, so
+# that latencies measured before are not mixed with new ones (they stay in the database under their old
+# label). r3: kernels timed with their weights and output out of cache (:mod:`.kernel_timing`).
+MEASUREMENT_REVISION = 3
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
-    """How measurements name the build they timed: ``default/r2``, ``none``, or ``tuned/<database>``
-    (the default schedule with that tuning database's records on top)."""
-    if tuning is not None:
-        return f"tuned/{tuning.path.name}"
-    return f"{schedule}/r{DEFAULT_SCHEDULE_REVISION}" if schedule == "default" else schedule
+    """How measurements name the build they timed and how: ``default/r3``, ``none/r3``, or
+    ``tuned/<database>/r3`` (the default schedule with that tuning database's records on top)."""
+    build = f"tuned/{tuning.path.name}" if tuning is not None else schedule
+    return f"{build}/r{MEASUREMENT_REVISION}"
 
 
 class Measurer:
@@ -223,6 +226,7 @@ class _Run:
         self.progress = progress
         self.fcompile = fcompile
         self.queue: queue.Queue = queue.Queue()
+        self.kernels: dict[str, list[KernelCall]] = {}  # by workload key: what its library times
         self.lock = threading.Lock()
         self.done = 0
         self.unreachable = 0  # consecutive sessions that could not even be opened
@@ -237,16 +241,17 @@ class _Run:
             self.progress(event)
 
     def submit(self, workload: Workload, path: Path) -> None:
-        """Build and export on this machine; a workload that does not build is stored as failed."""
+        """Lower, compile its kernels and export on this machine; a workload that does not build is stored
+        as failed."""
         try:
-            executable = build_executable(
-                workload.module(), self.m.spec, self.m.build_schedule, tuning=self.m.tuning
-            )
-            executable.export_library(str(path), fcompile=self.fcompile)
+            lowered = lower_for_board(workload.module(), self.m.spec, self.m.build_schedule, self.m.tuning)
+            calls = build_kernel_library(lowered, self.m.spec, path, fcompile=self.fcompile)
         except Exception as err:  # BuildError, or TVM's own error types from export
             reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
             self._fail(workload, reason, attempts=1, worker="build")
             return
+        with self.lock:
+            self.kernels[workload.key] = calls
         self.queue.put((workload, path, 1))
 
     def _fail(self, workload: Workload, reason: str, attempts: int, worker: str) -> None:
@@ -293,9 +298,10 @@ class _Run:
         with self.lock:
             self.unreachable = 0
         try:
-            vm = session.load_vm(path)
-            stats = vm.time(
-                workload.synthetic_inputs(),
+            stats = time_kernels(
+                session,
+                path,
+                self.kernels[workload.key],
                 repeat=timing.repeat,
                 min_repeat_ms=timing.min_repeat_ms,
                 warmup=timing.warmup,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def measure_model(
     trials: int = 0,
     tuning_dir: str | os.PathLike | None = None,
     tuning_progress: Callable[[TuningProgress], None] | None = None,
+    board: Board | None = None,
 ) -> ModelMeasurement:
     """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
 
@@ -87,9 +89,10 @@ def measure_model(
     predicted). ``on_plan(total, to_measure)`` is called once the database has been consulted, before
     measuring. With ``trials`` > 0 the candidates are first tuned with MetaSchedule on the board
     (:func:`tune_candidates`) and every operator is timed as built with those records (measurements are
-    stored under the label ``tuned/<database>``, apart from the default-schedule ones).
+    stored under the label ``tuned/<database>/r<revision>``, apart from the default-schedule ones).
     Raises :class:`~ohq_tvm.errors.OHQError` subclasses: bad model or target, unreachable board (with
     the measurements already stored kept), a database that cannot be opened.
+    ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open) instead of opening one.
     """
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
@@ -103,7 +106,10 @@ def measure_model(
     annotated = AnnotateCandidates(allowed, pin_first_last=pin_first_last)(imported.mod)
     workloads = extract_workloads(annotated)
     unique = workloads.unique()
-    with open_board(tracker, key, server, default_key=spec.rpc_key) as board, LatencyDatabase(database) as db:
+    with contextlib.ExitStack() as stack:
+        if board is None:
+            board = stack.enter_context(open_board(tracker, key, server, default_key=spec.rpc_key))
+        db = stack.enter_context(LatencyDatabase(database))
         tuning = None
         if trials:
             tuning = tune_candidates(imported, spec, board, allowed, trials, tuning_dir, tuning_progress)

@@ -229,8 +229,10 @@ def _substitute(call: relax.Call, mapping: dict[relax.Var, relax.Var]) -> relax.
     return relax.Call(call.op, [replace(a) for a in call.args], call.attrs, call.ty_args)
 
 
-def _glue_workload(binding: relax.VarBinding) -> Workload | None:
-    """A one-call module for a glue binding; ``None`` for bindings that are not operator calls."""
+def _glue_workload(binding: relax.VarBinding, model: tvm.IRModule) -> Workload | None:
+    """A one-call module for a glue binding; ``None`` for bindings that are not operator calls. A
+    ``call_tir`` (e.g. an explicit ONNX Pad, which the importer lowers to its own TIR function) takes the
+    called TIR function from ``model`` along, and is labelled after it."""
     value = binding.value
     if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
         return None
@@ -245,13 +247,16 @@ def _glue_workload(binding: relax.VarBinding) -> Workload | None:
             out = bb.emit_output(body)
         bb.emit_func_output(out)
     mod = bb.get()
+    called = [a for a in value.args if isinstance(a, tvm.ir.GlobalVar)]
+    for function in called:
+        mod[function] = model[function]
     shapes = [tuple(int(d) for d in p.ty.shape) for p in params]
     output = (
         tuple(int(d) for d in binding.var.ty.shape) if isinstance(binding.var.ty, relax.TensorType) else ()
     )
     return Workload(
         "glue",
-        value.op.name.removeprefix("relax."),
+        called[0].name_hint if called else value.op.name.removeprefix("relax."),
         Precision.FP32,
         shapes[0],
         output,
@@ -318,7 +323,7 @@ def extract_workloads(mod: tvm.IRModule, precisions: list[Precision] | None = No
             dequantize[layer_id] = Workload(
                 "dequantize", "dequantize", Precision.INT8, info.output_shape, info.output_shape
             )
-    glue = [w for w in (_glue_workload(b) for b in graph.glue) if w is not None]
+    glue = [w for w in (_glue_workload(b, mod) for b in graph.glue) if w is not None]
     return ModelWorkloads(
         layers,
         quantize,

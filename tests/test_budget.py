@@ -1,0 +1,74 @@
+"""``--budget`` specifications: parsed, validated, resolved against reference plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from ohq_tvm.budget import DEFAULT_PARETO_POINTS, BudgetError, BudgetSpec, Limit
+
+REFERENCES = {
+    "fp32": {"latency_ms": 10.0, "size_bytes": 4e6},
+    "int8": {"latency_ms": 4.0, "size_bytes": 1e6},
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "latency_ms", "size_bytes"),
+    [
+        ("latency=5ms", 5.0, None),
+        ("latency=5", 5.0, None),
+        ("latency=250us", 0.25, None),
+        ("latency=0.8*int8", 3.2, None),
+        ("latency=0.5x fp32", 5.0, None),
+        ("latency=int8", 4.0, None),
+        ("size=2MB", None, 2e6),
+        ("size=512KiB", None, 524288.0),
+        ("size=0.5*fp32", None, 2e6),
+        ("latency=1e-3s, size=0.25*fp32", 1.0, 1e6),
+    ],
+)
+def test_limits_resolve_to_units(text, latency_ms, size_bytes):
+    spec = BudgetSpec.parse(text)
+    got_latency = spec.latency.resolve("latency_ms", REFERENCES) if spec.latency else None
+    got_size = spec.size.resolve("size_bytes", REFERENCES) if spec.size else None
+    assert got_latency == pytest.approx(latency_ms) if latency_ms is not None else got_latency is None
+    assert got_size == pytest.approx(size_bytes) if size_bytes is not None else got_size is None
+    assert spec.pareto_points == 0 and not spec.knee
+
+
+def test_pareto_alone_builds_the_knee_and_with_limits_only_sweeps():
+    alone = BudgetSpec.parse("pareto")
+    assert alone.pareto_points == DEFAULT_PARETO_POINTS and alone.knee
+    assert BudgetSpec.parse("pareto=5").pareto_points == 5
+    both = BudgetSpec.parse("latency=0.9*int8,pareto=4")
+    assert both.pareto_points == 4 and not both.knee
+    assert both.references() == {"int8"}
+    assert str(both) == "latency=0.9*int8,pareto=4"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty budget"),
+        ("speed=2", "unknown budget term"),
+        ("latency=fast", "'fast' is not a plan"),
+        ("latency=5 parsecs", "give a unit (ms, s, us)"),
+        ("latency=fast!", "cannot read"),
+        ("latency=5kb", "give a unit"),
+        ("size=3", "give a unit"),
+        ("latency=0*int8", "must be positive"),
+        ("latency=1ms,latency=2ms", "twice"),
+        ("pareto=1", ">= 2"),
+        ("latency=0.8*int3", "not a plan"),
+    ],
+)
+def test_bad_budgets_name_the_term(text, fragment):
+    with pytest.raises(BudgetError) as caught:
+        BudgetSpec.parse(text)
+    assert fragment in str(caught.value)
+
+
+def test_a_reference_plan_the_board_lacks_is_named():
+    with pytest.raises(BudgetError, match="no int4w plan") as caught:
+        Limit(factor=0.5, reference="int4w").resolve("latency_ms", REFERENCES)
+    assert "fp32, int8" in str(caught.value)

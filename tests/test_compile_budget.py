@@ -1,0 +1,144 @@
+"""``ohq-tvm compile --budget``: the whole pipeline in one command, its outputs, resuming, failing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from ohq_tvm import models
+from ohq_tvm.plan import Plan
+
+from testing_support import OHQ_TVM, assert_one_line_error, ohq
+
+CANDIDATES = ["--precisions", "fp32,int8", "--batches", "1", "--fidelity-samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny_cnn and a measurement database that the module's tests share (and fill once)."""
+    root = tmp_path_factory.mktemp("budget")
+    return models.save(models.tiny_cnn(), root / "tiny.onnx"), root / "oqa.sqlite"
+
+
+def _measurements(db) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        try:
+            return connection.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
+def test_an_interrupted_run_keeps_its_measurements_and_the_rerun_resumes(tiny, tmp_path):
+    model, db = tiny
+    args = ["compile", str(model), "--db", str(db), *CANDIDATES, "--budget", "size=0.5*fp32"]
+    proc = subprocess.Popen(
+        [str(OHQ_TVM), *args, "-o", str(tmp_path / "a")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while _measurements(db) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    board_processes = psutil.Process(proc.pid).children(recursive=True)  # the loopback tracker/server
+    assert board_processes
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    kept = _measurements(db)
+    assert 3 <= kept < 26  # tiny_cnn has 26 unique workloads at fp32/int8
+    _, alive = psutil.wait_procs(board_processes, timeout=10)
+    assert not alive  # the loopback board went down with it
+    assert not (tmp_path / "a" / "model.so").exists()
+
+    rerun = ohq(*args, "-o", str(tmp_path / "a"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"operators: {26 - kept} measured now, {kept} from the database" in rerun.stdout
+
+
+def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
+    model, db = tiny
+    out = tmp_path / "out"
+    proc = ohq(
+        "compile", str(model), "--db", str(db), *CANDIDATES, "--budget", "size=0.5*fp32", "-o", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ran on host" in proc.stdout and "QDQ export" in proc.stdout
+    plan = Plan.load(out / "plan.json")
+    manifest = json.loads((out / "manifest.json").read_text())
+    planning = manifest["planning"]
+    assert plan.source == "ilp" and "int8" in plan.counts()
+    assert planning["budget"] == "size=0.5*fp32"
+    assert plan.predicted["size_bytes"] <= planning["budgets"]["size_bytes"] + 1e-6
+    assert planning["measured_ms"] == manifest["verification"]["latency"]["median_ms"] > 0
+    assert set(manifest["fidelity"]) == {"synthetic"} and manifest["fidelity"]["synthetic"]["samples"] == 4
+    assert 0.0 <= manifest["fidelity"]["synthetic"]["top1_agreement"] <= 1.0
+    report = (out / "report.md").read_text()
+    for layer_id, precision in plan.assignments.items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {layer_id} |"))
+        assert f"| {precision.value} |" in row
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    frontier = json.loads((out / "frontier.json").read_text())
+    # On this tiny model fp32 is both the fastest and the most accurate plan: it is the frontier.
+    fastest = min(frontier, key=lambda p: p["predicted"]["latency_ms"])
+    assert fastest["predicted"]["sensitivity"] == min(p["predicted"]["sensitivity"] for p in frontier)
+    assert (out / "sensitivity.json").is_file() and (out / "model.qdq.onnx").is_file()
+
+    # A new budget re-solves from the database and the cached sensitivity: nothing measured again.
+    again = ohq(
+        "compile", str(model), "--db", str(db), *CANDIDATES, "--budget", "pareto=6", "-o", str(tmp_path / "b")
+    )
+    assert again.returncode == 0, again.stderr
+    assert "operators: 0 measured now, 26 from the database" in again.stdout
+    assert "sensitivity: reused" in again.stdout
+    knee = Plan.load(tmp_path / "b" / "plan.json")
+    assert knee.source == "ilp-knee"
+    assert knee.assignments in [
+        Plan.from_json(p).assignments for p in json.loads((tmp_path / "b" / "frontier.json").read_text())
+    ]
+
+
+def test_budget_errors_are_one_line(tiny, tmp_path):
+    model, db = tiny
+    common = ["compile", str(model), "--db", str(db), *CANDIDATES, "-o", str(tmp_path)]
+    assert_one_line_error(ohq(*common, "--budget", "latency=fast"), "'fast' is not a plan")
+    assert_one_line_error(ohq(*common, "--budget", "latency=0.01*int8"), "smallest any plan reaches")
+    # Candidates of another architecture cannot be timed here: say where the board must come from.
+    cross = ohq("compile", str(model), "--target", "rpi4b", "--budget", "latency=int8", "-o", str(tmp_path))
+    assert_one_line_error(cross, "--tracker")
+
+
+def test_low_agreement_with_fp32_fails_verification(tmp_path):
+    # A narrow MobileNetV2 with random weights: int8 flips some of its 100-way arg-maxes.
+    model = models.save(models.mobilenet_v2(size=32, width=0.35, classes=100), tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    proc = ohq(
+        "compile",
+        str(model),
+        "--precision",
+        "int8",
+        "--fidelity-samples",
+        "32",
+        "--min-agreement",
+        "0.99",
+        "-o",
+        str(out),
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "FAILED verification" in proc.stderr and "top-1 agreement with fp32" in proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    agreement = manifest["fidelity"]["synthetic"]["top1_agreement"]
+    assert agreement < 0.99
+    assert manifest["verification"]["passed"] is True  # the arithmetic matches the QDQ twin ...
+    assert manifest["verification"]["failures"] == [
+        f"top-1 agreement with fp32 on synthetic {agreement:.3f} is below the required 0.99"
+    ]  # ... the plan's accuracy is what fails

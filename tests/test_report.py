@@ -1,0 +1,211 @@
+"""report.md and pareto.png from a real planning result: tiny_cnn's workloads, made-up board numbers,
+the real solver. The report must show exactly the numbers the solver saw."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ohq_tvm import Precision, models
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
+from ohq_tvm.mqe import Sensitivity
+from ohq_tvm.oqa.measure import MeasureSummary
+from ohq_tvm.oqa.run import ModelMeasurement
+from ohq_tvm.oqa.workloads import extract_workloads
+from ohq_tvm.passes.annotate import AnnotateCandidates
+from ohq_tvm.plan import Plan
+from ohq_tvm.planner import PlanningResult
+from ohq_tvm.report import plot_pareto, write_report
+from ohq_tvm.targets import resolve_target
+
+# (fp32 ms, int8 ms, int8 KL) per layer: int8 is faster everywhere, its loss spans three decades.
+LAYERS = {
+    "stem_conv": (0.4121, 0.2313, 0.0812),
+    "dw1": (0.1502, 0.1207, 0.0021),
+    "pw1": (0.2234, 0.1118, 0.0004),
+    "expand2": (0.6345, 0.2871, 0.0009),
+    "dw2": (0.3456, 0.2402, 0.0350),
+    "project2": (0.5567, 0.2514, 0.0015),
+    "classifier": (0.0311, 0.0236, 0.3100),
+}
+QUANTIZE_MS, DEQUANTIZE_MS, GLUE_MS = 0.0125, 0.0175, 0.0333
+PREDICTED_LAYER = "classifier"  # its int8 latency comes from the latency model, not the board
+FIDELITY = {
+    "synthetic": {"top1_agreement": 0.96875, "cosine": 0.999871, "samples": 32},
+    "images": {"top1_agreement": 0.9, "kl": 0.00123},
+}
+STAGES = {"import": 0.4, "measure": 12.3, "plan": 3.5, "build": 6.0}
+
+
+@pytest.fixture(scope="module")
+def planning() -> PlanningResult:
+    """What ``plan_model`` returns, built from the same calls with the board's numbers made up."""
+    imported = load_onnx(models.MODELS["tiny_cnn"]())
+    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
+    workloads = extract_workloads(annotated)
+    latencies = {}
+    for layer_id, options in workloads.layers.items():
+        for precision, workload in options.items():
+            latencies[workload.key] = LAYERS[layer_id][0 if precision is Precision.FP32 else 1]
+    for table, ms in ((workloads.quantize, QUANTIZE_MS), (workloads.dequantize, DEQUANTIZE_MS)):
+        latencies.update({workload.key: ms for workload in table.values()})
+    latencies.update({workload.key: GLUE_MS for workload in workloads.glue})
+    predicted_key = workloads.layers[PREDICTED_LAYER][Precision.INT8].key
+    measured = {key: ms for key, ms in latencies.items() if key != predicted_key}
+    summary = MeasureSummary(
+        "0123456789abcdef",
+        "host-loopback",
+        "default/r2",
+        total=len(workloads.unique()),
+        reused=20,
+        measured=len(workloads.unique()) - 21,
+        predicted_ms={predicted_key: latencies[predicted_key]},
+        model_mape_percent=12.5,
+    )
+    measurement = ModelMeasurement(
+        imported, resolve_target("host"), workloads, measured, summary, "/tmp/ohq/measurements.sqlite"
+    )
+    values = {layer_id: {Precision.INT8: kl} for layer_id, (_, _, kl) in LAYERS.items()}
+    sensitivity = Sensitivity(values, "synthetic:gaussian", 4, 4 * (1 + len(LAYERS)), 2.5, board="host")
+
+    problem = Problem(workloads, latencies, values)
+    layers = list(workloads.layers)
+    baselines = {p.value: Plan.uniform(layers, p) for p in (Precision.FP32, Precision.INT8)}
+    for plan in baselines.values():
+        plan.predicted = problem.evaluate(plan.assignments)
+    budgets = Budgets(latency_ms=0.8 * baselines["fp32"].predicted["latency_ms"])
+    plan = solve(problem, "sensitivity", budgets)
+    baselines["greedy"] = greedy(problem, budgets.latency_ms)
+    baselines["bops-proxy"] = solve(problem, "bops", Budgets(sensitivity=plan.predicted["sensitivity"]))
+    return PlanningResult(plan, baselines, pareto_frontier(problem, 6), measurement, sensitivity, budgets)
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _rows(section: str) -> list[list[str]]:
+    """The body rows of the first markdown table in ``section``, as stripped cells."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def _report(tmp_path, planning, **extra) -> str:
+    options = {"model_label": "tiny_cnn", "board_label": "host", "budget": "latency-ratio=0.8"}
+    path = write_report(tmp_path / "out" / "report.md", planning, **options, **extra)
+    assert path == tmp_path / "out" / "report.md"
+    return path.read_text()
+
+
+def test_layer_table_shows_the_chosen_precision_and_every_number_the_solver_saw(tmp_path, planning):
+    text = _report(tmp_path, planning)
+    plan = planning.plan
+    rows = _rows(_section(text, "Layers"))
+    assert [row[0] for row in rows] == list(LAYERS)
+    counts = plan.counts()
+    assert 0 < counts.get("int8", 0) < len(LAYERS)  # the budget forces a real mix
+    for row in rows:
+        layer_id, onnx_name, op, shapes, chosen, fp32, int8, quantize, dequantize, kl = row
+        info = planning.measurement.workloads.infos[layer_id]
+        assert (onnx_name, op) == (info.onnx_name, info.op)
+        assert shapes == "x".join(map(str, info.input_shape)) + " → " + "x".join(map(str, info.output_shape))
+        assert chosen == plan.assignments[layer_id].value
+        fp32_ms, int8_ms, loss = LAYERS[layer_id]
+        mark = "~" if layer_id == PREDICTED_LAYER else ""
+        expected = {"fp32": f"{fp32_ms:.4f}", "int8": f"{mark}{int8_ms:.4f}"}
+        expected[chosen] = f"**{expected[chosen]}**"
+        assert (fp32, int8) == (expected["fp32"], expected["int8"])
+        assert (quantize, dequantize) == (f"{QUANTIZE_MS:.4f}", f"{DEQUANTIZE_MS:.4f}")
+        assert float(kl) == pytest.approx(loss, rel=1e-3)
+    assert "~: predicted by the latency model" in text
+    glue = len(planning.measurement.workloads.glue)
+    assert f"Glue (always fp32): {glue * GLUE_MS:.4f} ms over {glue} operators" in text
+
+
+def test_summary_lists_every_plan_with_its_predicted_totals(tmp_path, planning):
+    extra = Plan(dict.fromkeys(LAYERS, Precision.FP32), source="manual")
+    text = _report(tmp_path, planning, extra_plans={"hand-made": extra})
+    rows = {row[0]: row for row in _rows(_section(text, "Plans"))}
+    assert list(rows) == ["**chosen**", "fp32", "int8", "greedy", "bops-proxy", "hand-made"]
+    # fp32's prediction is the sum of the numbers supplied: every layer in fp32 plus the glue.
+    fp32_ms = sum(fp32 for fp32, _, _ in LAYERS.values()) + len(planning.measurement.workloads.glue) * GLUE_MS
+    assert rows["fp32"][1:] == ["uniform", f"{fp32_ms:.4f}", "1.00x", rows["fp32"][4], "0.000e+00", "7xfp32"]
+    chosen = planning.plan.predicted
+    assert rows["**chosen**"][2] == f"{chosen['latency_ms']:.4f}"
+    assert rows["**chosen**"][3] == f"{fp32_ms / chosen['latency_ms']:.2f}x"
+    assert rows["**chosen**"][5] == f"{chosen['sensitivity']:.3e}"
+    int8_loss = sum(kl for _, _, kl in LAYERS.values())
+    assert float(rows["int8"][5]) == pytest.approx(int8_loss, rel=1e-3)
+    assert rows["int8"][6] == "7xint8"
+    assert rows["hand-made"][1:3] == ["manual", "-"]  # no prediction was attached to it
+    assert "Pareto frontier: " in text
+
+
+def test_totals_fidelity_verification_and_stages(tmp_path, planning):
+    predicted_ms = planning.plan.predicted["latency_ms"]
+    text = _report(
+        tmp_path,
+        planning,
+        measured_ms=1.25 * predicted_ms,
+        fidelity=FIDELITY,
+        verification="output matches ONNX Runtime (worst relative error 1.2e-03)",
+        stage_seconds=STAGES,
+    )
+    totals = [row[1] for row in _rows(_section(text, "Totals: predicted vs measured"))]
+    assert totals == [f"{predicted_ms:.4f}", f"{1.25 * predicted_ms:.4f}", "1.250"]
+    fidelity = _section(text, "Fidelity against float32")
+    assert "| data | top1_agreement | cosine | samples | kl |" in fidelity
+    assert _rows(fidelity) == [
+        ["synthetic", "0.96875", "0.999871", "32", "-"],
+        ["images", "0.9", "-", "-", "0.00123"],
+    ]
+    assert "output matches ONNX Runtime (worst relative error 1.2e-03)" in _section(text, "Verification")
+    stages = _rows(_section(text, "Stage times"))
+    assert stages[-1] == ["**total**", "22.2"]
+    assert stages[1] == ["measure", "12.3"]
+
+
+def test_header_names_budgets_board_database_and_mqe(tmp_path, planning):
+    header = _report(tmp_path, planning).split("\n## ", 1)[0]
+    assert header.startswith("# OHQ report: tiny_cnn on host\n")
+    assert (
+        f"`latency-ratio=0.8` → the solver's budgets: latency ≤ {planning.budgets.latency_ms:.4f} ms"
+        in header
+    )
+    assert "host-loopback `0123456789abcdef`, schedule `default/r2`" in header
+    assert "26 unique: 5 measured now, 20 reused from the database, 0 failed, 1 predicted" in header
+    assert "(MAPE 12.5%)" in header
+    assert "`/tmp/ohq/measurements.sqlite`" in header
+    assert "32 forward passes in 2.5 s on host, data `synthetic:gaussian`, 4 batches" in header
+
+
+def test_what_was_not_measured_says_so(tmp_path, planning):
+    text = _report(tmp_path, planning)
+    totals = _rows(_section(text, "Totals: predicted vs measured"))
+    assert [row[1] for row in totals[1:]] == ["not measured", "-"]
+    assert _section(text, "Fidelity against float32").strip() == "not measured"
+    assert _section(text, "Verification").strip() == "not run"
+    assert _section(text, "Stage times").strip() == "not recorded"
+
+
+@pytest.mark.parametrize("measured", [True, False])
+def test_pareto_png(tmp_path, planning, measured):
+    from matplotlib.image import imread
+
+    measured_ms = 1.1 * planning.plan.predicted["latency_ms"] if measured else None
+    path = plot_pareto(tmp_path / "plots" / "pareto.png", planning, measured_ms=measured_ms, title="tiny_cnn")
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000  # markers, labels and a legend, not a blank canvas
+    pixels = imread(path)
+    assert pixels.shape == (600, 960, 4)
+    assert pixels[..., :3].std() > 0.05
+
+
+def test_importing_the_report_loads_neither_matplotlib_nor_tvm():
+    code = "import sys, ohq_tvm.report; print(sorted({'matplotlib', 'tvm'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
