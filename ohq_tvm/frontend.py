@@ -19,7 +19,7 @@ from onnx import helper, shape_inference
 from tvm import relax
 
 from .errors import ModelImportError
-from .onnx_fold import fold_batch_norms
+from .onnx_fold import fold_batch_norms, fold_pads_into_convs
 from .passes.canonicalize_clip import CanonicalizeClip
 from .passes.layer_id import AssignLayerIds
 
@@ -203,6 +203,8 @@ def load_onnx(
         static = shape_inference.infer_shapes(static)
     # BN folded in ONNX, not Relax: each Relax conv weight is then an ONNX initializer (ids match by weight).
     folded, _ = fold_batch_norms(static)
+    # Explicit zero pads ("SAME" padding) become the conv's own padding: no float op between int layers.
+    folded, _ = fold_pads_into_convs(folded)
     try:
         mod = from_onnx(folded, shape_dict={s.name: list(s.shape) for s in specs}, keep_params_in_input=False)
     except Exception as err:

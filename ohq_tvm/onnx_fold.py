@@ -1,4 +1,5 @@
-"""Fold inference-mode BatchNormalization into the Conv that feeds it, in the ONNX graph.
+"""Fold inference-mode BatchNormalization into the Conv that feeds it, and zero Pads into the Convs they
+feed, in the ONNX graph.
 
 Done before import so that each conv's weight in Relax is exactly an ONNX initializer: layer ids are found
 by matching weights to ONNX nodes, and quantization must see the weight the layer really multiplies by
@@ -83,3 +84,92 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return folded, count
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every zero ``Pad`` that only feeds 2-D ``Conv`` nodes merged into their
+    ``pads``; and how many were merged.
+
+    Exporters write TensorFlow's "SAME" padding of strided convs (EfficientNet-Lite among others) as an
+    explicit constant ``Pad`` before the ``Conv``. Left alone it becomes a float operator of its own
+    between layers, which an integer plan must dequantize for and quantize after; merged, the conv pads
+    itself (asymmetrically where needed) and the integer kernel pads with the zero point. A ``Pad``
+    folds when its mode is ``constant``, its value 0, its pads constants (initializers, ``Constant``
+    nodes or the opset < 11 attribute) touching only the two spatial axes of a 4-D tensor, and every
+    reader is a ``Conv`` without ``auto_pad``. Anything else is left as it was.
+    """
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {output.name for output in graph.output}
+    removed = []
+    for pad in list(graph.node):
+        spatial = _zero_spatial_pads(pad, constants)
+        if spatial is None or pad.output[0] in graph_outputs:
+            continue
+        convs = readers.get(pad.output[0], [])
+        if not convs or any(not _pads_itself(conv, pad.output[0]) for conv in convs):
+            continue
+        top, left, bottom, right = spatial
+        for conv in convs:
+            attributes = {a.name: a for a in conv.attribute}
+            current = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+            merged = [current[0] + top, current[1] + left, current[2] + bottom, current[3] + right]
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*kept, helper.make_attribute("pads", merged)])
+            conv.input[0] = pad.input[0]
+        removed.append(pad)
+    for pad in removed:
+        graph.node.remove(pad)
+    still_read = {name for node in graph.node for name in node.input}
+    stale = [vi for vi in graph.value_info if vi.name in {pad.output[0] for pad in removed}]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    unused = [init for init in graph.initializer if init.name not in still_read]
+    for init in unused:
+        if any(init.name in pad.input for pad in removed):
+            graph.initializer.remove(init)
+    return folded, len(removed)
+
+
+def _zero_spatial_pads(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:
+    """``(top, left, bottom, right)`` of a zero-constant Pad of a 4-D NCHW tensor, else None."""
+    if node.op_type != "Pad":
+        return None
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    mode = attributes.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        return None
+    if "pads" in attributes:  # opset < 11
+        pads, value = list(attributes["pads"]), float(attributes.get("value", 0.0))
+    else:
+        if len(node.input) < 2 or node.input[1] not in constants or (len(node.input) > 3 and node.input[3]):
+            return None  # pads computed at run time, or an axes input: not ours to fold
+        pads = [int(p) for p in constants[node.input[1]].reshape(-1)]
+        value_name = node.input[2] if len(node.input) > 2 else ""
+        if value_name and value_name not in constants:
+            return None
+        value = float(constants[value_name].reshape(-1)[0]) if value_name else 0.0
+    if value != 0.0 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
+        return None
+    return pads[2], pads[3], pads[6], pads[7]
+
+
+def _pads_itself(conv: onnx.NodeProto, data: str) -> bool:
+    """Whether ``conv`` is a Conv reading ``data`` as its input (not its weight) with explicit pads."""
+    if conv.op_type != "Conv" or conv.input[0] != data or data in conv.input[1:]:
+        return False
+    attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    auto_pad = attributes.get("auto_pad", b"NOTSET")
+    kernel = attributes.get("kernel_shape")
+    two_d = kernel is None or len(kernel) == 2
+    return (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) == "NOTSET" and two_d

@@ -1,15 +1,15 @@
-"""BatchNormalization folded into Conv in the ONNX graph: same outputs, layer ids kept."""
+"""BatchNormalization and zero Pads folded into Conv in the ONNX graph: same outputs, layer ids kept."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ohq_tvm import models
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
-from ohq_tvm.onnx_fold import fold_batch_norms
+from ohq_tvm.onnx_fold import fold_batch_norms, fold_pads_into_convs
 
 
 def _run(model, x):
@@ -43,3 +43,61 @@ def test_batchnorm_on_a_shared_conv_output_is_left_alone():
     model.graph.node.append(helper.make_node("Relu", [conv_out], ["extra"], name="extra_reader"))
     _, count = fold_batch_norms(model)
     assert count == 1
+
+
+def _same_padded(pad_inputs=None, mode="constant", readers=("dw",), channels=8):
+    """input → Pad (bottom/right by 1, TF "SAME" for stride 2) → depthwise conv(s) stride 2 [→ add]."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(channels, 1, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+        numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
+        numpy_helper.from_array(np.array([1.5], np.float32), "value"),
+    ]
+    nodes = [helper.make_node("Pad", pad_inputs or ["input", "pads"], ["padded"], mode=mode, name="pad")]
+    outputs = []
+    for name in readers:
+        if name == "relu":
+            nodes.append(helper.make_node("Relu", ["padded"], ["relu"], name="relu"))
+            outputs.append(helper.make_tensor_value_info("relu", TensorProto.FLOAT, [1, channels, 17, 17]))
+            continue
+        nodes.append(
+            helper.make_node(
+                "Conv", ["padded", "w"], [name], group=channels, strides=[2, 2], pads=[1, 1, 0, 0], name=name
+            )
+        )
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, channels, 9, 9]))
+    graph = helper.make_graph(
+        nodes,
+        "same_pad",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, 16, 16])],
+        outputs,
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_zero_pad_feeding_convs_becomes_their_padding():
+    original = _same_padded(["input", "pads", "zero"], readers=("dw", "dw_again"))
+    folded, count = fold_pads_into_convs(original)
+    assert count == 1 and not any(n.op_type == "Pad" for n in folded.graph.node)
+    for conv in folded.graph.node:
+        assert conv.input[0] == "input"
+        assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [1, 1, 1, 1]
+    assert "pads" not in {init.name for init in folded.graph.initializer}
+    x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(original, x), rtol=1e-5, atol=1e-6)
+    # Imported: no pad operator left in Relax, and the conv keeps its ONNX name as layer id.
+    imported = load_onnx(original)
+    assert "nn.pad" not in imported.mod.script() and "R.call_tir" not in imported.mod.script()
+    assert [layer.layer_id for layer in quantizable_layers(imported.mod)] == ["dw", "dw_again"]
+
+
+def test_pads_that_are_not_zero_constants_or_feed_other_ops_stay():
+    for model in (
+        _same_padded(mode="reflect"),
+        _same_padded(["input", "pads", "value"]),  # pads with 1.5, not 0
+        _same_padded(readers=("dw", "relu")),  # also read by a non-conv
+    ):
+        folded, count = fold_pads_into_convs(model)
+        assert count == 0 and sum(n.op_type == "Pad" for n in folded.graph.node) == 1
