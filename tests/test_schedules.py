@@ -10,6 +10,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from ohq_tvm import models
 from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
+from ohq_tvm.build.conv_schedule import regular_vector
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.kernels.loops import vector_factor
 
@@ -96,3 +97,36 @@ def test_depthwise_and_stem_convs_get_a_register_tile_with_the_epilogue_inside()
     assert sorted(text.count("T.parallel(") for text in tiled.values())[:-1] == [1] * (len(tiled) - 1)
     (stem,) = [text for text in tiled.values() if text.count("T.parallel(") == 2]
     assert "pad_temp" in stem
+
+
+@pytest.mark.parametrize(
+    ("width", "lanes", "vector"),
+    [
+        (112, 16, 16),
+        (56, 16, 8),
+        (28, 16, 14),
+        (14, 16, 14),
+        (7, 16, 7),
+        (7, 8, 7),
+        (12, 8, 6),
+        (3, 16, None),
+    ],
+)
+def test_regular_conv_vectors_divide_the_row(width, lanes, vector):
+    assert regular_vector(width, lanes) == vector
+
+
+@pytest.mark.parametrize("size", [14, 7])
+def test_regular_3x3_convs_with_odd_rows_get_the_register_tile(size):
+    # ResNet's 3x3 convs at 14x14 and 7x7: rows no power-of-two vector divides.
+    model = models.conv_model(channels=16, size=size)
+    (conv,) = [f.script() for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
+    assert 'scope="local"' in conv and "T.vectorized(" in conv
+    imported = load_onnx(model)
+    feeds = synthetic_inputs(imported.inputs, seed=3)
+    args = [tvm.runtime.tensor(feeds[s.name], tvm.cpu()) for s in imported.inputs]
+    plain = relax.VirtualMachine(relax.build(imported.mod, host_target()), tvm.cpu())["main"](*args).numpy()
+    fast = relax.VirtualMachine(build_scheduled(imported.mod, host_target()), tvm.cpu())["main"](
+        *args
+    ).numpy()
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5 * float(np.abs(plain).max()))

@@ -29,8 +29,7 @@ def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | 
     """The conv block of the function (n, c, y, x spatial, then the reduction) and whether it is
     depthwise (reduction over the kernel window only); ``None`` when there is no such block, or when
     it is a regular conv this schedule does not suit: a 1×1 conv (no window to pad: the generic rule
-    is as fast) or output rows that are no multiple of the vector (a predicated register tile was
-    measured several times slower than the generic rule there)."""
+    is as fast) or output rows with no divisor :func:`regular_vector` accepts."""
     spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
@@ -43,11 +42,25 @@ def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | 
         depthwise = len(extents) == 2 or extents[0] == 1
         if not depthwise:
             width = int(block.iter_vars[3].dom.extent)
-            vector = vector_factor(width, lanes)
-            if extents[1] * extents[2] == 1 or vector is None or width % vector:
+            if extents[1] * extents[2] == 1 or regular_vector(width, lanes) is None:
                 return None
         return block_rv, depthwise
     return None
+
+
+def regular_vector(width: int | None, lanes: int) -> int | None:
+    """The output-column vector of a regular conv's register tile: one that divides the row (a
+    predicated tile was measured several times slower). A power of two of at least 8 lanes when one
+    divides it, else the widest divisor between 4 and ``lanes`` (14 for 14- and 28-wide rows, 7 for 7:
+    LLVM widens such vectors to the register, which beats 4 lanes or a masked tail); None without."""
+    if width is None:
+        return None
+    factor = lanes
+    while factor >= 8:
+        if width % factor == 0:
+            return factor
+        factor //= 2
+    return next((d for d in range(min(width, lanes), 3, -1) if width % d == 0), None)
 
 
 def _fold_epilogue(sch: s_tir.Schedule, conv: s_tir.SBlockRV) -> s_tir.SBlockRV | None:
@@ -80,7 +93,8 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
     epilogue = _fold_epilogue(sch, conv)
     own = {sch.get(b).name_hint for b in [conv, *producers, *([epilogue] if epilogue else [])]}
     inline_other_blocks(sch, own, lambda block: _schedule_producer_stage(sch, block, lanes))
-    vector = vector_factor(extent(sch, x), lanes)
+    width = extent(sch, x)
+    vector = vector_factor(width, lanes) if depthwise else regular_vector(width, lanes)
     x_o, tile_x = x, []
     if vector is not None:
         x_o, x_i = sch.split(x, factors=[None, vector])

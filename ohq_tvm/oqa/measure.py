@@ -91,13 +91,14 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 
 # Bumped whenever the default schedule, the kernels it selects or the way a workload is timed change, so
 # that latencies measured before are not mixed with new ones (they stay in the database under their old
-# label). r3: kernels timed with their weights and output out of cache (:mod:`.kernel_timing`).
-MEASUREMENT_REVISION = 3
+# label). r3: kernels timed with their weights and output out of cache (:mod:`.kernel_timing`); r4: regular
+# convs whose rows no power-of-two vector divides (ResNet's 14x14, 7x7) get the register-tiled schedule.
+MEASUREMENT_REVISION = 4
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
-    """How measurements name the build they timed and how: ``default/r3``, ``none/r3``, or
-    ``tuned/<database>/r3`` (the default schedule with that tuning database's records on top)."""
+    """How measurements name the build they timed and how: ``default/r4``, ``none/r4``, or
+    ``tuned/<database>/r4`` (the default schedule with that tuning database's records on top)."""
     build = f"tuned/{tuning.path.name}" if tuning is not None else schedule
     return f"{build}/r{MEASUREMENT_REVISION}"
 
