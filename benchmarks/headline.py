@@ -38,8 +38,9 @@ import onnxruntime as ort
 import pretrained
 import torch
 import tvm
+from accuracy import MODELS as PRETRAINED
 from accuracy_report import metrics
-from ort_static import ort_static_int8
+from ort_static import ort_session, ort_static_int8
 from photos import (
     SKIMAGE_CALIBRATION,
     SKIMAGE_EVALUATION,
@@ -53,34 +54,17 @@ from tvm import relax
 from ohq_tvm.pipeline import CompileResult, compile_model
 from ohq_tvm.targets import resolve_target
 
-from timing import interleaved, machine_record, ort_timer, parse_args, write_results
+from timing import interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
 
-MODELS = {
-    "mobilenet_v2": (pretrained.load_mobilenet_v2, Preprocessing(256, "imagenet")),
-    "efficientnet_lite0": (pretrained.load_efficientnet_lite0, Preprocessing(224, "half")),
-    "resnet18": (pretrained.load_resnet18, Preprocessing(256, "imagenet")),
-}
+MODELS = {**PRETRAINED, "resnet18": (pretrained.load_resnet18, Preprocessing(256, "imagenet"))}
 ORT_SCOPE, ORT_METHOD = "all ops, ORT defaults", "minmax"
 ENGINES = ("ort fp32", "ort int8", "tvm fp32", "tvm int8", "bops-proxy plan", "ohq plan")
 
 
 def _library_runner(path: Path):
+    """The exported library as a local Relax VM: one [1, 3, 224, 224] input -> logits."""
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-    return vm, lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
-
-
-def _tvm_library_timer(vm, x):
-    vm["main"](tvm.runtime.tensor(x))
-    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=100)
-    args = [tvm.runtime.tensor(x)]
-    return lambda: evaluator(*args).results[0] * 1e3
-
-
-def _session(model: onnx.ModelProto | Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
 def _weights_bytes(result: CompileResult) -> float | None:
@@ -131,13 +115,13 @@ def bench(name: str, scratch: Path, trials: int, budget: str, repeats: int, say)
     runners, timers = {}, {}
     x = views[0]  # views are [count, 1, 3, 224, 224]
     for engine, result in built.items():
-        vm, runners[engine] = _library_runner(result.library_path)
-        timers[engine] = _tvm_library_timer(vm, x)
+        runners[engine] = _library_runner(result.library_path)
+        timers[engine] = tvm_timer(tvm.runtime.load_module(str(result.library_path)), [tvm.runtime.tensor(x)])
     threads = os.cpu_count() or 1
     for engine, source in (("ort fp32", fused), ("ort int8", ort_int8)):
         proto = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
         timers[engine] = ort_timer(proto, {"input": x}, threads)
-        session = _session(source, 1)
+        session = ort_session(source)
         runners[engine] = lambda v, session=session: session.run(None, {"input": v})[0]
     medians, raw = interleaved({e: timers[e] for e in ENGINES}, repeats)
 

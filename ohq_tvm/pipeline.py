@@ -344,7 +344,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
             board_label=result.verification.board if result.verification else result.board.name,
             budget=str(wanted),
             measured_ms=result.measured_ms,
-            fidelity={name: f.to_json() for name, f in result.fidelity.items()} or None,
+            fidelity=manifest.get("fidelity"),
             verification=verdict,
             stage_seconds=result.stage_seconds,
         )

@@ -81,37 +81,35 @@ def plan_model(
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
     wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
-    measurement = measure_model(
-        imported,
-        spec,
-        tracker=tracker,
-        key=key,
-        server=server,
-        database=database,
-        precisions=precisions,
-        progress=hooks.measured,
-        on_plan=hooks.measuring,
-        trials=trials,
-        tuning_dir=tuning_dir,
-        tuning_progress=hooks.tuning,
-        board=board,
-    )
-    summary = measurement.summary
-    if summary.failed:
-        raise PlanError(
-            f"{len(summary.failed)} operator(s) failed on board {summary.board} "
-            f"(e.g. {next(iter(summary.failed.values()))}); the {summary.measured} measured now are kept in "
-            f"{measurement.database_path}: rerun to retry"
-        )
-    say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
-    lower = sorted(
-        {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
-    )
-    if not lower:
-        raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
+    # One board for measurement and MQE (a loopback one starts once, on first use).
     with contextlib.ExitStack() as stack:
         if board is None:
             board = stack.enter_context(open_board(tracker, key, server, default_key=spec.rpc_key))
+        measurement = measure_model(
+            imported,
+            spec,
+            database=database,
+            precisions=precisions,
+            progress=hooks.measured,
+            on_plan=hooks.measuring,
+            trials=trials,
+            tuning_dir=tuning_dir,
+            tuning_progress=hooks.tuning,
+            board=board,
+        )
+        summary = measurement.summary
+        if summary.failed:
+            raise PlanError(
+                f"{len(summary.failed)} operator(s) failed on board {summary.board} "
+                f"(e.g. {next(iter(summary.failed.values()))}); the {summary.measured} measured now are "
+                f"kept in {measurement.database_path}: rerun to retry"
+            )
+        say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
+        lower = sorted(
+            {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
+        )
+        if not lower:
+            raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
         sensitivity, reused = _sensitivity(
             imported, spec, board, lower, num_batches, sensitivity_cache, hooks
         )
