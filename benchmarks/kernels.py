@@ -65,6 +65,7 @@ def _conv(name, cin, cout, size, kernel, stride, groups=1, act="clip:0:6"):
 OPS = [
     _conv("conv 3x3 64->64 56x56", 64, 64, 56, 3, 1, act="relu"),
     _conv("conv 3x3 3->32 224x224 s2 (stem)", 3, 32, 224, 3, 2),
+    _conv("conv 1x1 16->96 112x112", 16, 96, 112, 1, 1),
     _conv("conv 1x1 24->144 56x56", 24, 144, 56, 1, 1),
     _conv("conv 1x1 96->24 56x56", 96, 24, 56, 1, 1, act=None),
     _conv("conv 1x1 320->1280 7x7", 320, 1280, 7, 1, 1),

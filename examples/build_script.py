@@ -23,7 +23,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.oqa.run import measure_model
-from ohq_tvm.passes import AnnotateCandidates, ApplyPlan, UseDotProductKernels
+from ohq_tvm.passes import AnnotateCandidates, ApplyPlan, UseCPUKernels
 from ohq_tvm.plan import Plan
 from ohq_tvm.precision import Precision
 from ohq_tvm.targets import resolve_target
@@ -67,7 +67,7 @@ def main() -> None:
         [
             AnnotateCandidates(board, pin_first_last=False),
             ApplyPlan(plan, calibration),
-            UseDotProductKernels(board.tvm_target()),
+            UseCPUKernels(board.tvm_target()),
             relax.transform.FoldConstant(),
         ]
     )

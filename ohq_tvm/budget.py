@@ -5,12 +5,15 @@ Grammar (terms separated by commas)::
 
     latency=5ms | latency=0.8*int8 | latency=int8 | latency=0.6*fp32
     size=2MB | size=512KB | size=0.5*fp32
+    memory=512KB | memory=0.5*fp32
     pareto | pareto=N
 
-A relative term is a factor times a reference plan: ``fp32`` or a uniform plan of one precision
-(``int8``, ``fp16``, ``int4w``), whose latency or weight size the planner predicts from the board's
-measurements. ``pareto`` sweeps the latency/loss frontier (``N`` points, default 12); alone, it builds the
-frontier's knee (the point farthest below the line from the fastest to the most accurate plan).
+``size`` bounds the plan's weight bytes; ``memory`` its peak per-layer working set (the largest, over
+layers, of weights + input + output at the layer's precision). A relative term is a factor times a
+reference plan: ``fp32`` or a uniform plan of one precision (``int8``, ``fp16``, ``int4w``), whose
+latency, weight size or peak memory the planner predicts from the board's measurements. ``pareto``
+sweeps the latency/loss frontier (``N`` points, default 12); alone, it builds the frontier's knee (the
+point farthest below the line from the fastest to the most accurate plan).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from .precision import Precision
 DEFAULT_PARETO_POINTS = 12
 _UNITS_BYTES = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024.0, "mib": 1024.0**2}
 _UNITS_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
-_GRAMMAR = "latency=5ms, latency=0.8*int8, size=2MB, size=0.5*fp32, pareto or pareto=N (comma-separated)"
+_GRAMMAR = (
+    "latency=5ms, latency=0.8*int8, size=2MB, size=0.5*fp32, memory=512KB, memory=0.5*fp32, "
+    "pareto or pareto=N (comma-separated)"
+)
 
 
 @register_error
@@ -67,13 +73,14 @@ class BudgetSpec:
 
     latency: Limit | None = None
     size: Limit | None = None
+    memory: Limit | None = None
     pareto_points: int = 0
     text: str = ""
 
     @classmethod
     def parse(cls, text: str) -> BudgetSpec:
         """Read ``text`` (see the module docstring); raises :class:`BudgetError` naming the bad term."""
-        latency = size = None
+        latency = size = memory = None
         points = 0
         terms = [t.strip() for t in str(text).split(",") if t.strip()]
         if not terms:
@@ -91,17 +98,22 @@ class BudgetSpec:
                 if size is not None:
                     raise BudgetError(f"budget {text!r} sets size twice")
                 size = _parse_limit(term, value, _UNITS_BYTES, default_unit=None)
+            elif name == "memory":
+                if memory is not None:
+                    raise BudgetError(f"budget {text!r} sets memory twice")
+                memory = _parse_limit(term, value, _UNITS_BYTES, default_unit=None)
             else:
                 raise BudgetError(f"unknown budget term {term!r}; examples: {_GRAMMAR}")
-        return cls(latency, size, points, ",".join(terms))
+        return cls(latency, size, memory, points, ",".join(terms))
 
     @property
     def knee(self) -> bool:
         """Only a frontier was asked for: the plan to build is its knee."""
-        return self.pareto_points > 0 and self.latency is None and self.size is None
+        return self.pareto_points > 0 and self.latency is None and self.size is None and self.memory is None
 
     def references(self) -> set[str]:
-        return {limit.reference for limit in (self.latency, self.size) if limit and limit.reference}
+        limits = (self.latency, self.size, self.memory)
+        return {limit.reference for limit in limits if limit and limit.reference}
 
     def __str__(self) -> str:
         return self.text or "none (least loss)"

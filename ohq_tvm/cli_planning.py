@@ -276,7 +276,8 @@ def tuning_arguments(parser: argparse.ArgumentParser) -> None:
 
 BUDGET_HELP = (
     "what the plan must meet, comma-separated: latency=5ms, latency=0.8*int8 (a factor times the "
-    "predicted latency of the fp32 or a uniform plan), size=2MB, size=0.5*fp32, pareto[=N] (the "
+    "predicted latency of the fp32 or a uniform plan), size=2MB, size=0.5*fp32 (weight bytes), "
+    "memory=512KB, memory=0.5*fp32 (peak per-layer weights + input + output), pareto[=N] (the "
     "frontier; alone: build its knee)"
 )
 

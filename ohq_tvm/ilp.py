@@ -11,13 +11,16 @@ boundary indicators that make the precision-boundary costs linear:
   something float reads an integer layer.
 
 Latency = layers + quantize + dequantize + glue, the composition of :mod:`ohq_tvm.oqa.cost` (its
-:func:`~ohq_tvm.oqa.cost.plan_latency` is the reference the tests hold the solver to). The objective is
-either the summed sensitivity (under a latency, size and/or BOPs budget) or the latency, size or BOPs
-(under a sensitivity budget). Solved with ``scipy.optimize.milp`` (HiGHS).
+:func:`~ohq_tvm.oqa.cost.plan_latency` is the reference the tests hold the solver to). Peak memory = the
+largest per-layer working set (weights + input + output at the layer's precision); its budget is one row
+per layer, ``sum_p x[l, p] * memory(l, p) <= M``. The objective is either the summed sensitivity (under a
+latency, size, peak-memory and/or BOPs budget) or the latency, size or BOPs (under a sensitivity budget).
+Solved with ``scipy.optimize.milp`` (HiGHS).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -70,16 +73,24 @@ class Problem:
     def size_bytes(self, layer_id: str, precision: Precision) -> float:
         return float(self.workloads.infos[layer_id].weight_bytes(precision))
 
+    def memory_bytes(self, layer_id: str, precision: Precision) -> float:
+        """The layer's working set: weights plus input and output activations at ``precision``."""
+        info = self.workloads.infos[layer_id]
+        activations = math.prod(info.input_shape) + math.prod(info.output_shape)
+        return float(info.weight_bytes(precision) + activations * precision.activation_bits / 8)
+
     def bops(self, layer_id: str, precision: Precision) -> float:
         """Bit operations: MACs × weight bits × activation bits (the hardware-blind proxy)."""
         info = self.workloads.infos[layer_id]
         return float(info.macs * precision.weight_bits * precision.activation_bits)
 
     def evaluate(self, assignments: Mapping[str, Precision]) -> dict[str, float]:
-        """Latency (the reference composition), size, BOPs and sensitivity of a complete assignment."""
+        """Latency (the reference composition), size, peak memory (the largest layer's), BOPs and
+        sensitivity of a complete assignment."""
         return {
             "latency_ms": plan_latency(self.workloads, assignments, self.latencies_ms).total_ms,
             "size_bytes": sum(self.size_bytes(lid, p) for lid, p in assignments.items()),
+            "memory_bytes": max((self.memory_bytes(lid, p) for lid, p in assignments.items()), default=0.0),
             "bops": sum(self.bops(lid, p) for lid, p in assignments.items()),
             "sensitivity": sum(self.sensitivity_of(lid, p) for lid, p in assignments.items()),
         }
@@ -91,6 +102,7 @@ class Budgets:
 
     latency_ms: float | None = None
     size_bytes: float | None = None
+    memory_bytes: float | None = None  # each layer's working set, hence the plan's peak
     bops: float | None = None
     sensitivity: float | None = None
 
@@ -152,6 +164,14 @@ class _Program:
             constant = self.glue_ms
         return row, constant
 
+    def memory_rows(self) -> np.ndarray:
+        """One row per layer: the working set of the layer in its chosen precision."""
+        rows = np.zeros((len(self.problem.layers), self.size))
+        position = {layer_id: i for i, layer_id in enumerate(self.problem.layers)}
+        for (layer_id, precision), index in self.x.items():
+            rows[position[layer_id], index] = self.problem.memory_bytes(layer_id, precision)
+        return rows
+
     def constraints(self) -> list[LinearConstraint]:
         p, w = self.problem, self.problem.workloads
         rows, lower, upper = [], [], []
@@ -208,6 +228,9 @@ def _solve(program: _Program, objective: str, budgets: Budgets) -> dict[str, Pre
             row, constant = program.quantity(name)
             slack = _TOLERANCE * max(abs(limit), 1.0)
             constraints.append(LinearConstraint(row[None, :], -np.inf, limit - constant + slack))
+    if budgets.memory_bytes is not None:
+        slack = _TOLERANCE * max(budgets.memory_bytes, 1.0)
+        constraints.append(LinearConstraint(program.memory_rows(), -np.inf, budgets.memory_bytes + slack))
     integrality = np.zeros(program.size)
     integrality[: len(program.x)] = 1
     result = milp(
@@ -228,8 +251,9 @@ def solve(problem: Problem, objective: str = "sensitivity", budgets: Budgets | N
     """The optimal plan: minimise ``objective`` under ``budgets``.
 
     Returns a :class:`~ohq_tvm.plan.Plan` (``source="ilp"``, or ``"bops-proxy"`` when minimising BOPs)
-    whose ``predicted`` holds its latency, size, BOPs and sensitivity. Raises :class:`PlanError` when no
-    plan meets the budgets, stating the smallest latency (or other budgeted quantity) any plan reaches.
+    whose ``predicted`` holds its latency, size, peak memory, BOPs and sensitivity. Raises
+    :class:`PlanError` when no plan meets the budgets, stating the smallest latency (or other budgeted
+    quantity) any plan reaches.
     """
     if objective not in OBJECTIVES:
         raise PlanError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
@@ -242,22 +266,31 @@ def solve(problem: Problem, objective: str = "sensitivity", budgets: Budgets | N
     return Plan(chosen, source=source, predicted=problem.evaluate(chosen), **meta)
 
 
+def _smallest(program: _Program, name: str) -> float:
+    """The smallest value of the quantity ``name`` any plan reaches, other budgets aside."""
+    problem = program.problem
+    if name == "memory_bytes":  # every layer in its leanest precision: the peak no plan goes below
+        return max(min(problem.memory_bytes(lid, p) for p in problem.options(lid)) for lid in problem.layers)
+    objective = next(key for key, quantity in _QUANTITY.items() if quantity == name)
+    return problem.evaluate(_solve(program, objective, Budgets()))[name]
+
+
 def _infeasible_message(program: _Program, budgets: Budgets) -> str:
     parts = []
-    for name, objective, unit in (
-        ("latency_ms", "latency", "ms"),
-        ("size_bytes", "size", "bytes"),
+    for name, label, unit in (
+        ("latency_ms", "latency ms", "ms"),
+        ("size_bytes", "size bytes", "bytes"),
+        ("memory_bytes", "peak memory", "bytes"),
         ("bops", "bops", "bit-ops"),
         ("sensitivity", "sensitivity", ""),
     ):
         limit = getattr(budgets, name)
         if limit is None:
             continue
-        best = _solve(program, objective, Budgets())
-        reachable = program.problem.evaluate(best)[name]
+        reachable = _smallest(program, name)
         if reachable > limit * (1 + 1e-9):
             parts.append(
-                f"{name.replace('_', ' ')} budget {limit:g} {unit} is below the smallest any plan reaches, "
+                f"{label} budget {limit:g} {unit} is below the smallest any plan reaches, "
                 f"{reachable:.6g} {unit}".replace("  ", " ")
             )
     detail = "; ".join(parts) or "the budgets cannot all be met by one plan"

@@ -60,16 +60,17 @@ def plan_model(
     """The least-sensitive plan within ``budget``, from latency measured on the board.
 
     ``budget`` is a :class:`~ohq_tvm.budget.BudgetSpec` or its text (``"latency=0.8*int8"``,
-    ``"latency=5ms,size=2MB"``, ``"pareto"``, ...; none: the least-loss plan). Relative limits are
-    resolved against the predicted numbers of the reference plans (``fp32`` and uniform plans of each
-    lower precision). Baselines in the result: those reference plans, ``greedy`` (same latency budget)
-    and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity, as hardware-blind methods
-    pick). With ``sensitivity_cache`` (a JSON path) MQE's estimate is read from there when it answers the
-    same question (same model, precisions, data and batches) and written there otherwise. ``trials`` >
-    0 times operators as tuned builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points``
-    asks for a Pareto sweep of at least that many budgets (default: the budget's ``pareto=N``, else none).
-    ``progress``: a :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an
-    open :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
+    ``"latency=5ms,size=2MB"``, ``"memory=0.5*fp32"``, ``"pareto"``, ...; none: the least-loss plan).
+    Relative limits are resolved against the predicted numbers of the reference plans (``fp32`` and
+    uniform plans of each lower precision). Baselines in the result: those reference plans, ``greedy``
+    (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity and
+    within its size and memory budgets, as hardware-blind methods pick). With ``sensitivity_cache`` (a
+    JSON path) MQE's estimate is read from there when it answers the same question (same model,
+    precisions, data and batches) and written there otherwise. ``trials`` > 0 times operators as tuned
+    builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points`` asks for a Pareto sweep of
+    at least that many budgets (default: the budget's ``pareto=N``, else none). ``progress``: a
+    :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an open
+    :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
     ``tracker``/``key``/``server``.
 
     Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency),
@@ -129,6 +130,7 @@ def plan_model(
     budgets = Budgets(
         latency_ms=wanted.latency.resolve("latency_ms", references) if wanted and wanted.latency else None,
         size_bytes=wanted.size.resolve("size_bytes", references) if wanted and wanted.size else None,
+        memory_bytes=wanted.memory.resolve("memory_bytes", references) if wanted and wanted.memory else None,
     )
     meta = {"model_sha256": imported.sha256, "target": spec.name}
     points = max(frontier_points or 0, wanted.pareto_points if wanted else 0)
@@ -147,7 +149,11 @@ def plan_model(
     baselines["bops-proxy"] = solve(
         problem,
         "bops",
-        Budgets(sensitivity=plan.predicted["sensitivity"], size_bytes=budgets.size_bytes),
+        Budgets(
+            sensitivity=plan.predicted["sensitivity"],
+            size_bytes=budgets.size_bytes,
+            memory_bytes=budgets.memory_bytes,
+        ),
         **meta,
     )
     return PlanningResult(plan, baselines, frontier, measurement, sensitivity, budgets, wanted, reused)

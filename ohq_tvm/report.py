@@ -102,6 +102,8 @@ def _budgets_text(budgets: Budgets) -> str:
         parts.append(f"latency ≤ {budgets.latency_ms:.4f} ms")
     if budgets.size_bytes is not None:
         parts.append(f"weights ≤ {budgets.size_bytes / 1e6:.3f} MB")
+    if budgets.memory_bytes is not None:
+        parts.append(f"peak layer memory ≤ {budgets.memory_bytes / 1e6:.3f} MB")
     if budgets.bops is not None:
         parts.append(f"bit-operations ≤ {budgets.bops:.4g}")
     if budgets.sensitivity is not None:

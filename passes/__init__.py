@@ -3,7 +3,7 @@
 from .annotate import CANDIDATES_ATTR, AnnotateCandidates, candidates
 from .apply_plan import PLAN_ATTR, ApplyPlan, applied_plan
 from .canonicalize_clip import CanonicalizeClip
-from .dot_product_kernels import UseDotProductKernels
+from .cpu_kernels import UseCPUKernels
 from .layer_id import LAYERS_ATTR, AssignLayerIds, layer_id_of
 from .mask import MASK_PARAM, InsertPrecisionMasks, mask_layout
 
@@ -17,7 +17,7 @@ __all__ = [
     "AssignLayerIds",
     "CanonicalizeClip",
     "InsertPrecisionMasks",
-    "UseDotProductKernels",
+    "UseCPUKernels",
     "applied_plan",
     "candidates",
     "layer_id_of",

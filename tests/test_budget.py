@@ -7,8 +7,8 @@ import pytest
 from ohq_tvm.budget import DEFAULT_PARETO_POINTS, BudgetError, BudgetSpec, Limit
 
 REFERENCES = {
-    "fp32": {"latency_ms": 10.0, "size_bytes": 4e6},
-    "int8": {"latency_ms": 4.0, "size_bytes": 1e6},
+    "fp32": {"latency_ms": 10.0, "size_bytes": 4e6, "memory_bytes": 6e5},
+    "int8": {"latency_ms": 4.0, "size_bytes": 1e6, "memory_bytes": 1.5e5},
 }
 
 
@@ -36,6 +36,31 @@ def test_limits_resolve_to_units(text, latency_ms, size_bytes):
     assert spec.pareto_points == 0 and not spec.knee
 
 
+@pytest.mark.parametrize(
+    ("text", "memory_bytes"),
+    [
+        ("memory=512KB", 512e3),
+        ("memory=512KiB", 524288.0),
+        ("memory=0.5*fp32", 3e5),
+        ("memory=int8", 1.5e5),
+        ("memory=2e-1 x fp32", 1.2e5),
+    ],
+)
+def test_memory_limits_resolve_against_peak_memory(text, memory_bytes):
+    spec = BudgetSpec.parse(text)
+    assert spec.memory.resolve("memory_bytes", REFERENCES) == pytest.approx(memory_bytes)
+    assert spec.latency is None and spec.size is None
+
+
+def test_memory_combines_with_the_other_terms():
+    spec = BudgetSpec.parse("latency=0.9*int8, size=2MB, memory=0.25*fp32, pareto=3")
+    assert spec.latency.resolve("latency_ms", REFERENCES) == pytest.approx(3.6)
+    assert spec.size.resolve("size_bytes", REFERENCES) == pytest.approx(2e6)
+    assert spec.memory.resolve("memory_bytes", REFERENCES) == pytest.approx(1.5e5)
+    assert spec.references() == {"int8", "fp32"}
+    assert not BudgetSpec.parse("memory=1MB,pareto").knee
+
+
 def test_pareto_alone_builds_the_knee_and_with_limits_only_sweeps():
     alone = BudgetSpec.parse("pareto")
     assert alone.pareto_points == DEFAULT_PARETO_POINTS and alone.knee
@@ -60,12 +85,21 @@ def test_pareto_alone_builds_the_knee_and_with_limits_only_sweeps():
         ("latency=1ms,latency=2ms", "twice"),
         ("pareto=1", ">= 2"),
         ("latency=0.8*int3", "not a plan"),
+        ("memory=3", "give a unit (b, kb, mb, gb, kib, mib)"),
+        ("memory=5ms", "give a unit"),
+        ("memory=0.5*int3", "'int3' is not a plan"),
+        ("memory=0*fp32", "must be positive"),
+        ("memory=-1MB", "cannot read"),
+        ("memory=", "cannot read"),
+        ("memory=1MB,memory=2MB", "sets memory twice"),
+        ("mem=1MB", "memory=512KB"),
     ],
 )
 def test_bad_budgets_name_the_term(text, fragment):
     with pytest.raises(BudgetError) as caught:
         BudgetSpec.parse(text)
     assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_reference_plan_the_board_lacks_is_named():

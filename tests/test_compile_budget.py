@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import signal
 import sqlite3
 import subprocess
@@ -12,7 +14,10 @@ import psutil
 import pytest
 
 from ohq_tvm import models
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.plan import Plan
+from ohq_tvm.precision import Precision
 
 from testing_support import OHQ_TVM, assert_one_line_error, ohq
 
@@ -88,9 +93,9 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
         assert f"| {precision.value} |" in row
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     frontier = json.loads((out / "frontier.json").read_text())
-    # On this tiny model fp32 is both the fastest and the most accurate plan: it is the frontier.
-    fastest = min(frontier, key=lambda p: p["predicted"]["latency_ms"])
-    assert fastest["predicted"]["sensitivity"] == min(p["predicted"]["sensitivity"] for p in frontier)
+    # The frontier's points trade latency for loss: slower ones are more accurate (none dominates another).
+    points = sorted((p["predicted"]["latency_ms"], p["predicted"]["sensitivity"]) for p in frontier)
+    assert points and all(b[1] < a[1] for a, b in itertools.pairwise(points))
     assert (out / "sensitivity.json").is_file() and (out / "model.qdq.onnx").is_file()
 
     # A new budget re-solves from the database and the cached sensitivity: nothing measured again.
@@ -106,12 +111,35 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
         Plan.from_json(p).assignments for p in json.loads((tmp_path / "b" / "frontier.json").read_text())
     ]
 
+    # A peak-memory budget, relative to the fp32 plan's largest layer working set.
+    layers = quantizable_layers(load_onnx(model).mod)
+    fp32_peak = max(
+        info.weight_bytes(Precision.FP32) + 4 * (math.prod(info.input_shape) + math.prod(info.output_shape))
+        for info in layers
+    )
+    lean = ohq(
+        "plan",
+        str(model),
+        "--db",
+        str(db),
+        *CANDIDATES[:4],
+        "--budget",
+        "memory=0.5*fp32",
+        "-o",
+        str(tmp_path / "lean.json"),
+    )
+    assert lean.returncode == 0, lean.stderr
+    lean_plan = Plan.load(tmp_path / "lean.json")
+    assert 0 < lean_plan.predicted["memory_bytes"] <= 0.5 * fp32_peak + 1e-6
+    assert "int8" in lean_plan.counts()
+
 
 def test_budget_errors_are_one_line(tiny, tmp_path):
     model, db = tiny
     common = ["compile", str(model), "--db", str(db), *CANDIDATES, "-o", str(tmp_path)]
     assert_one_line_error(ohq(*common, "--budget", "latency=fast"), "'fast' is not a plan")
     assert_one_line_error(ohq(*common, "--budget", "latency=0.01*int8"), "smallest any plan reaches")
+    assert_one_line_error(ohq(*common, "--budget", "memory=1KB"), "peak memory budget")
     # Candidates of another architecture cannot be timed here: say where the board must come from.
     cross = ohq("compile", str(model), "--target", "rpi4b", "--budget", "latency=int8", "-o", str(tmp_path))
     assert_one_line_error(cross, "--tracker")

@@ -77,6 +77,79 @@ def test_optimum_equals_brute_force_with_size_and_sensitivity_budgets(case):
     assert proxy.predicted["bops"] == pytest.approx(min(v["bops"] for v in allowed), rel=1e-9)
 
 
+# Activation bytes per element: uint8 for integer layers, float32 otherwise.
+ACTIVATION_BYTES = {Precision.FP32: 4, Precision.INT8: 1, Precision.INT4W: 1}
+
+
+def _working_set(problem: Problem, layer_id: str, precision: Precision) -> int:
+    info = problem.workloads.infos[layer_id]
+    elements = int(np.prod(info.input_shape)) + int(np.prod(info.output_shape))
+    return info.weight_bytes(precision) + elements * ACTIVATION_BYTES[precision]
+
+
+def test_evaluate_reports_the_largest_layer_working_set():
+    problem = _problem(0)
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        assignment = {lid: OPTIONS[rng.integers(len(OPTIONS))] for lid in problem.layers}
+        sets = [_working_set(problem, lid, p) for lid, p in assignment.items()]
+        assert problem.evaluate(assignment)["memory_bytes"] == max(sets)
+    # dw2 reads and writes 72x16x16 activations: in fp32 it is the peak, in int8 a quarter of that.
+    fp32 = dict.fromkeys(problem.layers, Precision.FP32)
+    assert problem.evaluate(fp32)["memory_bytes"] == 4 * 2 * 72 * 16 * 16 + 72 * 9 * 4
+    int8 = dict(fp32, dw2=Precision.INT8, expand2=Precision.INT8, project2=Precision.INT8)
+    assert problem.evaluate(int8)["memory_bytes"] == _working_set(problem, "pw1", Precision.FP32)
+
+
+def test_optimum_equals_brute_force_under_memory_budgets(case):
+    problem, plans = case
+    peaks = sorted({v["memory_bytes"] for _, v in plans})
+    assert len(peaks) >= 4
+    budgets = [*peaks[:-1], (peaks[0] + peaks[1]) / 2, (peaks[-2] + peaks[-1]) / 2]
+    for budget in budgets:
+        best = min(v["sensitivity"] for _, v in plans if v["memory_bytes"] <= budget)
+        assert best > 0  # the budget excludes the all-fp32 plan, the unconstrained optimum
+        plan = solve(problem, budgets=Budgets(memory_bytes=budget))
+        assert plan.predicted["memory_bytes"] <= budget
+        assert plan.predicted["sensitivity"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+        assert plan.predicted == problem.evaluate(plan.assignments)
+
+
+def test_optimum_equals_brute_force_under_memory_and_latency_budgets(case):
+    problem, plans = case
+    peaks = sorted({v["memory_bytes"] for _, v in plans})
+    latencies = sorted(v["latency_ms"] for _, v in plans)
+    both_bind = 0
+    for memory in peaks[1:-1]:
+        for latency in (latencies[len(latencies) // 5], latencies[len(latencies) // 2]):
+            fits_latency = [v for _, v in plans if v["latency_ms"] <= latency + 1e-9]
+            fits_both = [v for v in fits_latency if v["memory_bytes"] <= memory]
+            best = min(v["sensitivity"] for v in fits_both)
+            plan = solve(problem, budgets=Budgets(latency_ms=latency, memory_bytes=memory))
+            assert plan.predicted["latency_ms"] <= latency + 1e-9
+            assert plan.predicted["memory_bytes"] <= memory
+            assert plan.predicted["sensitivity"] == pytest.approx(best, rel=1e-6, abs=1e-9)
+            latency_only = min(v["sensitivity"] for v in fits_latency)
+            memory_only = min(v["sensitivity"] for _, v in plans if v["memory_bytes"] <= memory)
+            both_bind += best > max(latency_only, memory_only) + 1e-9
+    assert both_bind  # at least one pair where neither budget alone gives the optimum
+
+
+def test_infeasible_memory_budget_names_the_smallest_peak(case):
+    problem, plans = case
+    smallest = min(v["memory_bytes"] for _, v in plans)
+    leanest = max(min(_working_set(problem, lid, p) for p in OPTIONS) for lid in problem.layers)
+    assert smallest == leanest
+    plan = solve(problem, budgets=Budgets(memory_bytes=smallest))
+    assert plan.predicted["memory_bytes"] == smallest
+    with pytest.raises(PlanError) as caught:
+        solve(problem, budgets=Budgets(memory_bytes=smallest - 1))
+    message = str(caught.value)
+    assert f"peak memory budget {smallest - 1:g} bytes" in message
+    assert f"smallest any plan reaches, {smallest:.6g} bytes" in message
+    assert "\n" not in message
+
+
 def test_infeasible_budget_names_the_smallest_reachable_latency(case):
     problem, plans = case
     fastest = min(v["latency_ms"] for _, v in plans)

@@ -240,15 +240,17 @@ def test_candidates_for_an_arm_board_are_cross_compiled_and_linked():
     dot_product_isa(resolve_target("host").tvm_target()) is None,
     reason="this CPU has no dot-product instruction",
 )
-def test_tuned_int8_conv_keeps_the_dot_product_instruction(tmp_path, loopback_board, host):
+@pytest.mark.parametrize("width", [14, 16], ids=["channel-lanes", "pixel-lanes"])
+def test_tuned_int8_conv_keeps_the_dot_product_instruction(tmp_path, loopback_board, host, width):
     """MetaSchedule tunes the int8 kernel through its own rule (sampled register tiles), and the tuned
-    build still multiplies with the dot-product instruction and gives the same integers."""
+    build still multiplies with the dot-product instruction and gives the same integers. 14-wide rows
+    take the kernel with lanes over output channels, 16-wide ones the one with lanes over pixels."""
     workload = Workload(
         "layer",
         "conv2d",
         Precision.INT8,
-        (1, 16, 14, 14),
-        (1, 32, 14, 14),
+        (1, 16, width, width),
+        (1, 32, width, width),
         weight_shape=(32, 16, 3, 3),
         strides=(1, 1),
         padding=(1, 1, 1, 1),
@@ -265,6 +267,7 @@ def test_tuned_int8_conv_keeps_the_dot_product_instruction(tmp_path, loopback_bo
     (kernel,) = [
         f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in str(f)
     ]
+    assert ("ohq_dot_conv2d_pixels" in kernel.script()) == (width == 16)
     kernel = kernel.with_attr("global_symbol", "main")
     asm = tvm.compile(tvm.IRModule({"main": kernel}), target=result.database.target).mod.inspect_source("asm")
     assert "vpdpbusd" in asm

@@ -136,14 +136,14 @@ def default_cpu_schedule() -> tvm.transform.Pass:
 
 def fusion_passes(target: Target) -> list[tvm.transform.Pass]:
     """What the CPU pipeline runs before scheduling: integer layers onto their kernels
-    (``UseDotProductKernels``), library dispatch, legalization, constant folding and fusion. Tuning
+    (``UseCPUKernels``), library dispatch, legalization, constant folding and fusion. Tuning
     extracts its tasks after exactly these passes, so they are written once, here."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from ohq_tvm.passes import UseDotProductKernels
+    from ohq_tvm.passes import UseCPUKernels
 
     return [
-        UseDotProductKernels(target),
+        UseCPUKernels(target),
         *cpu_generic.library_dispatch_passes(target),
         *cpu_generic.legalize_passes(target),
     ]

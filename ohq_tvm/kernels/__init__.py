@@ -3,9 +3,17 @@
 Importing the package registers their tensor intrinsics and MetaSchedule rule.
 """
 
-from .depthwise import MAX_EXACT_TAPS, depthwise_conv2d_exact
-from .int8_dot import conv2d_dot, dense_dot, pack_conv2d_weight, pack_dense_weight
-from .isa import AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa
+from .depthwise import MAX_EXACT_TAPS, depthwise_conv2d_planes
+from .int8_dot import (
+    conv2d_dot,
+    conv2d_dot_pixels,
+    dense_dot,
+    pack_conv2d_weight,
+    pack_conv2d_weight_pixels,
+    pack_dense_weight,
+    pixel_lanes,
+)
+from .isa import AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa, usable_isas
 from .schedule import has_dot_kernel, schedule_default
 
 __all__ = [
@@ -16,11 +24,15 @@ __all__ = [
     "SDOT",
     "DotProductISA",
     "conv2d_dot",
+    "conv2d_dot_pixels",
     "dense_dot",
-    "depthwise_conv2d_exact",
+    "depthwise_conv2d_planes",
     "dot_product_isa",
     "has_dot_kernel",
     "pack_conv2d_weight",
+    "pack_conv2d_weight_pixels",
     "pack_dense_weight",
+    "pixel_lanes",
     "schedule_default",
+    "usable_isas",
 ]

@@ -9,6 +9,11 @@ int32 ``bias`` (the caller folds zero-point compensation and the layer's bias in
   The weight is packed offline (:func:`pack_conv2d_weight`) to ``[O/L, C/4, KH, KW, L, 4]``: the ``L × 4``
   block an instruction multiplies is contiguous (``L`` = the instruction's lanes). The accumulator is
   ``[N, O/L, OH, OW, L]``; the last stage writes NCHW and adds ``bias``.
+- **conv2d, pixel form** (:func:`conv2d_dot_pixels`, stride-1 rows that ``L`` divides): the same packed
+  input, the weight packed to ``[O, C/4, KH, KW, 4]``; lanes run over ``L`` adjacent output pixels
+  (64 contiguous bytes of the packed input per instruction, the 4 weights broadcast), so the
+  accumulator ``[N, O, OH, OW/L, L]`` holds NCHW rows and the output stage stores vectors as they are
+  (the channel form transposes there, and pads ``O`` to a multiple of ``L``).
 - **dense** (``x[..., K] @ W[K, N]``): rows of ``x`` are already contiguous along ``K``; only ``K`` not a
   multiple of 4 needs a zero-padded copy. The weight is packed to ``[N/L, K/4, L, 4]``.
 
@@ -28,6 +33,7 @@ from .isa import ISAS, DotProductISA
 
 PACK_BLOCK = "ohq_dot_pack"
 CONV_BLOCK = "ohq_dot_conv2d"
+PIXEL_CONV_BLOCK = "ohq_dot_conv2d_pixels"
 DENSE_BLOCK = "ohq_dot_dense"
 OUTPUT_BLOCK = "ohq_dot_output"
 DOT_RULE = "ohq_dot"  # the custom MetaSchedule rule (see .schedule)
@@ -50,6 +56,27 @@ def pack_conv2d_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarr
     packed = np.ascontiguousarray(packed.transpose(0, 2, 4, 5, 1, 3))
     correction = isa.activation_offset * weight.reshape(out_c, -1).astype(np.int64).sum(axis=1)
     return packed, correction
+
+
+def pack_conv2d_weight_pixels(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 → ``[O, C/4, KH, KW, 4]`` (channels zero-padded) for :func:`conv2d_dot_pixels`, and the
+    per-channel bias correction."""
+    if weight.dtype != np.int8 or weight.ndim != 4:
+        raise ValueError(f"expected an OIHW int8 weight, got {weight.dtype} {weight.shape}")
+    out_c, in_c, kh, kw = weight.shape
+    padded = np.zeros((out_c, _round_up(in_c, 4), kh, kw), np.int8)
+    padded[:, :in_c] = weight
+    packed = np.ascontiguousarray(padded.reshape(out_c, -1, 4, kh, kw).transpose(0, 1, 3, 4, 2))
+    correction = isa.activation_offset * weight.reshape(out_c, -1).astype(np.int64).sum(axis=1)
+    return packed, correction
+
+
+def pixel_lanes(out_width: int, strides: tuple[int, int], isas: list[DotProductISA]) -> DotProductISA | None:
+    """The widest of ``isas`` whose lanes divide the output rows of a stride-1 conv (the pixel form of
+    :func:`conv2d_dot_pixels` reads ``lanes`` adjacent input columns as one vector), else ``None``."""
+    if strides[1] != 1:
+        return None
+    return next((isa for isa in isas if out_width % isa.lanes == 0), None)
 
 
 def pack_dense_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +104,22 @@ def _attrs(isa: DotProductISA) -> dict:
     return {"schedule_rule": DOT_RULE, ISA_ATTR: isa.name}
 
 
+def _pack_conv_input(data, isa, padding, pad_value):
+    """The first stage of both conv kernels: ``[N, C/4, H+pad, W+pad, 4]`` (see the module docstring)."""
+    n, in_c, height, width = (int(d) for d in data.shape)
+    top, left, bottom, right = padding
+    fill = tirx.const(pad_value, "uint8")
+
+    def pack(b, co, y, x, ci):
+        c = co * 4 + ci
+        inside = tirx.all(y >= top, y < height + top, x >= left, x < width + left, c < in_c)
+        value = data[b, tirx.min(c, in_c - 1), tirx.max(y - top, 0), tirx.max(x - left, 0)]
+        return _activation(tirx.if_then_else(inside, value, fill), isa)
+
+    shape = (n, _round_up(in_c, 4) // 4, height + top + bottom, width + left + right, 4)
+    return te.compute(shape, pack, name=PACK_BLOCK, attrs=_attrs(isa))
+
+
 def conv2d_dot(
     data: te.Tensor,
     packed: te.Tensor,
@@ -100,15 +143,7 @@ def conv2d_dot(
     out_w = (padded_w - (kw - 1) * dilation[1] - 1) // strides[1] + 1
     blocks_in = _round_up(in_c, 4) // 4
     lanes = isa.lanes
-    fill = tirx.const(pad_value, "uint8")
-
-    def pack(b, co, y, x, ci):
-        c = co * 4 + ci
-        inside = tirx.all(y >= top, y < height + top, x >= left, x < width + left, c < in_c)
-        value = data[b, tirx.min(c, in_c - 1), tirx.max(y - top, 0), tirx.max(x - left, 0)]
-        return _activation(tirx.if_then_else(inside, value, fill), isa)
-
-    data_packed = te.compute((n, blocks_in, padded_h, padded_w, 4), pack, name=PACK_BLOCK, attrs=_attrs(isa))
+    data_packed = _pack_conv_input(data, isa, padding, pad_value)
     rco = te.reduce_axis((0, blocks_in), "rco")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")
@@ -128,6 +163,59 @@ def conv2d_dot(
     return te.compute(
         (n, out_channels, out_h, out_w),
         lambda b, o, y, x: acc[b, o // lanes, y, x, o % lanes] + bias[o],
+        name=OUTPUT_BLOCK,
+        attrs=_attrs(isa),
+    )
+
+
+def conv2d_dot_pixels(
+    data: te.Tensor,
+    packed: te.Tensor,
+    bias: te.Tensor,
+    *,
+    isa_name: str,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    pad_value: int,
+) -> te.Tensor:
+    """NCHW uint8 ``data`` ⊛ ``packed`` (from :func:`pack_conv2d_weight_pixels`) + ``bias[O]`` → NCHW int32,
+    with the instruction's lanes over output pixels: the accumulator is ``[N, O, OH, OW/L, L]``, each
+    instruction multiplies ``L`` adjacent pixels' 4 channels (64 contiguous bytes of the packed input) by
+    4 broadcast weights, and a finished vector is ``L`` adjacent outputs of one NCHW row: the output
+    stage stores it as it is, where the channel form has to transpose. Output channels are not padded to
+    the lanes either. Needs a column stride of 1 and output rows that ``L`` divides (:func:`pixel_lanes`)."""
+    isa = ISAS[isa_name]
+    n, _in_c, height, width = (int(d) for d in data.shape)
+    out_c = int(packed.shape[0])
+    kh, kw = kernel
+    top, left, bottom, right = padding
+    out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    lanes = isa.lanes
+    if strides[1] != 1 or out_w % lanes:
+        raise ValueError(f"the pixel form needs column stride 1 and rows of a multiple of {lanes}")
+    data_packed = _pack_conv_input(data, isa, padding, pad_value)
+    rco = te.reduce_axis((0, int(packed.shape[1])), "rco")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    rci = te.reduce_axis((0, 4), "rci")
+    acc = te.compute(
+        (n, out_c, out_h, out_w // lanes, lanes),
+        lambda b, o, y, xo, xi: te.sum(
+            data_packed[
+                b, rco, y * strides[0] + rkh * dilation[0], xo * lanes + xi + rkw * dilation[1], rci
+            ].astype("int32")
+            * packed[o, rco, rkh, rkw, rci].astype("int32"),
+            axis=[rco, rkh, rkw, rci],
+        ),
+        name=PIXEL_CONV_BLOCK,
+        attrs=_attrs(isa),
+    )
+    return te.compute(
+        (n, out_c, out_h, out_w),
+        lambda b, o, y, x: acc[b, o, y, x // lanes, x % lanes] + bias[o],
         name=OUTPUT_BLOCK,
         attrs=_attrs(isa),
     )

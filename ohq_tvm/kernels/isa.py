@@ -2,8 +2,10 @@
 
 Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` outputs ``i`` and ``k < 4``: four
 8-bit activations (``A``, broadcast to every lane) against a ``lanes × 4`` block of 8-bit weights, summed
-into 32-bit lanes without intermediate saturation. The kernels in :mod:`.int8_dot` lay weights out so that
-each such block is 4·``lanes`` contiguous bytes.
+into 32-bit lanes without intermediate saturation (lanes over output channels). The *pixel* form computes
+``C[i] += sum_k A[i, k] * B[k]``: ``lanes`` output pixels' 4 activations each against 4 weights broadcast
+(lanes over output pixels, so a result vector is a contiguous piece of an NCHW output row). The kernels in
+:mod:`.int8_dot` lay data out so that each block an instruction reads is 4·``lanes`` contiguous bytes.
 
 - ``avx512_vnni`` (x86 AVX-512 VNNI): ``vpdpbusd`` on 512-bit registers, uint8 × int8, 16 lanes.
 - ``avx_vnni`` (x86 AVX-VNNI or AVX-512 VNNI+VL on 256-bit registers): ``vpdpbusd`` on ymm, 8 lanes.
@@ -33,7 +35,13 @@ class DotProductISA:
     name: str
     lanes: int
     activation_dtype: str  # what the instruction multiplies: uint8 (vpdpbusd) or int8 (sdot)
-    intrinsic: str  # registered TensorIntrin name
+    intrinsic: str  # registered TensorIntrin name: lanes over output channels (weights vary per lane)
+
+    @property
+    def pixel_intrinsic(self) -> str:
+        """The registered TensorIntrin with lanes over output pixels (activations vary per lane, the
+        4 weights are broadcast)."""
+        return f"{self.intrinsic}_pixels"
 
     @property
     def activation_offset(self) -> int:
@@ -52,6 +60,15 @@ def _has(feature: str, target: Target) -> bool:
         return bool(target_has_features(feature, target))
     except Exception:  # a target LLVM cannot describe (unknown mcpu): assume the feature is absent
         return False
+
+
+def usable_isas(target: Target) -> list[DotProductISA]:
+    """Every dot-product instruction family ``target`` can run, widest first (an AVX-512 VNNI CPU with
+    AVX-512 VL also runs the 8-lane ymm form)."""
+    best = dot_product_isa(target)
+    if best is AVX512_VNNI and _has("avx512vl", target):
+        return [AVX512_VNNI, AVX_VNNI]
+    return [best] if best is not None else []
 
 
 def dot_product_isa(target: Target) -> DotProductISA | None:
@@ -112,6 +129,48 @@ def _dot_implementation(lanes: int, dtype: str, llvm_intrinsic: str):
     return implementation
 
 
+def _pixel_description(lanes: int, dtype: str):
+    @T.prim_func(s_tir=True)
+    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes, 4), dtype, offset_factor=1)
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+    return description
+
+
+def _pixel_implementation(lanes: int, dtype: str, llvm_intrinsic: str):
+    """Load ``lanes`` pixels × 4 activation bytes as one vector, broadcast the 4 weight bytes, call."""
+    bytes_ = lanes * 4
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes, 4), dtype, offset_factor=1)
+        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.writes(C[0:lanes])
+            quad = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                A.vload([0, 0], dtype=f"{dtype}x{bytes_}"),
+                T.reinterpret(T.broadcast(quad, lanes), dtype=f"int8x{bytes_}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    return implementation
+
+
 _LLVM_INTRINSICS = {
     AVX512_VNNI.name: "llvm.x86.avx512.vpdpbusd.512",
     AVX_VNNI.name: "llvm.x86.avx512.vpdpbusd.256",  # LLVM selects the VEX form on AVX-VNNI CPUs
@@ -124,10 +183,16 @@ def register_intrinsics() -> None:
     for isa in ISAS.values():
         if TensorIntrin.get(isa.intrinsic, allow_missing=True) is not None:
             continue
+        dtype, llvm_intrinsic = isa.activation_dtype, _LLVM_INTRINSICS[isa.name]
         TensorIntrin.register(
             isa.intrinsic,
-            _dot_description(isa.lanes, isa.activation_dtype),
-            _dot_implementation(isa.lanes, isa.activation_dtype, _LLVM_INTRINSICS[isa.name]),
+            _dot_description(isa.lanes, dtype),
+            _dot_implementation(isa.lanes, dtype, llvm_intrinsic),
+        )
+        TensorIntrin.register(
+            isa.pixel_intrinsic,
+            _pixel_description(isa.lanes, dtype),
+            _pixel_implementation(isa.lanes, dtype, llvm_intrinsic),
         )
 
 

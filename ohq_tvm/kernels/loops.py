@@ -5,11 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 MIN_LANES = 4
+
+
+def allow_vector_rounding() -> None:
+    """Let ``VectorizeLoop`` vectorise ``nearbyint`` (round half to even: quantize and requantize).
+
+    TVM marks ``round``, ``floor``, ``exp``... vectorizable but not ``nearbyint``, so every loop that
+    rounds (each integer epilogue, each quantize) is silently scalarised. LLVM's ``llvm.nearbyint`` is
+    defined on vectors (``vrndscaleps`` on AVX-512, ``frinti`` on NEON), so the attribute is all it takes.
+    """
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if not op.get_attr("TVectorizable"):
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+
+
+allow_vector_rounding()
 
 
 def extent(sch: s_tir.Schedule, loop) -> int | None:

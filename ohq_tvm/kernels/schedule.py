@@ -1,17 +1,20 @@
 """Schedules for the dot-product kernels of :mod:`.int8_dot`, default and tunable.
 
-The accumulator block is tiled into a register tile of ``rows × cols`` instruction results (``rows``
-output pixels or matrix rows, ``cols`` blocks of ``L`` output channels), with the reduction loops outside
-the tile and the ``L × 4`` innermost block replaced by the dot-product instruction (``tensorize``). The
-tile lives in a ``local`` buffer (registers); the output stage (NCHW write + bias) is computed per tile,
-so the ``[.., O/L, .., L]`` accumulator is never materialised in memory. Outer spatial loops are fused
-and run in parallel; the activation-packing stage is parallel over its outer loops.
+The accumulator block is tiled into a register tile of instruction results with the reduction loops
+outside the tile and the ``L × 4`` innermost block replaced by the dot-product instruction
+(``tensorize``): ``rows × cols`` for the channel form (``rows`` output pixels or matrix rows, ``cols``
+blocks of ``L`` output channels), ``channels × rows × vectors`` for the pixel form (output channels,
+output rows, ``L``-wide pieces of a row). The tile lives in a ``local`` buffer (registers); the output
+stage (NCHW write + bias, and the requantize/dequantize fused after it) is computed per tile and stored
+as vectors, so the accumulator is never materialised in memory. Outer spatial loops are fused and run in
+parallel; the activation-packing stage is parallel over its outer loops.
 
-- :func:`schedule_default` applies fixed tiles (zero tuning budget): ``rows`` the largest divisor of
-  the row extent up to 8, ``cols`` the largest divisor of the channel blocks up to 4 keeping the tile
-  ≤ 16 accumulators.
-- The MetaSchedule rule ``s_tir.meta_schedule.cpu.ohq_dot`` (registered on import) samples ``rows`` and
-  ``cols`` from the divisors instead, so tuning searches the tile over measured candidates.
+- :func:`schedule_default` applies fixed tiles (zero tuning budget): the channel form's ``rows`` the
+  largest divisor of the row extent up to 8, ``cols`` the largest divisor of the channel blocks up to 4
+  keeping the tile ≤ 16 accumulators; the pixel form's ``vectors`` × ``rows`` up to 4, then as many
+  output channels as keep the tile ≤ 16.
+- The MetaSchedule rule ``s_tir.meta_schedule.cpu.ohq_dot`` (registered on import) samples the same
+  factors from the divisors instead, so tuning searches the tile over measured candidates.
 """
 
 from __future__ import annotations
@@ -21,12 +24,21 @@ from collections.abc import Callable
 import tvm
 from tvm import s_tir, tirx
 
-from .int8_dot import CONV_BLOCK, DENSE_BLOCK, DOT_RULE, ISA_ATTR, OUTPUT_BLOCK, PACK_BLOCK
+from .int8_dot import (
+    CONV_BLOCK,
+    DENSE_BLOCK,
+    DOT_RULE,
+    ISA_ATTR,
+    OUTPUT_BLOCK,
+    PACK_BLOCK,
+    PIXEL_CONV_BLOCK,
+)
 from .isa import ISAS
 from .loops import fold_consumers, inline_other_blocks, parallel
 
 _MAX_ROWS = 8
 _MAX_COLS = 4
+_MAX_VECTORS = 4  # the pixel form: lane-wide pieces of one output row, and output rows, in a tile
 _DEFAULT_TILE = 16  # accumulators in the default register tile (x86 and AArch64 both have 32 vector regs)
 
 
@@ -40,7 +52,7 @@ def _extent(sch: s_tir.Schedule, loop) -> int:
 
 def _blocks(sch: s_tir.Schedule) -> dict[str, s_tir.SBlockRV]:
     found = {}
-    for name in (PACK_BLOCK, CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK):
+    for name in (PACK_BLOCK, CONV_BLOCK, PIXEL_CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK):
         try:
             found[name] = sch.get_sblock(name)
         except Exception:  # absent stage (dense without a packing copy; conv vs dense)
@@ -113,7 +125,11 @@ def _tile(
     sch.reorder(*outer, *reduce, *tile, lanes, inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)
-    sch.reverse_compute_at(output, fused)
+    sch.reverse_compute_at(output, fused, preserve_unit_loops=True)
+    # The output stage per tile (unit loops kept: the trace's loop count must not depend on the sampled
+    # tile, or MetaSchedule cannot replay it), its innermost loop as vectors: dense rows, or the channel
+    # form's NCHW columns (read across the accumulator's lanes).
+    sch.vectorize(sch.get_loops(output)[-1])
     sch.set_scope(compute, 0, "local")
     init = sch.decompose_reduction(compute, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
@@ -122,13 +138,42 @@ def _tile(
     sch.tensorize(lanes, isa.intrinsic)
 
 
+def _tile_pixels(
+    sch: s_tir.Schedule,
+    compute: s_tir.SBlockRV,
+    output: s_tir.SBlockRV,
+    choose: Callable[[str, list[int]], object],
+) -> None:
+    """The pixel form's tile: ``channels × rows × vectors`` instruction results (output channels, output
+    rows, lane-wide pieces of a row), reduction outside, the output stage per tile, stored as vectors."""
+    isa = ISAS[str(sch.get(compute).annotations[ISA_ATTR])]
+    n, channel, y, x_o, lanes, *reduce, inner = sch.get_loops(compute)
+    vectors = choose("vectors", _divisors(_extent(sch, x_o), _MAX_VECTORS))
+    rows = choose("rows", _divisors(_extent(sch, y), _MAX_VECTORS))
+    channels = choose("channels", _divisors(_extent(sch, channel), _DEFAULT_TILE))
+    c_o, c_i = sch.split(channel, factors=[None, channels])
+    y_o, y_i = sch.split(y, factors=[None, rows])
+    x_oo, x_oi = sch.split(x_o, factors=[None, vectors])
+    sch.reorder(n, c_o, y_o, x_oo, *reduce, c_i, y_i, x_oi, lanes, inner)
+    fused = sch.fuse(n, c_o, y_o, x_oo)
+    sch.parallel(fused)
+    sch.reverse_compute_at(output, fused, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(output)[-1])
+    sch.set_scope(compute, 0, "local")
+    init = sch.decompose_reduction(compute, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in (c_i, y_i, x_oi):
+        sch.unroll(loop)
+    sch.tensorize(lanes, isa.pixel_intrinsic)
+
+
 def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
     """Fold what FuseOps put around the kernel into it: the element-wise epilogue (requantize or
     dequantize, activation, residual add) is reverse-inlined into the output stage, so it runs on each
     register tile; other producers (e.g. a residual's dequantize) are inlined into their readers. A block
     that cannot be inlined is left in place and given a parallel loop."""
     fold_consumers(sch, sch.get_sblock(OUTPUT_BLOCK))
-    own = {PACK_BLOCK, CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK}
+    own = {PACK_BLOCK, CONV_BLOCK, PIXEL_CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK}
     inline_other_blocks(sch, own, lambda block: parallel(sch, sch.get_loops(block)))
 
 
@@ -141,21 +186,30 @@ def _pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV) -> None:
 
 
 def _default_choice(name: str, candidates: list[int], state: dict) -> int:
-    if name == "rows":
-        state["rows"] = candidates[-1]
-        return candidates[-1]
-    fitting = [c for c in candidates if c * state.get("rows", 1) <= _DEFAULT_TILE]
-    return fitting[-1] if fitting else 1
+    """Fixed tiles: the largest candidate for the first choices, then what keeps the tile within
+    :data:`_DEFAULT_TILE` accumulators (the channel form: ``rows`` then ``cols``; the pixel form:
+    ``vectors``, ``rows`` up to :data:`_MAX_VECTORS` vectors together, then ``channels``)."""
+    used = state.get("used", 1)
+    limit = _MAX_VECTORS if name == "rows" and "vectors" in state else _DEFAULT_TILE
+    fitting = [c for c in candidates if c * used <= limit] or [1]
+    state[name] = fitting[-1]
+    state["used"] = used * fitting[-1]
+    return fitting[-1]
 
 
 def schedule_default(func: tirx.PrimFunc) -> s_tir.Schedule:
     """The zero-budget schedule of a PrimFunc holding one dot-product kernel (see the module docstring)."""
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    compute = blocks.get(CONV_BLOCK) or blocks.get(DENSE_BLOCK)
     state: dict = {}
     _absorb_fused_ops(sch)
-    _tile(sch, compute, blocks[OUTPUT_BLOCK], lambda name, c: _default_choice(name, c, state))
+    if PIXEL_CONV_BLOCK in blocks:
+        _tile_pixels(
+            sch, blocks[PIXEL_CONV_BLOCK], blocks[OUTPUT_BLOCK], lambda n, c: _default_choice(n, c, state)
+        )
+    else:
+        compute = blocks.get(CONV_BLOCK) or blocks.get(DENSE_BLOCK)
+        _tile(sch, compute, blocks[OUTPUT_BLOCK], lambda n, c: _default_choice(n, c, state))
     if PACK_BLOCK in blocks:
         _pack(sch, blocks[PACK_BLOCK])
     return sch
@@ -164,13 +218,14 @@ def schedule_default(func: tirx.PrimFunc) -> s_tir.Schedule:
 def _tuning_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Schedule]:
     """MetaSchedule custom rule: called once per annotated block; the accumulator block does the work."""
     name = sch.get(block).name_hint
-    if name in (CONV_BLOCK, DENSE_BLOCK):
+    if name in (CONV_BLOCK, PIXEL_CONV_BLOCK, DENSE_BLOCK):
 
         def sample(_name: str, candidates: list[int]):
             return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
 
         _absorb_fused_ops(sch)
-        _tile(sch, block, sch.get_sblock(OUTPUT_BLOCK), sample)
+        tile = _tile_pixels if name == PIXEL_CONV_BLOCK else _tile
+        tile(sch, block, sch.get_sblock(OUTPUT_BLOCK), sample)
         # The function is fully scheduled here: keep MetaSchedule's generic rules off the root block (its
         # parallel/vectorise annotation would be rewritten onto loops that are already parallel).
         sch.annotate(sch.get_sblock("root"), "schedule_rule", "None")

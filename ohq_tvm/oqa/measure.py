@@ -92,8 +92,10 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # Bumped whenever the default schedule, the kernels it selects or the way a workload is timed change, so
 # that latencies measured before are not mixed with new ones (they stay in the database under their old
 # label). r3: kernels timed with their weights and output out of cache (:mod:`.kernel_timing`); r4: regular
-# convs whose rows no power-of-two vector divides (ResNet's 14x14, 7x7) get the register-tiled schedule.
-MEASUREMENT_REVISION = 4
+# convs whose rows no power-of-two vector divides (ResNet's 14x14, 7x7) get the register-tiled schedule;
+# r5: depthwise convs (float too) on the plane kernel, 1x1 convs register-tiled, int8 convs on stride-1
+# rows with lanes over pixels, integer output stages and rounding vectorised.
+MEASUREMENT_REVISION = 5
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Replace integer conv2d/matmul with kernels that use the target's dot-product instruction.
+"""Replace conv2d/matmul layers with ohq-tvm's CPU kernels (:mod:`ohq_tvm.kernels`).
 
 After :class:`~passes.apply_plan.ApplyPlan`, an ``int8`` layer is ``relax.nn.conv2d`` (or ``matmul``) of
 uint8 activations with a constant int8 weight, accumulating in int32, usually followed by an ``add`` of a
@@ -7,13 +7,21 @@ instruction (x86 AVX-512 VNNI / AVX-VNNI, AArch64 ``+dotprod``: see :mod:`ohq_tv
 rewrites each such call into a ``call_tir`` of :mod:`ohq_tvm.kernels.int8_dot`, with the weight packed
 offline into the instruction's layout and that ``add`` folded into the kernel's output stage.
 
-Rewritten: ``conv2d`` NCHW/OIHW with ``groups == 1`` (regular and 1×1), and ``matmul`` with a 2-D
-constant ``[K, N]`` weight. Depthwise convs have no dot-product form; on every CPU target they become
-:mod:`ohq_tvm.kernels.depthwise` (computed exactly in float32 arithmetic, faster than int32 multiplies).
-An explicit ``pad`` in front of a layer (ApplyPlan pads with the activation zero point) is folded into the
-kernel when the layer is its only reader. Left as they are: grouped convs that are not depthwise, int4w
-layers (their own TE kernel), float layers, and regular layers on a target without a dot-product
-instruction. The rewrite is exact: the kernels compute the same int32 values.
+Rewritten:
+
+- integer ``conv2d`` NCHW/OIHW with ``groups == 1`` (regular and 1×1): with lanes over output pixels
+  (:func:`~ohq_tvm.kernels.int8_dot.conv2d_dot_pixels`) when the column stride is 1 and a lane count the
+  target runs divides the output rows (MobileNet's 112- and 56-wide maps), else with lanes over output
+  channels (:func:`~ohq_tvm.kernels.int8_dot.conv2d_dot`); integer ``matmul`` with a 2-D constant
+  ``[K, N]`` weight;
+- depthwise convs, integer and float32, on every CPU target: :mod:`ohq_tvm.kernels.depthwise` (padded
+  float planes; the integer one exact in float32 arithmetic, faster than int32 multiplies).
+
+An explicit ``pad`` in front of an integer layer (ApplyPlan pads with the activation zero point) is
+folded into the kernel when the layer is its only reader. Left as they are: grouped convs that are not
+depthwise, int4w layers (their own TE kernel), float regular convs and dense layers, and integer regular
+layers on a target without a dot-product instruction. The rewrite is exact: the integer kernels compute
+the same int32 values.
 """
 
 from __future__ import annotations
@@ -31,11 +39,14 @@ from ohq_tvm.kernels import (
     MAX_EXACT_TAPS,
     DotProductISA,
     conv2d_dot,
+    conv2d_dot_pixels,
     dense_dot,
-    depthwise_conv2d_exact,
-    dot_product_isa,
+    depthwise_conv2d_planes,
     pack_conv2d_weight,
+    pack_conv2d_weight_pixels,
     pack_dense_weight,
+    pixel_lanes,
+    usable_isas,
 )
 
 _CONV = "relax.nn.conv2d"
@@ -87,14 +98,25 @@ def _eligible(call: relax.Expr, isa: DotProductISA | None) -> np.ndarray | None:
 
 
 def _depthwise(call: relax.Expr) -> np.ndarray | None:
-    """The int8 [C, 1, KH, KW] weight of an integer depthwise conv2d (one output per input channel)."""
-    if not _integer_layer(call) or call.op.name != _CONV or not _nchw(call):
+    """The constant [C, 1, KH, KW] weight of a depthwise conv2d (one output per input channel): int8 for
+    an integer layer, float32 for a float one; ``None`` for anything else."""
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == _CONV):
         return None
-    weight = _int8_weight(call.args[1], 4)
+    if not _nchw(call):
+        return None
+    if _integer_layer(call):
+        weight = _int8_weight(call.args[1], 4)
+        if weight is not None and weight.shape[2] * weight.shape[3] > MAX_EXACT_TAPS:
+            return None
+    elif _dtype(call) == _dtype(call.args[0]) == "float32" and isinstance(call.args[1], Constant):
+        weight = call.args[1].value.numpy()
+        weight = weight if weight.dtype == np.float32 and weight.ndim == 4 else None
+    else:
+        return None
     channels = int(call.args[0].ty.shape[1])
     if weight is None or int(call.attrs.groups) != channels or weight.shape[:2] != (channels, 1):
         return None
-    return weight if weight.shape[2] * weight.shape[3] <= MAX_EXACT_TAPS else None
+    return weight
 
 
 def _spatial_pad(call: relax.Expr) -> tuple[relax.Expr, tuple[int, int, int, int], int] | None:
@@ -125,10 +147,11 @@ def _channel_vector(expr: relax.Expr, channels: int, axis_from_end: int) -> np.n
 
 
 @mutator
-class _DotRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, isa: DotProductISA | None) -> None:
+class _KernelRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, isas: list[DotProductISA]) -> None:
         super().__init__(mod)
-        self.isa = isa
+        self.isa = isas[0] if isas else None
+        self.isas = isas
         self.pads: dict[relax.Var, tuple[relax.Expr, tuple[int, int, int, int], int]] = {}
         self.uses: dict[relax.Var, int] = defaultdict(int)
         self.bias_of: dict[relax.Var, np.ndarray] = {}  # layer var -> the add's vector folded into it
@@ -189,21 +212,49 @@ class _DotRewriter(PyExprMutator):
 
     def _depthwise_kernel(self, call: relax.Call, weight: np.ndarray) -> relax.Expr:
         data, padding, pad_value = self._conv_input(call)
+        precision = "int8" if weight.dtype == np.int8 else "fp32"
         return self._fusable(
             self.builder_.call_te(
-                depthwise_conv2d_exact,
+                depthwise_conv2d_planes,
                 data,
                 relax.const(weight.astype(np.float32)),
                 strides=tuple(int(s) for s in call.attrs.strides),
                 padding=padding,
                 dilation=tuple(int(d) for d in call.attrs.dilation),
                 pad_value=pad_value,
-                primfunc_name_hint="depthwise_conv2d_int8",
+                primfunc_name_hint=f"depthwise_conv2d_{precision}",
+            )
+        )
+
+    def _pixel_kernel(
+        self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None, isa: DotProductISA
+    ) -> relax.Expr:
+        data, padding, pad_value = self._conv_input(call)
+        packed, correction = pack_conv2d_weight_pixels(weight, isa)
+        total = correction + (bias.astype(np.int64) if bias is not None else 0)
+        a = call.attrs
+        return self._fusable(
+            self.builder_.call_te(
+                conv2d_dot_pixels,
+                data,
+                relax.const(packed),
+                relax.const(np.broadcast_to(total, (weight.shape[0],)).astype(np.int32)),
+                isa_name=isa.name,
+                kernel=tuple(int(k) for k in weight.shape[2:]),
+                strides=tuple(int(s) for s in a.strides),
+                padding=padding,
+                dilation=tuple(int(d) for d in a.dilation),
+                pad_value=pad_value,
+                primfunc_name_hint=f"conv2d_int8_{isa.name}_pixels",
             )
         )
 
     def _dot_kernel(self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
         if call.op.name == _CONV:
+            strides = tuple(int(s) for s in call.attrs.strides)
+            isa = pixel_lanes(int(call.ty.shape[3]), strides, self.isas)
+            if isa is not None:
+                return self._pixel_kernel(call, weight, bias, isa)
             data, padding, pad_value = self._conv_input(call)
             packed, correction = pack_conv2d_weight(weight, self.isa)
             channels = weight.shape[0]
@@ -267,23 +318,23 @@ class _DotRewriter(PyExprMutator):
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(kernel)))
 
 
-@tvm.transform.module_pass(opt_level=0, name="UseDotProductKernels")
-class UseDotProductKernels:
-    """Rewrite ``main``'s integer conv2d/matmul to dot-product kernels for ``target`` (module docstring).
+@tvm.transform.module_pass(opt_level=0, name="UseCPUKernels")
+class UseCPUKernels:
+    """Rewrite ``main``'s layers to ohq-tvm's kernels for ``target`` (module docstring).
 
     On a target without a dot-product instruction only depthwise convs are rewritten; a non-CPU target
-    is left unchanged.
+    is left unchanged. ``isas``: the dot-product instruction families used, widest first.
     """
 
     def __init__(self, target: Target | dict) -> None:
         self.target = target if isinstance(target, Target) else Target(target)
-        self.isa = dot_product_isa(self.target)
+        self.isas = usable_isas(self.target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
         flat = relax.transform.ToNonDataflow()(mod)
-        rewriter = _DotRewriter(flat, self.isa)
+        rewriter = _KernelRewriter(flat, self.isas)
         rewriter.plan(flat["main"])
         if not rewriter.layers:
             return mod
@@ -295,4 +346,4 @@ class UseDotProductKernels:
         return relax.transform.DeadCodeElimination(["main"])(result)
 
 
-__all__ = ["UseDotProductKernels"]
+__all__ = ["UseCPUKernels"]
