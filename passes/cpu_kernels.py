@@ -226,71 +226,50 @@ class _KernelRewriter(PyExprMutator):
             )
         )
 
-    def _pixel_kernel(
-        self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None, isa: DotProductISA
-    ) -> relax.Expr:
-        data, padding, pad_value = self._conv_input(call)
-        packed, correction = pack_conv2d_weight_pixels(weight, isa)
-        total = correction + (bias.astype(np.int64) if bias is not None else 0)
-        a = call.attrs
-        return self._fusable(
-            self.builder_.call_te(
-                conv2d_dot_pixels,
-                data,
-                relax.const(packed),
-                relax.const(np.broadcast_to(total, (weight.shape[0],)).astype(np.int32)),
-                isa_name=isa.name,
-                kernel=tuple(int(k) for k in weight.shape[2:]),
-                strides=tuple(int(s) for s in a.strides),
-                padding=padding,
-                dilation=tuple(int(d) for d in a.dilation),
-                pad_value=pad_value,
-                primfunc_name_hint=f"conv2d_int8_{isa.name}_pixels",
-            )
-        )
-
     def _dot_kernel(self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
-        if call.op.name == _CONV:
-            strides = tuple(int(s) for s in call.attrs.strides)
-            isa = pixel_lanes(int(call.ty.shape[3]), strides, self.isas)
-            if isa is not None:
-                return self._pixel_kernel(call, weight, bias, isa)
-            data, padding, pad_value = self._conv_input(call)
-            packed, correction = pack_conv2d_weight(weight, self.isa)
-            channels = weight.shape[0]
-        else:
-            data = self.visit_expr(call.args[0])
-            packed, correction = pack_dense_weight(weight, self.isa)
-            channels = weight.shape[1]
-        total = correction + (bias.astype(np.int64) if bias is not None else 0)
-        vector = relax.const(np.broadcast_to(total, (channels,)).astype(np.int32))
+        def bias_vector(correction: np.ndarray, channels: int) -> relax.Constant:
+            total = correction + (bias.astype(np.int64) if bias is not None else 0)
+            return relax.const(np.broadcast_to(total, (channels,)).astype(np.int32))
+
         if call.op.name == _MATMUL:
+            packed, correction = pack_dense_weight(weight, self.isa)
             return self._fusable(
                 self.builder_.call_te(
                     dense_dot,
-                    data,
+                    self.visit_expr(call.args[0]),
                     relax.const(packed),
-                    vector,
+                    bias_vector(correction, weight.shape[1]),
                     isa_name=self.isa.name,
-                    columns=int(channels),
+                    columns=int(weight.shape[1]),
                     primfunc_name_hint=f"dense_int8_{self.isa.name}",
                 )
             )
         a = call.attrs
+        strides = tuple(int(s) for s in a.strides)
+        data, padding, pad_value = self._conv_input(call)
+        geometry = {
+            "kernel": tuple(int(k) for k in weight.shape[2:]),
+            "strides": strides,
+            "padding": padding,
+            "dilation": tuple(int(d) for d in a.dilation),
+            "pad_value": pad_value,
+        }
+        isa = pixel_lanes(int(call.ty.shape[3]), strides, self.isas)
+        if isa is not None:  # lanes over output pixels
+            kernel, packing, name = conv2d_dot_pixels, pack_conv2d_weight_pixels, f"{isa.name}_pixels"
+        else:  # lanes over output channels
+            isa, kernel, packing, name = self.isa, conv2d_dot, pack_conv2d_weight, self.isa.name
+            geometry["out_channels"] = int(weight.shape[0])
+        packed, correction = packing(weight, isa)
         return self._fusable(
             self.builder_.call_te(
-                conv2d_dot,
+                kernel,
                 data,
                 relax.const(packed),
-                vector,
-                isa_name=self.isa.name,
-                out_channels=int(channels),
-                kernel=tuple(int(k) for k in weight.shape[2:]),
-                strides=tuple(int(s) for s in a.strides),
-                padding=padding,
-                dilation=tuple(int(d) for d in a.dilation),
-                pad_value=pad_value,
-                primfunc_name_hint=f"conv2d_int8_{self.isa.name}",
+                bias_vector(correction, weight.shape[0]),
+                isa_name=isa.name,
+                **geometry,
+                primfunc_name_hint=f"conv2d_int8_{name}",
             )
         )
 

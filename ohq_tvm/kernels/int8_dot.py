@@ -104,6 +104,34 @@ def _attrs(isa: DotProductISA) -> dict:
     return {"schedule_rule": DOT_RULE, ISA_ATTR: isa.name}
 
 
+def _output_size(data, kernel, strides, padding, dilation) -> tuple[int, int]:
+    """Output rows and columns of a conv over NCHW ``data`` (``padding``: top, left, bottom, right)."""
+    _n, _c, height, width = (int(d) for d in data.shape)
+    top, left, bottom, right = padding
+    out_h = (height + top + bottom - (kernel[0] - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (width + left + right - (kernel[1] - 1) * dilation[1] - 1) // strides[1] + 1
+    return out_h, out_w
+
+
+def _conv_sum(data_packed, packed, shape, *, column, weight, geometry, name, isa) -> te.Tensor:
+    """The accumulator of both conv forms: ``shape`` is ``(n, channel index, y, *last)``; ``column(*last)``
+    is the output column, ``weight(channel index, last, (rco, rkh, rkw, rci))`` the packed weight."""
+    kernel, strides, dilation = geometry
+    rco, rkh, rkw, rci = reduce = (
+        te.reduce_axis((0, int(packed.shape[1])), "rco"),
+        te.reduce_axis((0, kernel[0]), "rkh"),
+        te.reduce_axis((0, kernel[1]), "rkw"),
+        te.reduce_axis((0, 4), "rci"),
+    )
+
+    def accumulate(b, o, y, *last):
+        row = y * strides[0] + rkh * dilation[0]
+        value = data_packed[b, rco, row, column(*last) * strides[1] + rkw * dilation[1], rci]
+        return te.sum(value.astype("int32") * weight(o, last, reduce).astype("int32"), axis=list(reduce))
+
+    return te.compute(shape, accumulate, name=name, attrs=_attrs(isa))
+
+
 def _pack_conv_input(data, isa, padding, pad_value):
     """The first stage of both conv kernels: ``[N, C/4, H+pad, W+pad, 4]`` (see the module docstring)."""
     n, in_c, height, width = (int(d) for d in data.shape)
@@ -135,30 +163,19 @@ def conv2d_dot(
 ) -> te.Tensor:
     """NCHW uint8 ``data`` ⊛ ``packed`` (from :func:`pack_conv2d_weight`) + ``bias[O]`` → NCHW int32."""
     isa = ISAS[isa_name]
-    n, in_c, height, width = (int(d) for d in data.shape)
-    kh, kw = kernel
-    top, left, bottom, right = padding
-    padded_h, padded_w = height + top + bottom, width + left + right
-    out_h = (padded_h - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (padded_w - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-    blocks_in = _round_up(in_c, 4) // 4
+    n = int(data.shape[0])
+    out_h, out_w = _output_size(data, kernel, strides, padding, dilation)
     lanes = isa.lanes
     data_packed = _pack_conv_input(data, isa, padding, pad_value)
-    rco = te.reduce_axis((0, blocks_in), "rco")
-    rkh = te.reduce_axis((0, kh), "rkh")
-    rkw = te.reduce_axis((0, kw), "rkw")
-    rci = te.reduce_axis((0, 4), "rci")
-    acc = te.compute(
+    acc = _conv_sum(
+        data_packed,
+        packed,
         (n, int(packed.shape[0]), out_h, out_w, lanes),
-        lambda b, oo, y, x, oi: te.sum(
-            data_packed[
-                b, rco, y * strides[0] + rkh * dilation[0], x * strides[1] + rkw * dilation[1], rci
-            ].astype("int32")
-            * packed[oo, rco, rkh, rkw, oi, rci].astype("int32"),
-            axis=[rco, rkh, rkw, rci],
-        ),
+        column=lambda x, _oi: x,
+        weight=lambda oo, lane, r: packed[oo, r[0], r[1], r[2], lane[1], r[3]],
+        geometry=(kernel, strides, dilation),
         name=CONV_BLOCK,
-        attrs=_attrs(isa),
+        isa=isa,
     )
     return te.compute(
         (n, out_channels, out_h, out_w),
@@ -187,31 +204,21 @@ def conv2d_dot_pixels(
     stage stores it as it is, where the channel form has to transpose. Output channels are not padded to
     the lanes either. Needs a column stride of 1 and output rows that ``L`` divides (:func:`pixel_lanes`)."""
     isa = ISAS[isa_name]
-    n, _in_c, height, width = (int(d) for d in data.shape)
-    out_c = int(packed.shape[0])
-    kh, kw = kernel
-    top, left, bottom, right = padding
-    out_h = (height + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (width + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    n, out_c = int(data.shape[0]), int(packed.shape[0])
+    out_h, out_w = _output_size(data, kernel, strides, padding, dilation)
     lanes = isa.lanes
     if strides[1] != 1 or out_w % lanes:
         raise ValueError(f"the pixel form needs column stride 1 and rows of a multiple of {lanes}")
     data_packed = _pack_conv_input(data, isa, padding, pad_value)
-    rco = te.reduce_axis((0, int(packed.shape[1])), "rco")
-    rkh = te.reduce_axis((0, kh), "rkh")
-    rkw = te.reduce_axis((0, kw), "rkw")
-    rci = te.reduce_axis((0, 4), "rci")
-    acc = te.compute(
+    acc = _conv_sum(
+        data_packed,
+        packed,
         (n, out_c, out_h, out_w // lanes, lanes),
-        lambda b, o, y, xo, xi: te.sum(
-            data_packed[
-                b, rco, y * strides[0] + rkh * dilation[0], xo * lanes + xi + rkw * dilation[1], rci
-            ].astype("int32")
-            * packed[o, rco, rkh, rkw, rci].astype("int32"),
-            axis=[rco, rkh, rkw, rci],
-        ),
+        column=lambda xo, xi: xo * lanes + xi,
+        weight=lambda o, _lane, r: packed[o, r[0], r[1], r[2], r[3]],
+        geometry=(kernel, strides, dilation),
         name=PIXEL_CONV_BLOCK,
-        attrs=_attrs(isa),
+        isa=isa,
     )
     return te.compute(
         (n, out_c, out_h, out_w),

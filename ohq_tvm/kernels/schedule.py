@@ -122,20 +122,27 @@ def _tile(
         row_o, row_i = sch.split(row, factors=[None, rows])
         outer.append(row_o)
         tile.append(row_i)
+    _finish_tile(sch, compute, output, (outer, reduce, tile, lanes, inner), isa.intrinsic)
+
+
+def _finish_tile(sch: s_tir.Schedule, compute, output, loops: tuple, intrinsic: str) -> None:
+    """Order ``(outer, reduce, tile, lanes, inner)`` loops, run the fused outer ones in parallel, keep the
+    tile in registers with the output stage computed per tile, and tensorize the lanes."""
+    outer, reduce, tile, lanes, inner = loops
     sch.reorder(*outer, *reduce, *tile, lanes, inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)
     sch.reverse_compute_at(output, fused, preserve_unit_loops=True)
     # The output stage per tile (unit loops kept: the trace's loop count must not depend on the sampled
-    # tile, or MetaSchedule cannot replay it), its innermost loop as vectors: dense rows, or the channel
-    # form's NCHW columns (read across the accumulator's lanes).
+    # tile, or MetaSchedule cannot replay it), its innermost loop as vectors: the pixel form's NCHW rows,
+    # dense rows, or the channel form's NCHW columns (read across the accumulator's lanes).
     sch.vectorize(sch.get_loops(output)[-1])
     sch.set_scope(compute, 0, "local")
     init = sch.decompose_reduction(compute, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     for loop in tile:
         sch.unroll(loop)
-    sch.tensorize(lanes, isa.intrinsic)
+    sch.tensorize(lanes, intrinsic)
 
 
 def _tile_pixels(
@@ -154,17 +161,8 @@ def _tile_pixels(
     c_o, c_i = sch.split(channel, factors=[None, channels])
     y_o, y_i = sch.split(y, factors=[None, rows])
     x_oo, x_oi = sch.split(x_o, factors=[None, vectors])
-    sch.reorder(n, c_o, y_o, x_oo, *reduce, c_i, y_i, x_oi, lanes, inner)
-    fused = sch.fuse(n, c_o, y_o, x_oo)
-    sch.parallel(fused)
-    sch.reverse_compute_at(output, fused, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(output)[-1])
-    sch.set_scope(compute, 0, "local")
-    init = sch.decompose_reduction(compute, reduce[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-    for loop in (c_i, y_i, x_oi):
-        sch.unroll(loop)
-    sch.tensorize(lanes, isa.pixel_intrinsic)
+    loops = ([n, c_o, y_o, x_oo], reduce, [c_i, y_i, x_oi], lanes, inner)
+    _finish_tile(sch, compute, output, loops, isa.pixel_intrinsic)
 
 
 def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
