@@ -250,6 +250,11 @@ def choose_range(observation: Observation, method: str, percentile: float = 99.9
     raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
 
 
+def synthetic_label(kind: str = "gaussian") -> str:
+    """How results computed on synthetic batches of ``kind`` name their data (``"synthetic:gaussian"``)."""
+    return f"synthetic:{kind}"
+
+
 def synthetic_batches(
     specs: Sequence[TensorSpec],
     count: int,
@@ -385,7 +390,7 @@ def calibrate(
         raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     if samples is None:
         samples = synthetic_batches(imported.inputs, num_samples, synthetic, seed, imported.onnx_model)
-        source = f"synthetic:{synthetic}"
+        source = synthetic_label(synthetic)
     else:
         source = "samples"
     if not samples:

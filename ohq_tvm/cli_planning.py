@@ -89,7 +89,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 def _plan_row(name: str, plan) -> list[str]:
     p = plan.predicted
-    counts = " ".join(f"{n}x{precision}" for precision, n in sorted(plan.counts().items()))
+    counts = plan.counts_text(compact=True)
     return [name, f"{p['latency_ms']:.3f}", f"{p['size_bytes'] / 1e6:.3f}", f"{p['sensitivity']:.3e}", counts]
 
 

@@ -24,7 +24,7 @@ from tvm import relax
 from .board import Board
 from .build.module import build_executable
 from .build.toolchain import find_toolchain
-from .calibration import Calibration, calibrate, synthetic_batches
+from .calibration import Calibration, calibrate, synthetic_batches, synthetic_label
 from .errors import OHQError
 from .frontend import ImportedModel
 from .jsonfile import read_json, write_json
@@ -174,7 +174,7 @@ def estimate_sensitivity(
     started = time.perf_counter()
     if samples is None:
         samples = synthetic_batches(imported.inputs, num_batches, synthetic, seed + 1, imported.onnx_model)
-        data = f"synthetic:{synthetic}"
+        data = synthetic_label(synthetic)
     else:
         data = "samples"
     if any(p.is_integer for p in chosen) and calibration is None:

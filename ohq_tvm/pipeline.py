@@ -308,7 +308,7 @@ FRONTIER_POINTS = 8
 
 
 def _describe(plan: Plan) -> str:
-    counts = ", ".join(f"{n} {p}" for p, n in sorted(plan.counts().items()))
+    counts = plan.counts_text()
     predicted = plan.predicted.get("latency_ms")
     return counts + (f", predicted {predicted:.3f} ms" if predicted is not None else "")
 

@@ -73,6 +73,14 @@ class Plan:
             tally[precision.value] = tally.get(precision.value, 0) + 1
         return tally
 
+    def counts_text(self, compact: bool = False) -> str:
+        """The counts, most common precision first: ``"30 int8, 23 fp32"``, or ``"30xint8 23xfp32"``
+        (``compact``, for table cells)."""
+        counts = sorted(self.counts().items(), key=lambda item: (-item[1], item[0]))
+        if compact:
+            return " ".join(f"{n}x{precision}" for precision, n in counts)
+        return ", ".join(f"{n} {precision}" for precision, n in counts)
+
     def validate_against(
         self, layers: Iterable[LayerInfo | str], candidates: Mapping[str, Iterable[Precision]] | None = None
     ) -> None:

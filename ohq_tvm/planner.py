@@ -12,6 +12,7 @@ import onnx
 
 from .board import Board, open_board
 from .budget import BudgetSpec
+from .calibration import synthetic_label
 from .errors import OHQError
 from .frontend import ImportedModel, load_onnx
 from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
@@ -167,7 +168,7 @@ def default_sensitivity_cache(database: str | os.PathLike | None, imported: Impo
 
 def _sensitivity(imported, spec, board, precisions, num_batches, cache, hooks) -> tuple[Sensitivity, bool]:
     """MQE's estimate, from ``cache`` when it answers the same question, else run on the board."""
-    data = "synthetic:gaussian"
+    data = synthetic_label()
     if cache is not None and Path(cache).is_file():
         try:
             cached = Sensitivity.load(cache)

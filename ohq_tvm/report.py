@@ -89,12 +89,6 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
 
-def counts_text(plan: Plan) -> str:
-    """``"5xint8 2xfp32"``: how many layers each precision got, most common first."""
-    counts = sorted(plan.counts().items(), key=lambda item: (-item[1], item[0]))
-    return " ".join(f"{n}x{precision}" for precision, n in counts)
-
-
 # -- sections ------------------------------------------------------------------------------------------
 def _budgets_text(budgets: Budgets) -> str:
     parts = []
@@ -125,7 +119,7 @@ def _header(planning: PlanningResult, model_label: str, board_label: str, budget
         f"# OHQ report: {model_label} on {board_label}",
         "",
         f"- **Budget**: `{budget}` → the solver's budgets: {_budgets_text(planning.budgets)}",
-        f"- **Chosen plan**: {counts_text(planning.plan)} (source: {planning.plan.source})",
+        f"- **Chosen plan**: {planning.plan.counts_text()} (source: {planning.plan.source})",
         f"- **Board**: {summary.board} `{summary.fingerprint}`, schedule `{summary.schedule}`",
         f"- **Operators (OQA)**: {summary.total} unique: {summary.measured} measured now, "
         f"{summary.reused} reused from the database, {len(summary.failed)} failed{predicted}",
@@ -150,7 +144,7 @@ def _plan_row(name: str, plan: Plan, fp32_ms: float | None) -> list[str]:
         speedup,
         "-" if size is None else f"{size / 1e6:.3f}",
         _loss(p.get("sensitivity")),
-        counts_text(plan),
+        plan.counts_text(compact=True),
     ]
 
 
@@ -269,4 +263,4 @@ def _layers_section(planning: PlanningResult) -> str:
     return "## Layers\n\n" + _table(header, table) + "\n" + "\n".join(notes) + "\n"
 
 
-__all__ = ["PREDICTED_MARK", "counts_text", "plot_pareto", "write_report"]
+__all__ = ["PREDICTED_MARK", "plot_pareto", "write_report"]

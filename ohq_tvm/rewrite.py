@@ -84,8 +84,7 @@ def rewrite_for_plan(
         calibration.save(out_dir / "calibration.json")
     qdq_path = out_dir / "model.qdq.onnx"
     qdq = export_qdq(imported, chosen, calibration, qdq_path)
-    counts = ", ".join(f"{n} {p}" for p, n in chosen.counts().items())
-    say(f"applied plan: {counts}")
+    say(f"applied plan: {chosen.counts_text()}")
     return Rewritten(mod, chosen, calibration, qdq, qdq_path)
 
 

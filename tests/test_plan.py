@@ -44,6 +44,12 @@ def test_uniform_plans_and_counts(tiny):
     assert plan.precision_of("dw2") is Precision.INT8
 
 
+def test_counts_text_puts_the_most_common_precision_first():
+    plan = Plan({"a": Precision.FP32, "b": Precision.INT8, "c": Precision.INT8, "d": Precision.INT4W})
+    assert plan.counts_text() == "2 int8, 1 fp32, 1 int4w"
+    assert plan.counts_text(compact=True) == "2xint8 1xfp32 1xint4w"
+
+
 def test_valid_plan_passes_validation(tiny):
     layers, allowed = tiny
     plan = Plan({layer.layer_id: "int8" for layer in layers} | {"stem_conv": "fp32", "classifier": "fp32"})
