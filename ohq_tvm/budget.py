@@ -30,6 +30,8 @@ from .precision import Precision
 DEFAULT_PARETO_POINTS = 12
 _UNITS_BYTES = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024.0, "mib": 1024.0**2}
 _UNITS_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3}
+# Terms that bound a quantity: their units and the unit a bare number means (None: one must be given).
+_LIMIT_UNITS = {"latency": (_UNITS_MS, "ms"), "size": (_UNITS_BYTES, None), "memory": (_UNITS_BYTES, None)}
 _GRAMMAR = (
     "latency=5ms, latency=0.8*int8, size=2MB, size=0.5*fp32, memory=512KB, memory=0.5*fp32, "
     "pareto or pareto=N (comma-separated)"
@@ -80,7 +82,7 @@ class BudgetSpec:
     @classmethod
     def parse(cls, text: str) -> BudgetSpec:
         """Read ``text`` (see the module docstring); raises :class:`BudgetError` naming the bad term."""
-        latency = size = memory = None
+        limits: dict[str, Limit] = {}
         points = 0
         terms = [t.strip() for t in str(text).split(",") if t.strip()]
         if not terms:
@@ -90,21 +92,14 @@ class BudgetSpec:
             name = name.lower()
             if name == "pareto":
                 points = _parse_points(term, value)
-            elif name == "latency":
-                if latency is not None:
-                    raise BudgetError(f"budget {text!r} sets latency twice")
-                latency = _parse_limit(term, value, _UNITS_MS, default_unit="ms")
-            elif name == "size":
-                if size is not None:
-                    raise BudgetError(f"budget {text!r} sets size twice")
-                size = _parse_limit(term, value, _UNITS_BYTES, default_unit=None)
-            elif name == "memory":
-                if memory is not None:
-                    raise BudgetError(f"budget {text!r} sets memory twice")
-                memory = _parse_limit(term, value, _UNITS_BYTES, default_unit=None)
+            elif name in _LIMIT_UNITS:
+                if name in limits:
+                    raise BudgetError(f"budget {text!r} sets {name} twice")
+                units, default_unit = _LIMIT_UNITS[name]
+                limits[name] = _parse_limit(term, value, units, default_unit=default_unit)
             else:
                 raise BudgetError(f"unknown budget term {term!r}; examples: {_GRAMMAR}")
-        return cls(latency, size, memory, points, ",".join(terms))
+        return cls(**limits, pareto_points=points, text=",".join(terms))
 
     @property
     def knee(self) -> bool:

@@ -58,11 +58,12 @@ def _dtype(expr: relax.Expr) -> str:
     return str(getattr(expr.ty, "dtype", ""))
 
 
-def _int8_weight(expr: relax.Expr, ndim: int) -> np.ndarray | None:
+def _constant_weight(expr: relax.Expr, ndim: int, dtype=np.int8) -> np.ndarray | None:
+    """``expr``'s value when it is a constant of ``ndim`` dimensions and ``dtype``, else ``None``."""
     if not isinstance(expr, Constant):
         return None
     value = expr.value.numpy()
-    return value if value.dtype == np.int8 and value.ndim == ndim else None
+    return value if value.dtype == dtype and value.ndim == ndim else None
 
 
 def _integer_layer(call: relax.Expr) -> bool:
@@ -91,10 +92,10 @@ def _eligible(call: relax.Expr, isa: DotProductISA | None) -> np.ndarray | None:
     if call.op.name == _CONV:
         if int(call.attrs.groups) != 1 or not _nchw(call):
             return None
-        return _int8_weight(call.args[1], 4)
+        return _constant_weight(call.args[1], 4)
     if len(call.args[0].ty.shape) < 1:
         return None
-    return _int8_weight(call.args[1], 2)
+    return _constant_weight(call.args[1], 2)
 
 
 def _depthwise(call: relax.Expr) -> np.ndarray | None:
@@ -105,12 +106,11 @@ def _depthwise(call: relax.Expr) -> np.ndarray | None:
     if not _nchw(call):
         return None
     if _integer_layer(call):
-        weight = _int8_weight(call.args[1], 4)
+        weight = _constant_weight(call.args[1], 4)
         if weight is not None and weight.shape[2] * weight.shape[3] > MAX_EXACT_TAPS:
             return None
-    elif _dtype(call) == _dtype(call.args[0]) == "float32" and isinstance(call.args[1], Constant):
-        weight = call.args[1].value.numpy()
-        weight = weight if weight.dtype == np.float32 and weight.ndim == 4 else None
+    elif _dtype(call) == _dtype(call.args[0]) == "float32":
+        weight = _constant_weight(call.args[1], 4, np.float32)
     else:
         return None
     channels = int(call.args[0].ty.shape[1])

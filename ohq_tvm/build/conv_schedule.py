@@ -32,9 +32,8 @@ _DEPTHWISE_ROWS = 4
 def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | None:
     """The conv block of the function (n, c, y, x spatial, then the reduction) and whether it is
     depthwise (reduction over the kernel window only); ``None`` when there is no such block, or when
-    it is a regular conv whose output rows have no divisor :func:`regular_vector` accepts. 1×1 convs
-    take the register tile too (measured against the generic rule on MobileNetV2's: 1.1-1.9× faster,
-    except a 32→16 one at 112×112, 1.6× slower)."""
+    it is a regular conv whose output rows have no divisor :func:`regular_vector` accepts (1×1 convs
+    included)."""
     spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)

@@ -132,6 +132,13 @@ def _conv_sum(data_packed, packed, shape, *, column, weight, geometry, name, isa
     return te.compute(shape, accumulate, name=name, attrs=_attrs(isa))
 
 
+def _conv_output(accumulated, shape, bias, isa) -> te.Tensor:
+    """The last stage of both conv forms: NCHW ``accumulated(b, o, y, x) + bias[o]``."""
+    return te.compute(
+        shape, lambda b, o, y, x: accumulated(b, o, y, x) + bias[o], name=OUTPUT_BLOCK, attrs=_attrs(isa)
+    )
+
+
 def _pack_conv_input(data, isa, padding, pad_value):
     """The first stage of both conv kernels: ``[N, C/4, H+pad, W+pad, 4]`` (see the module docstring)."""
     n, in_c, height, width = (int(d) for d in data.shape)
@@ -177,11 +184,8 @@ def conv2d_dot(
         name=CONV_BLOCK,
         isa=isa,
     )
-    return te.compute(
-        (n, out_channels, out_h, out_w),
-        lambda b, o, y, x: acc[b, o // lanes, y, x, o % lanes] + bias[o],
-        name=OUTPUT_BLOCK,
-        attrs=_attrs(isa),
+    return _conv_output(
+        lambda b, o, y, x: acc[b, o // lanes, y, x, o % lanes], (n, out_channels, out_h, out_w), bias, isa
     )
 
 
@@ -220,11 +224,8 @@ def conv2d_dot_pixels(
         name=PIXEL_CONV_BLOCK,
         isa=isa,
     )
-    return te.compute(
-        (n, out_c, out_h, out_w),
-        lambda b, o, y, x: acc[b, o, y, x // lanes, x % lanes] + bias[o],
-        name=OUTPUT_BLOCK,
-        attrs=_attrs(isa),
+    return _conv_output(
+        lambda b, o, y, x: acc[b, o, y, x // lanes, x % lanes], (n, out_c, out_h, out_w), bias, isa
     )
 
 

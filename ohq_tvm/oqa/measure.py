@@ -99,8 +99,9 @@ MEASUREMENT_REVISION = 5
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
-    """How measurements name the build they timed and how: ``default/r4``, ``none/r4``, or
-    ``tuned/<database>/r4`` (the default schedule with that tuning database's records on top)."""
+    """How measurements name the build they timed and how: ``default/r<N>``, ``none/r<N>``, or
+    ``tuned/<database>/r<N>`` (the default schedule with that tuning database's records on top), ``N``
+    being :data:`MEASUREMENT_REVISION`."""
     build = f"tuned/{tuning.path.name}" if tuning is not None else schedule
     return f"{build}/r{MEASUREMENT_REVISION}"
 
