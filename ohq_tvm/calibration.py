@@ -16,7 +16,7 @@ a folder of ``.npy`` files or images).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,10 @@ from .frontend import ImportedModel, TensorSpec
 from .input_stats import matched_input_statistics
 from .jsonfile import read_json, write_json
 from .passes.layer_id import layer_bindings, layer_id_of
+from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .plan import CALIBRATION_METHODS as METHODS
 from .qparams import ActivationQParams
 
-SYNTHETIC_KINDS = ("gaussian", "uniform", "matched")
 CALIBRATION_FORMAT = "ohq-tvm/calibration"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Values kept per layer for percentile/entropy; exact min/max are tracked over everything.
@@ -266,10 +266,13 @@ def synthetic_batches(
 
     ``gaussian``: standard normal. ``uniform``: uniform on [-1, 1] (image-like). ``matched``: per-channel
     normal whose first-layer statistics match the BatchNormalization after the model's first conv
-    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``).
+    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``). ``distilled`` data
+    needs the model: :func:`synthetic_data`.
     """
     if kind not in SYNTHETIC_KINDS:
         raise OHQError(f"unknown synthetic data {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
+    if kind == "distilled":
+        raise OHQError("distilled data is made from the model itself: use synthetic_data(imported, ...)")
     matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if kind == "matched":
         if onnx_model is None:
@@ -293,6 +296,40 @@ def synthetic_batches(
                 batch[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
         batches.append(batch)
     return batches
+
+
+def resolve_synthetic(imported: ImportedModel, kind: str) -> str:
+    """``kind``, with ``auto`` resolved: ``distilled`` when data can be distilled from the model
+    (:func:`ohq_tvm.distill.distillable`: the ONNX file has BatchNormalization statistics after its
+    convs, and Relax differentiates what comes before them), else ``gaussian``. Raises
+    :class:`OHQError` for an unknown kind."""
+    if kind == AUTO_SYNTHETIC:
+        from .distill import distillable
+
+        return "distilled" if distillable(imported) else "gaussian"
+    if kind not in SYNTHETIC_KINDS:
+        choices = ", ".join((AUTO_SYNTHETIC, *SYNTHETIC_KINDS))
+        raise OHQError(f"unknown synthetic data {kind!r}; use one of {choices}")
+    return kind
+
+
+def synthetic_data(
+    imported: ImportedModel,
+    count: int,
+    kind: str = "gaussian",
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """``count`` synthetic batches for ``imported``: :func:`synthetic_batches` of ``kind``, or for
+    ``distilled`` inputs optimised to the model's BatchNormalization statistics
+    (:func:`ohq_tvm.distill.distilled_batches`, which calls ``progress(step, steps)``). ``kind`` may be
+    ``auto`` (:func:`resolve_synthetic`). Raises :class:`OHQError` as those do."""
+    kind = resolve_synthetic(imported, kind)
+    if kind == "distilled":
+        from .distill import distilled_batches
+
+        return distilled_batches(imported, count, seed=seed, progress=progress)
+    return synthetic_batches(imported.inputs, count, kind, seed, imported.onnx_model)
 
 
 @dataclass(frozen=True)
@@ -389,7 +426,8 @@ def calibrate(
     if method not in METHODS:
         raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     if samples is None:
-        samples = synthetic_batches(imported.inputs, num_samples, synthetic, seed, imported.onnx_model)
+        synthetic = resolve_synthetic(imported, synthetic)
+        samples = synthetic_data(imported, num_samples, synthetic, seed)
         source = synthetic_label(synthetic)
     else:
         source = "samples"

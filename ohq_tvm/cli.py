@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from .cli_planning import (
     BUDGET_HELP,
     StageBars,
+    add_mqe_data_argument,
     add_planning_commands,
     board_arguments,
     print_plan_table,
     tuning_arguments,
 )
 from .errors import OHQError
+from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .precision import Precision
 
 EXIT_USER_ERROR = 2
@@ -78,6 +80,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             database=args.db,
             precisions=[p for p in (args.precisions or "").split(",") if p] or None,
             mqe_batches=args.batches,
+            mqe_data=args.mqe_data,
             calibration_method=args.calibration,
             calibration_samples=args.calibration_samples,
             normalization=args.normalization,
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--batches", type=int, default=4, help="--budget: synthetic batches for MQE (default: 4)"
     )
+    add_mqe_data_argument(quant)
     quant.add_argument(
         "--eval-images",
         metavar="DIR",
@@ -191,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--synthetic",
-        choices=["gaussian", "uniform", "matched"],
+        choices=[AUTO_SYNTHETIC, *SYNTHETIC_KINDS],
         default="gaussian",
         help="synthetic calibration data when no samples are given; matched: per-channel input "
-        "statistics fitted to the first conv's BatchNormalization (default: gaussian)",
+        "statistics fitted to the first conv's BatchNormalization; distilled: inputs optimised to "
+        "match every BatchNormalization's statistics (default: gaussian)",
     )
     comp.set_defaults(run=_cmd_compile)
 

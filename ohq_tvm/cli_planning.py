@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .progress import StageProgress
 
 
@@ -150,6 +151,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             budget=_plan_budget(args),
             sensitivity_cache=default_sensitivity_cache(args.db, imported),
             num_batches=args.batches,
+            synthetic=args.mqe_data,
             progress=bars,
         )
     finally:
@@ -238,6 +240,11 @@ class StageBars(StageProgress):
         bar.set_postfix_str(event.workload.label[:40], refresh=False)
         bar.update(1)
 
+    def distilling(self, done: int, total: int) -> None:
+        if self.bar is None or self.bar.desc != "  distilling":
+            self._open(total, "step", "  distilling")
+        self.bar.update(done - self.bar.n)
+
     def estimating(self, done: int, total: int) -> None:
         if self.bar is None or self.bar.desc != "  sensitivity":
             self._open(total, "pass", "  sensitivity")
@@ -280,6 +287,17 @@ BUDGET_HELP = (
     "memory=512KB, memory=0.5*fp32 (peak per-layer weights + input + output), pareto[=N] (the "
     "frontier; alone: build its knee)"
 )
+
+
+def add_mqe_data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mqe-data",
+        choices=[AUTO_SYNTHETIC, *SYNTHETIC_KINDS],
+        default=AUTO_SYNTHETIC,
+        help="synthetic data MQE scores layers on; auto: distilled (inputs optimised until every "
+        "BatchNormalization sees its training statistics) when the ONNX file has BatchNormalization "
+        "nodes, else gaussian (default: auto)",
+    )
 
 
 def board_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +362,7 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--size-mb", type=float, help="weight size budget in MB")
     plan.add_argument("--budget", metavar="SPEC", help=BUDGET_HELP)
     plan.add_argument("--batches", type=int, default=4, help="synthetic batches for MQE (default: 4)")
+    add_mqe_data_argument(plan)
     plan.add_argument(
         "--pareto", type=int, default=0, metavar="N", help="also sweep N budgets for the frontier"
     )

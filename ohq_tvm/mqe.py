@@ -24,7 +24,7 @@ from tvm import relax
 from .board import Board
 from .build.module import build_executable
 from .build.toolchain import find_toolchain
-from .calibration import Calibration, calibrate, synthetic_batches, synthetic_label
+from .calibration import Calibration, calibrate, resolve_synthetic, synthetic_data, synthetic_label
 from .errors import OHQError
 from .frontend import ImportedModel
 from .jsonfile import read_json, write_json
@@ -161,19 +161,24 @@ def estimate_sensitivity(
     target: str | BoardSpec = "host",
     board: Board | None = None,
     progress: Callable[[int, int], None] | None = None,
+    data_progress: Callable[[int, int], None] | None = None,
 ) -> Sensitivity:
     """Per-layer, per-precision sensitivity of ``imported`` (see the module docstring).
 
     ``precisions`` are the lower precisions to score (fp32 is the reference). Integer precisions use
     ``calibration``, calibrated here (minmax, on the same kind of data) when not given. Batches are
-    ``samples`` when given, else ``num_batches`` synthetic batches of kind ``synthetic``. ``progress(done,
-    total)`` is called after each forward pass. Raises :class:`OHQError` for a model without layers.
+    ``samples`` when given, else ``num_batches`` synthetic batches of kind ``synthetic`` (``auto``:
+    distilled from the model's BatchNormalization statistics when it has them, else Gaussian; see
+    :func:`~ohq_tvm.calibration.resolve_synthetic`). ``progress(done, total)`` is called after each
+    forward pass, ``data_progress(step, steps)`` after each distillation step. Raises
+    :class:`OHQError` for a model without layers.
     """
     chosen = [Precision.parse(str(p)) for p in precisions]
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     started = time.perf_counter()
     if samples is None:
-        samples = synthetic_batches(imported.inputs, num_batches, synthetic, seed + 1, imported.onnx_model)
+        synthetic = resolve_synthetic(imported, synthetic)
+        samples = synthetic_data(imported, num_batches, synthetic, seed + 1, progress=data_progress)
         data = synthetic_label(synthetic)
     else:
         data = "samples"

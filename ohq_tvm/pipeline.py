@@ -105,6 +105,7 @@ def compile_model(
     database: str | os.PathLike | None = None,
     precisions: Sequence[Precision | str] | None = None,
     mqe_batches: int = 4,
+    mqe_data: str = "auto",
     calibration_method: str = "minmax",
     calibration_samples: str | os.PathLike | None = None,
     normalization: str = "imagenet",
@@ -130,15 +131,16 @@ def compile_model(
         precision: every layer in this precision (a uniform plan); or
         plan: a :class:`Plan` or the path of its JSON; or
         budget: run the whole OHQ pipeline: every candidate operator timed on the board (OQA, into
-            ``database``), MQE sensitivity (``mqe_batches`` synthetic batches; cached next to the
-            database), the ILP under this :class:`~ohq_tvm.budget.BudgetSpec` (or its text, e.g.
-            ``"latency=0.8*int8"``); ``precisions`` restricts the candidates. Writes ``report.md``,
-            ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too.
+            ``database``), MQE sensitivity (``mqe_batches`` synthetic batches of kind ``mqe_data``,
+            by default distilled from the model's BatchNormalization statistics when it has them;
+            cached next to the database), the ILP under this :class:`~ohq_tvm.budget.BudgetSpec` (or
+            its text, e.g. ``"latency=0.8*int8"``); ``precisions`` restricts the candidates. Writes
+            ``report.md``, ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too.
             With a precision, plan or budget, integer layers are calibrated with ``calibration_method``
             on ``calibration_samples`` (a folder of ``.npy``/images, normalised per ``normalization``)
-            or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``, or ``matched`` to the
-            first layer's BatchNormalization statistics); ``plan.json``, ``calibration.json`` and
-            ``model.qdq.onnx`` are written next to the module.
+            or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``, ``matched`` to the
+            first layer's BatchNormalization statistics, or ``distilled`` from all of them);
+            ``plan.json``, ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
         eval_images / fidelity_samples / min_agreement: a quantized module's first output is compared
             with the float32 model's on ``fidelity_samples`` synthetic batches and on the images (or
             ``.npy`` arrays) in ``eval_images``; with ``min_agreement``, a top-1 agreement below it (on
@@ -196,6 +198,7 @@ def compile_model(
                 precisions=precisions,
                 budget=wanted,
                 num_batches=mqe_batches,
+                synthetic=mqe_data,
                 sensitivity_cache=default_sensitivity_cache(database, imported),
                 trials=trials,
                 tuning_dir=tuning_dir,

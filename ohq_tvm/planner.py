@@ -12,7 +12,7 @@ import onnx
 
 from .board import Board, open_board
 from .budget import BudgetSpec
-from .calibration import synthetic_label
+from .calibration import AUTO_SYNTHETIC, resolve_synthetic, synthetic_label
 from .errors import OHQError
 from .frontend import ImportedModel, load_onnx
 from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
@@ -51,6 +51,7 @@ def plan_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     budget: BudgetSpec | str | None = None,
     num_batches: int = 4,
+    synthetic: str = AUTO_SYNTHETIC,
     sensitivity_cache: str | os.PathLike | None = None,
     trials: int = 0,
     tuning_dir: str | os.PathLike | None = None,
@@ -65,7 +66,9 @@ def plan_model(
     Relative limits are resolved against the predicted numbers of the reference plans (``fp32`` and
     uniform plans of each lower precision). Baselines in the result: those reference plans, ``greedy``
     (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity and
-    within its size and memory budgets, as hardware-blind methods pick). With ``sensitivity_cache`` (a
+    within its size and memory budgets, as hardware-blind methods pick). MQE runs on ``num_batches``
+    synthetic batches of kind ``synthetic`` (default ``auto``: distilled from the model's
+    BatchNormalization statistics when the ONNX file has them, else Gaussian). With ``sensitivity_cache`` (a
     JSON path) MQE's estimate is read from there when it answers the same question (same model,
     precisions, data and batches) and written there otherwise. ``trials`` > 0 times operators as tuned
     builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points`` asks for a Pareto sweep of
@@ -112,8 +115,9 @@ def plan_model(
         )
         if not lower:
             raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
+        data = resolve_synthetic(imported, synthetic)
         sensitivity, reused = _sensitivity(
-            imported, spec, board, lower, num_batches, sensitivity_cache, hooks
+            imported, spec, board, lower, (data, num_batches), sensitivity_cache, hooks
         )
     if reused:
         say(f"sensitivity: reused {sensitivity_cache}")
@@ -166,18 +170,29 @@ def default_sensitivity_cache(database: str | os.PathLike | None, imported: Impo
     return root.parent / "sensitivity" / f"{imported.sha256[:16]}.json"
 
 
-def _sensitivity(imported, spec, board, precisions, num_batches, cache, hooks) -> tuple[Sensitivity, bool]:
-    """MQE's estimate, from ``cache`` when it answers the same question, else run on the board."""
-    data = synthetic_label()
+def _sensitivity(imported, spec, board, precisions, data, cache, hooks) -> tuple[Sensitivity, bool]:
+    """MQE's estimate on ``data`` (synthetic kind, batches), from ``cache`` when it answers the same
+    question, else run on the board."""
+    kind, num_batches = data
     if cache is not None and Path(cache).is_file():
         try:
             cached = Sensitivity.load(cache)
         except OHQError:
             cached = None
-        if cached is not None and cached.matches(imported.sha256, precisions, data, num_batches):
+        label = synthetic_label(kind)
+        if cached is not None and cached.matches(imported.sha256, precisions, label, num_batches):
             return cached, True
+    if kind == "distilled":
+        hooks.say(f"distilling {num_batches} inputs from the model's BatchNormalization statistics")
     sensitivity = estimate_sensitivity(
-        imported, precisions, num_batches=num_batches, target=spec, board=board, progress=hooks.estimating
+        imported,
+        precisions,
+        num_batches=num_batches,
+        synthetic=kind,
+        target=spec,
+        board=board,
+        progress=hooks.estimating,
+        data_progress=hooks.distilling,
     )
     if cache is not None:
         sensitivity.save(cache)

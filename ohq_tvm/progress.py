@@ -21,6 +21,9 @@ class StageProgress:
     def measured(self, event) -> None:
         """One operator finished (an :class:`~ohq_tvm.oqa.measure.MeasureEvent`)."""
 
+    def distilling(self, done: int, total: int) -> None:
+        """MQE's distilled inputs took ``done`` of ``total`` optimisation steps."""
+
     def estimating(self, done: int, total: int) -> None:
         """MQE ran ``done`` of ``total`` forward passes."""
 

@@ -192,6 +192,8 @@ def test_plan_meets_a_size_budget_and_compiles(tmp_path):
         line.split()[0] for line in proc.stdout.splitlines() if line
     }
     assert (tmp_path / "plan.sensitivity.json").is_file() and (tmp_path / "plan.frontier.json").is_file()
+    # --mqe-data auto: the model has BatchNormalization statistics, so MQE ran on distilled inputs.
+    assert json.loads((tmp_path / "plan.sensitivity.json").read_text())["data"] == "synthetic:distilled"
     built = ohq("compile", str(model), "--plan", str(plan_path), "-o", str(tmp_path / "out"))
     assert built.returncode == 0, built.stderr
     too_fast = ohq("plan", str(model), *common, "--latency-ms", "0.000001", "-o", str(plan_path))

@@ -128,3 +128,24 @@ def test_regular_3x3_convs_with_odd_rows_get_the_register_tile(size):
     (conv,) = [f.script() for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
     assert 'scope="local"' in conv and "T.vectorized(" in conv
     assert_scheduled_equals_unscheduled(model, seed=3)
+
+
+def test_batch_statistics_and_scalar_results_build_and_match_numpy():
+    """Per-channel mean/variance over (N, H, W) of a batch-1 tensor (four spatial axes and a reduction
+    over a window, like a depthwise conv, but one tensor read: not a conv) fused with a scalar sum (a
+    rank-0 result: no loop to spread) take the default schedule."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 6, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            mean = bb.emit(relax.op.mean(x, axis=[0, 2, 3]))
+            spread = bb.emit(relax.op.sqrt(relax.op.variance(x, axis=[0, 2, 3])))
+            total = bb.emit(relax.op.sum(relax.op.multiply(mean, spread)))
+            out = bb.emit_output(total)
+        bb.emit_func_output(out)
+    target = host_target()
+    executable = build_scheduled(bb.get(), target)
+    data = np.random.default_rng(2).standard_normal((1, 8, 6, 6)).astype(np.float32)
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    expected = (data.mean(axis=(0, 2, 3)) * data.std(axis=(0, 2, 3))).sum()
+    assert got.shape == () and float(got) == pytest.approx(float(expected), rel=1e-5)

@@ -30,10 +30,10 @@ _DEPTHWISE_ROWS = 4
 
 
 def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | None:
-    """The conv block of the function (n, c, y, x spatial, then the reduction) and whether it is
-    depthwise (reduction over the kernel window only); ``None`` when there is no such block, or when
-    it is a regular conv whose output rows have no divisor :func:`regular_vector` accepts (1×1 convs
-    included)."""
+    """The conv block of the function (n, c, y, x spatial, then the reduction, reading data and
+    weight) and whether it is depthwise (reduction over the kernel window only); ``None`` when there is
+    no such block, or when it is a regular conv whose output rows have no divisor
+    :func:`regular_vector` accepts (1×1 convs included)."""
     spatial, reduce = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
     for block_rv in sch.get_child_blocks(sch.get_sblock("root")):
         block = sch.get(block_rv)
@@ -42,6 +42,8 @@ def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | 
             continue
         if len(sch.get_loops(block_rv)) != len(kinds) or len(kinds) not in (6, 7):
             continue
+        if len({region.source for region in block.reads}) < 2:
+            continue  # a reduction of one tensor (a mean over batch and pixels), not data x weight
         extents = [int(iv.dom.extent) for iv in block.iter_vars[4:]]
         depthwise = len(extents) == 2 or extents[0] == 1
         if not depthwise:

@@ -65,6 +65,8 @@ class CPUDefaultRule(ScheduleRule):
     @staticmethod
     def _injective(sch: s_tir.Schedule, block, lanes: int) -> None:
         loops = sch.get_loops(block.block_rv)
+        if not loops:  # a scalar (rank-0) result: nothing to spread
+            return
         row = extent(sch, loops[-1]) if len(loops) > 1 else None
         if row is not None and row >= 2 * MIN_LANES:
             # Rows long enough to vectorise on their own: keeps the index arithmetic of a pad or a
