@@ -52,7 +52,7 @@ from tvm import relax
 
 from ohq_tvm import OHQError, Precision
 from ohq_tvm.build import build_executable
-from ohq_tvm.calibration import calibrate, synthetic_data
+from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate, synthetic_data
 from ohq_tvm.distill import distillable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.input_stats import matched_input_statistics
@@ -68,7 +68,6 @@ MODELS = {
     "mobilenet_v2": (pretrained.load_mobilenet_v2, Preprocessing(256, "imagenet")),
     "efficientnet_lite0": (pretrained.load_efficientnet_lite0, Preprocessing(224, "half")),
 }
-SYNTHETIC_KINDS = ("gaussian", "uniform", "matched", "distilled")
 SYNTHETIC_BATCHES = 8  # calibrate()'s default
 FOLDS = 2
 HELD_OUT, TWO_FOLD = "held-out photos", "2-fold foolbox"

@@ -29,7 +29,7 @@ import pretrained
 from scipy.stats import spearmanr
 
 from ohq_tvm import Precision
-from ohq_tvm.calibration import calibrate
+from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate
 from ohq_tvm.distill import channel_targets
 from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx
@@ -40,7 +40,6 @@ from ohq_tvm.targets import resolve_target
 from timing import machine_record, parse_args, write_results
 
 SYNTHETIC_BATCHES = 8
-SYNTHETIC_KINDS = ("gaussian", "uniform", "matched", "distilled")
 
 
 def _mnist(count: int) -> tuple[np.ndarray, np.ndarray]:

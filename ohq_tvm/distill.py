@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import tvm
-from onnx import numpy_helper
 from tvm import relax
 
 from .errors import OHQError
 from .frontend import ImportedModel
+from .onnx_fold import graph_constants
 from .passes.layer_id import LAYERS_ATTR, layer_bindings, layer_id_of
 
 ITERATIONS = 200
@@ -44,13 +44,11 @@ class ChannelTarget:
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers, ``Constant`` outputs, and ``Identity`` copies of either (exporters share equal BN
-    parameters between layers that way)."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    """:func:`~ohq_tvm.onnx_fold.graph_constants` and ``Identity`` copies of them (exporters share equal
+    BN parameters between layers that way)."""
+    constants = graph_constants(graph)
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type == "Identity" and node.input[0] in constants:
+        if node.op_type == "Identity" and node.input[0] in constants:
             constants[node.output[0]] = constants[node.input[0]]
     return constants
 

@@ -101,10 +101,7 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     graph = folded.graph
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constants = graph_constants(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -139,6 +136,15 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if any(init.name in pad.input for pad in removed):
             graph.initializer.remove(init)
     return folded, len(removed)
+
+
+def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """The values of ``graph``'s initializers and of its ``Constant`` nodes' outputs, by tensor name."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return constants
 
 
 def _zero_spatial_pads(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> tuple[int, ...] | None:

@@ -117,7 +117,7 @@ def plan_model(
             raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
         data = resolve_synthetic(imported, synthetic)
         sensitivity, reused = _sensitivity(
-            imported, spec, board, lower, (data, num_batches), sensitivity_cache, hooks
+            imported, spec, board, lower, data, num_batches, sensitivity_cache, hooks
         )
     if reused:
         say(f"sensitivity: reused {sensitivity_cache}")
@@ -170,10 +170,11 @@ def default_sensitivity_cache(database: str | os.PathLike | None, imported: Impo
     return root.parent / "sensitivity" / f"{imported.sha256[:16]}.json"
 
 
-def _sensitivity(imported, spec, board, precisions, data, cache, hooks) -> tuple[Sensitivity, bool]:
-    """MQE's estimate on ``data`` (synthetic kind, batches), from ``cache`` when it answers the same
-    question, else run on the board."""
-    kind, num_batches = data
+def _sensitivity(
+    imported, spec, board, precisions, kind, num_batches, cache, hooks
+) -> tuple[Sensitivity, bool]:
+    """MQE's estimate on ``num_batches`` synthetic batches of ``kind``, from ``cache`` when it answers the
+    same question, else run on the board."""
     if cache is not None and Path(cache).is_file():
         try:
             cached = Sensitivity.load(cache)
