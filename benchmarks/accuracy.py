@@ -51,6 +51,7 @@ from photos import (
 from tvm import relax
 
 from ohq_tvm import OHQError, Precision
+from ohq_tvm.board import host_vm
 from ohq_tvm.build import build_executable
 from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate, synthetic_data
 from ohq_tvm.distill import distillable
@@ -128,7 +129,7 @@ class Evaluation:
 
 
 def _tvm_runner(executable: relax.Executable) -> Runner:
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = host_vm(executable)
     return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
 
 

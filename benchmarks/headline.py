@@ -49,8 +49,8 @@ from photos import (
     skimage_photos,
     views_of,
 )
-from tvm import relax
 
+from ohq_tvm.board import host_vm
 from ohq_tvm.pipeline import CompileResult, compile_model
 from ohq_tvm.targets import resolve_target
 
@@ -63,7 +63,7 @@ ENGINES = ("ort fp32", "ort int8", "tvm fp32", "tvm int8", "bops-proxy plan", "o
 
 def _library_runner(path: Path):
     """The exported library as a local Relax VM: one [1, 3, 224, 224] input -> logits."""
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    vm = host_vm(tvm.runtime.load_module(str(path)))
     return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
@@ -179,8 +179,8 @@ def markdown(record: dict) -> list[str]:
     lines = [
         "# Headline: OHQ plan vs ONNX Runtime and the other plans",
         "",
-        f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores; TVM {tvm.__version__}, "
-        f"ONNX Runtime {ort.__version__}. Budget `{settings['budget']}`, {settings['trials']} MetaSchedule "
+        f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores; TVM {tvm.__version__} "
+        f"({record['machine']['tvm_threads']} threads), ONNX Runtime {ort.__version__}. Budget `{settings['budget']}`, {settings['trials']} MetaSchedule "
         f"trials per build (0 = ohq-tvm's default schedule), median of {settings['repeats']} interleaved "
         f"rounds; load average {settings['load_average_1_5_15_min']['start'][0]:.2f} at the start, "
         f"{settings['load_average_1_5_15_min']['end'][0]:.2f} at the end.",

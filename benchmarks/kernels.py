@@ -182,8 +182,8 @@ def main() -> None:
         "# Kernels: fp32 vs int8 per operator, and whole models vs ONNX Runtime",
         "",
         f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, dot-product instruction: "
-        f"{isa.name if isa else 'none'}; TVM {tvm.__version__}, ONNX Runtime {ort.__version__} "
-        f"({spec.num_cores} threads); median of {args.repeats} interleaved rounds. Tuned = MetaSchedule on "
+        f"{isa.name if isa else 'none'}; TVM {tvm.__version__} ({record['machine']['tvm_threads']} threads), "
+        f"ONNX Runtime {ort.__version__} ({spec.num_cores} threads); median of {args.repeats} interleaved rounds. Tuned = MetaSchedule on "
         "the loopback host board, fresh database.",
     ]
     if ops:

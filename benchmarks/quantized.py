@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import tvm
-from tvm import relax
 
 from ohq_tvm import Precision, models
+from ohq_tvm.board import host_vm
 from ohq_tvm.build import build_scheduled
 from ohq_tvm.calibration import calibrate, synthetic_batches
 from ohq_tvm.frontend import load_onnx
@@ -41,7 +41,7 @@ HELD_OUT = 4
 
 
 def _run_tvm(executable, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = host_vm(executable)
     return [vm["main"](tvm.runtime.tensor(x)).numpy() for x in inputs]
 
 

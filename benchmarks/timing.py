@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tvm
-from tvm import relax
 
-from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.board import LoopbackBoard, host_vm, use_host_threads
 from ohq_tvm.oqa import LatencyDatabase
 
 Timer = Callable[[], float]
@@ -26,7 +25,7 @@ Timer = Callable[[], float]
 
 def tvm_timer(executable, args) -> Timer:
     """Milliseconds per run of ``main``, each call averaging over at least 100 ms."""
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = host_vm(executable)
     vm["main"](*args)
     evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=100)
     return lambda: evaluator(*args).results[0] * 1e3
@@ -97,6 +96,7 @@ def machine_record(target) -> dict:
         "machine": {
             "cpu": str(target.attrs["mcpu"]),
             "cores": os.cpu_count(),
+            "tvm_threads": use_host_threads(),  # in this process; the loopback board's servers alike
             "platform": platform.platform(),
         },
         "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__},

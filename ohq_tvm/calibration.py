@@ -158,12 +158,13 @@ def observe(
     seed: int = 0,
 ) -> dict[str, Observation]:
     """Run the fp32 model on ``batches`` (built for the host) and record every layer's input."""
+    from .board.threads import host_vm
     from .build.module import build_executable
     from .targets import resolve_target
 
     probe, readers = layer_input_probe(imported.mod)
     executable = build_executable(probe, resolve_target("host"))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = host_vm(executable)
     rng = np.random.default_rng(seed)
     found = [Observation() for _ in readers]
     keep = max(1, _SAMPLE_CAP // max(1, len(batches)))

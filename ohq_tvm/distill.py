@@ -212,12 +212,13 @@ def distilled_batches(
     ``learning_rate`` (decaying along a cosine). ``progress(done, total)`` is called after each step.
     Raises :class:`OHQError` as :func:`statistics_loss_module` does.
     """
+    from .board.threads import host_vm
     from .build.module import build_executable
     from .targets import resolve_target
 
     (spec,) = imported.inputs
     mod = statistics_loss_module(imported, channel_targets(imported))
-    vm = relax.VirtualMachine(build_executable(mod, resolve_target("host")), tvm.cpu())
+    vm = host_vm(build_executable(mod, resolve_target("host")))
     step = vm["main_adjoint"]
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((count, *spec.shape)).astype(np.float32)
@@ -241,11 +242,12 @@ def distilled_batches(
 
 def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> float:
     """The distillation loss of one input (for checks: distilled data should score far below noise)."""
+    from .board.threads import host_vm
     from .build.module import build_executable
     from .targets import resolve_target
 
     mod = statistics_loss_module(imported, channel_targets(imported))
-    vm = relax.VirtualMachine(build_executable(mod, resolve_target("host")), tvm.cpu())
+    vm = host_vm(build_executable(mod, resolve_target("host")))
     (spec,) = imported.inputs
     return float(vm["main"](tvm.runtime.tensor(np.asarray(batch[spec.name], np.float32))).numpy())
 

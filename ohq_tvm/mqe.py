@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .board import Board
+from .board import Board, host_vm
 from .build.module import build_executable
 from .build.toolchain import find_toolchain
 from .calibration import Calibration, calibrate, resolve_synthetic, synthetic_data, synthetic_label
@@ -117,7 +117,7 @@ class Sensitivity:
 def _runner(executable: relax.Executable, spec: BoardSpec, board: Board | None, scratch: str):
     """A function running ``main`` on (inputs..., mask) and returning the first output as numpy."""
     if board is None:
-        vm = relax.VirtualMachine(executable, tvm.cpu())
+        vm = host_vm(executable)
         return lambda *args: _first(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args]))
     library = Path(scratch) / "mqe.so"
     executable.export_library(str(library), fcompile=find_toolchain(spec.cross_triple).fcompile())

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ohq_tvm.board.threads import host_cores
 from ohq_tvm.errors import TargetError
 from ohq_tvm.precision import Precision
 
@@ -89,7 +90,7 @@ def board_from_mapping(data: dict[str, Any], source: str) -> BoardSpec:
     name = data.get("name") or Path(source).stem
     cores = data.get("num_cores", config.get("num-cores", 1))
     if cores == "auto":
-        cores = os.cpu_count() or 1
+        cores = host_cores()
     if not isinstance(cores, int) or cores < 1:
         raise TargetError(f"{source}: 'num_cores' must be a positive integer or \"auto\"")
     precisions = _precisions(data.get("precisions", ["fp32", "int8", "int4w"]), source)

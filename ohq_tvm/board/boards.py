@@ -22,6 +22,7 @@ from tvm import rpc
 from ..errors import BoardError
 from .processes import ProcessGroup
 from .session import BoardSession
+from .threads import default_threads, thread_environment
 
 _TRACKER_CONNECT_TIMEOUT_S = 5.0
 
@@ -165,7 +166,8 @@ def _free_port(host: str) -> int:
 
 
 class LoopbackBoard(Board):
-    """This machine as a board: a private tracker plus ``num_servers`` RPC servers, bound to ``host``.
+    """This machine as a board: a private tracker plus ``num_servers`` RPC servers, bound to ``host``,
+    each running kernels on ``threads`` threads (default: :func:`.threads.default_threads`).
 
     The processes run until :meth:`close` (or the end of the ``with`` block, an exception, or interpreter
     exit); each is its own process group, so the servers' forked workers go with them.
@@ -177,8 +179,10 @@ class LoopbackBoard(Board):
         num_servers: int = 1,
         host: str = "127.0.0.1",
         wait_for_server_s: float = 30.0,
+        threads: int | None = None,
     ) -> None:
         self.key = key
+        self.threads = threads or default_threads()  # TVM's own: half the cores on x86 (see .threads)
         self.wait_for_server_s = wait_for_server_s
         self.host = host
         self.num_servers = num_servers
@@ -251,6 +255,7 @@ class LoopbackBoard(Board):
             ],
             label=f"rpc server {index}",
             log_path=str(self.log_dir / f"server{index}.log"),
+            env=thread_environment(self.threads),
         ).start()
         self.server_processes.append(server)
         return server

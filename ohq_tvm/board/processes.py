@@ -26,10 +26,18 @@ class ProcessGroup:
     safety net for callers that never leave the ``with`` block normally.
     """
 
-    def __init__(self, argv: Sequence[str], *, label: str, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        label: str,
+        log_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.label = label
         self.log_path = log_path
+        self.env = env  # None: inherit this process's environment
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,6 +55,7 @@ class ProcessGroup:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env,
             )
         finally:
             if log is not subprocess.DEVNULL:

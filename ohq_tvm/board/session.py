@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 
 from ..errors import BoardError
+from .threads import remote_threads
 
 T = TypeVar("T")
 
@@ -69,7 +70,8 @@ class BoardSession:
         return self.remote.cpu()
 
     def describe(self) -> dict[str, str]:
-        """What the board reports about itself (CPU and triple, where its runtime can tell)."""
+        """What the board reports about itself: CPU and triple, where its runtime can tell, and the
+        threads its runtime runs kernels on."""
         found: dict[str, str] = {}
         for field, function in (
             ("cpu", "target.llvm_get_system_cpu"),
@@ -79,6 +81,9 @@ class BoardSession:
                 found[field] = str(self.remote.get_function(function)())
             except (RuntimeError, AttributeError, ValueError):  # a runtime-only board has no LLVM
                 continue
+        threads = remote_threads(self.remote)
+        if threads is not None:
+            found["threads"] = str(threads)
         return found
 
     def load_vm(self, library_path: str | os.PathLike) -> RemoteVM:

@@ -94,8 +94,9 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # label). r3: kernels timed with their weights and output out of cache (:mod:`.kernel_timing`); r4: regular
 # convs whose rows no power-of-two vector divides (ResNet's 14x14, 7x7) get the register-tiled schedule;
 # r5: depthwise convs (float too) on the plane kernel, 1x1 convs register-tiled, int8 convs on stride-1
-# rows with lanes over pixels, integer output stages and rounding vectorised.
-MEASUREMENT_REVISION = 5
+# rows with lanes over pixels, integer output stages and rounding vectorised; r6: the loopback board's
+# servers run kernels on all physical cores (TVM's default had been half the logical CPUs on x86).
+MEASUREMENT_REVISION = 6
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
