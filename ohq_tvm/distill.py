@@ -43,20 +43,10 @@ class ChannelTarget:
     std: np.ndarray
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """:func:`~ohq_tvm.onnx_fold.graph_constants` and ``Identity`` copies of them (exporters share equal
-    BN parameters between layers that way)."""
-    constants = graph_constants(graph)
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in constants:
-            constants[node.output[0]] = constants[node.input[0]]
-    return constants
-
-
 def _bn_after_convs(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """ONNX Conv node name → (BN shift, |BN scale|) of the BatchNormalization reading its output."""
     graph = model.graph
-    constants = _constants(graph)
+    constants = graph_constants(graph, identities=True)
     producers = {out: node for node in graph.node for out in node.output}
     found = {}
     for node in graph.node:

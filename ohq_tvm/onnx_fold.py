@@ -20,13 +20,17 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every foldable ``Conv → BatchNormalization`` pair merged; and how many.
 
     A pair folds when the BN is the conv's only reader, the conv output is not a graph output, the BN has
-    one output (inference mode), and the conv weight, conv bias and all four BN parameters are
-    initializers the conv/BN alone use. Anything else is left as it was.
+    one output (inference mode), the conv weight and bias are initializers the conv alone uses (they are
+    rewritten in place), and the four BN parameters are constants: initializers, ``Constant`` nodes, or
+    ``Identity`` copies of either, however many readers they have (torch exports parameters equal across
+    layers, e.g. freshly initialised BNs, as one initializer behind ``Identity`` nodes). Anything else is
+    left as it was; constants and ``Identity`` nodes nothing reads any more are dropped.
     """
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     graph = folded.graph
     initializers = {init.name: init for init in graph.initializer}
+    constants = graph_constants(graph, identities=True)
     readers = Counter(name for node in graph.node for name in node.input)
     graph_outputs = {output.name for output in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
@@ -40,13 +44,12 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         if readers[conv.output[0]] != 1:
             continue
-        names = [*conv.input[1:], *bn.input[1:]]
-        if any(name not in initializers or readers[name] != 1 for name in names):
+        if any(name not in initializers or readers[name] != 1 for name in conv.input[1:]):
+            continue
+        if any(name not in constants for name in bn.input[1:]):
             continue
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        scale, shift, mean, var = (
-            numpy_helper.to_array(initializers[n]).astype(np.float64) for n in bn.input[1:]
-        )
+        scale, shift, mean, var = (constants[n].astype(np.float64) for n in bn.input[1:])
         weight = numpy_helper.to_array(initializers[conv.input[1]]).astype(np.float64)
         bias = (
             numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float64)
@@ -79,11 +82,26 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     stale = [vi for vi in graph.value_info if vi.name in gone]
     for vi in stale:
         graph.value_info.remove(vi)
-    dropped = {name for bn in removed for name in bn.input[1:]}
-    kept = [init for init in graph.initializer if init.name not in dropped]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unread_constants(graph, {name for bn in removed for name in bn.input[1:]})
     return folded, count
+
+
+def _drop_unread_constants(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove the ``candidates`` (initializers, ``Constant`` or ``Identity`` outputs) no node or graph
+    output reads any more, following ``Identity`` chains back to what they copy."""
+    outputs = {output.name for output in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    pending = set(candidates)
+    while pending:
+        name = pending.pop()
+        if name in outputs or any(name in node.input for node in graph.node):
+            continue
+        node = producers.pop(name, None)
+        if node is not None and node.op_type in ("Identity", "Constant"):
+            graph.node.remove(node)
+            pending.update(node.input)
+        for init in [init for init in graph.initializer if init.name == name]:
+            graph.initializer.remove(init)
 
 
 def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -138,12 +156,15 @@ def fold_pads_into_convs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return folded, len(removed)
 
 
-def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """The values of ``graph``'s initializers and of its ``Constant`` nodes' outputs, by tensor name."""
+def graph_constants(graph: onnx.GraphProto, identities: bool = False) -> dict[str, np.ndarray]:
+    """The values of ``graph``'s initializers and of its ``Constant`` nodes' outputs, by tensor name; with
+    ``identities``, also of ``Identity`` copies of those (how exporters share equal parameters)."""
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif identities and node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
     return constants
 
 

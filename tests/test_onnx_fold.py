@@ -45,6 +45,31 @@ def test_batchnorm_on_a_shared_conv_output_is_left_alone():
     assert count == 1
 
 
+def test_batchnorms_sharing_parameters_through_identity_nodes_fold():
+    # torch writes parameters equal across layers once, read through Identity nodes: here both BNs
+    # (16 channels each) read the first BN's four parameters that way.
+    model = models.tiny_cnn()
+    first, second = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    shared = list(first.input[1:])
+    identities = []
+    for bn in (first, second):
+        for i, name in enumerate(shared, start=1):
+            alias = f"{bn.name}.param{i}"
+            identities.append(helper.make_node("Identity", [name], [alias], name=f"{alias}.copy"))
+            bn.input[i] = alias
+    nodes = [*identities, *model.graph.node]  # Identities of initializers first: still topological
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    folded, count = fold_batch_norms(model)
+    assert count == 2
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    copies = {n.output[0] for n in identities}
+    assert not any({*n.input, *n.output} & (copies | set(shared)) for n in folded.graph.node)
+    assert not {init.name for init in folded.graph.initializer} & set(shared)  # unread: dropped
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-4, atol=1e-5)
+
+
 def _same_padded(pad_inputs=None, mode="constant", readers=("dw",), channels=8):
     """input → Pad (bottom/right by 1, TF "SAME" for stride 2) → depthwise conv(s) stride 2 [→ add]."""
     rng = np.random.default_rng(1)
