@@ -180,7 +180,8 @@ def markdown(record: dict) -> list[str]:
         "# Headline: OHQ plan vs ONNX Runtime and the other plans",
         "",
         f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores; TVM {tvm.__version__} "
-        f"({record['machine']['tvm_threads']} threads), ONNX Runtime {ort.__version__}. Budget `{settings['budget']}`, {settings['trials']} MetaSchedule "
+        f"({record['machine']['tvm_threads']} threads), ONNX Runtime {ort.__version__}. "
+        f"Budget `{settings['budget']}`, {settings['trials']} MetaSchedule "
         f"trials per build (0 = ohq-tvm's default schedule), median of {settings['repeats']} interleaved "
         f"rounds; load average {settings['load_average_1_5_15_min']['start'][0]:.2f} at the start, "
         f"{settings['load_average_1_5_15_min']['end'][0]:.2f} at the end.",

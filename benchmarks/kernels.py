@@ -183,7 +183,8 @@ def main() -> None:
         "",
         f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, dot-product instruction: "
         f"{isa.name if isa else 'none'}; TVM {tvm.__version__} ({record['machine']['tvm_threads']} threads), "
-        f"ONNX Runtime {ort.__version__} ({spec.num_cores} threads); median of {args.repeats} interleaved rounds. Tuned = MetaSchedule on "
+        f"ONNX Runtime {ort.__version__} ({spec.num_cores} threads); median of {args.repeats} interleaved "
+        "rounds. Tuned = MetaSchedule on "
         "the loopback host board, fresh database.",
     ]
     if ops:

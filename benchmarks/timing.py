@@ -50,11 +50,21 @@ def ort_timer(model, feeds, threads: int) -> Timer:
     return run
 
 
+# After a run, a runtime's idle worker threads keep spinning before they sleep: TVM's for ~0.15 s of CPU
+# (300,000 yields; measured after a MobileNetV2 run on this 2-core host), ONNX Runtime's for a while too.
+# Timed right after another runtime, an engine shares the cores with those spinning threads: ONNX Runtime's
+# MobileNetV2 went from 3.9 ms alone to 7-15 ms interleaved with a 2-thread TVM. So every timing starts
+# after a pause longer than any spin.
+SETTLE_S = 0.4
+
+
 def interleaved(timers: dict[str, Timer], repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median and raw milliseconds, timing every runtime once per round so drift hits them alike."""
+    """Median and raw milliseconds, timing every runtime once per round so drift hits them alike, each
+    timing after :data:`SETTLE_S` of quiet (see above)."""
     raw: dict[str, list[float]] = {key: [] for key in timers}
     for _ in range(repeats):
         for key, timer in timers.items():
+            time.sleep(SETTLE_S)
             raw[key].append(timer())
     return {key: statistics.median(values) for key, values in raw.items()}, raw
 
