@@ -209,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .board import sigterm_as_exit
+    from .interrupts import watch_interrupts
 
     args = build_parser().parse_args(argv)
     try:
-        with sigterm_as_exit():
+        with sigterm_as_exit(), watch_interrupts():
             return args.run(args)
     except OHQError as err:
         print(f"error: {err}", file=sys.stderr)

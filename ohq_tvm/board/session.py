@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 
 from ..errors import BoardError
+from ..interrupts import reraise_interrupt
 from .threads import remote_threads
 
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class BoardSession:
         try:
             return action()
         except (RuntimeError, OSError, ValueError) as err:
+            reraise_interrupt()
             message = str(err).strip().splitlines()
             detail = message[-1] if message else type(err).__name__
             raise BoardError(f"board {self.label}: {step} failed: {detail}") from err

@@ -15,6 +15,7 @@ from tvm import relax
 
 from ..errors import BuildError
 from ..frontend import ImportedModel
+from ..interrupts import reraise_interrupt
 from ..jsonfile import plain_json
 from ..targets import BoardSpec
 from .elf import elf_machine
@@ -49,6 +50,7 @@ def build_executable(
     try:
         return relax.build(lowered, board.tvm_target(), relax_pipeline=None)
     except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
+        reraise_interrupt()
         raise _build_error(board, err) from err
 
 
@@ -77,6 +79,7 @@ def lower_for_board(
         with target:
             return relax.get_pipeline("default")(mod)
     except Exception as err:  # TVM raises builtin types (RuntimeError, ValueError, TypeError, ...)
+        reraise_interrupt()
         raise _build_error(board, err) from err
 
 

@@ -31,6 +31,7 @@ from ..build.module import lower_for_board
 from ..build.toolchain import Toolchain, find_toolchain
 from ..build.tuning_database import TuningDatabase
 from ..errors import BoardError, OHQError
+from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec
 from .database import LatencyDatabase
 from .kernel_timing import KernelCall, build_kernel_library, time_kernels
@@ -252,6 +253,7 @@ class _Run:
             lowered = lower_for_board(workload.module(), self.m.spec, self.m.build_schedule, self.m.tuning)
             calls = build_kernel_library(lowered, self.m.spec, path, fcompile=self.fcompile)
         except Exception as err:  # BuildError, or TVM's own error types from export
+            reraise_interrupt()
             reason = f"build failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
             self._fail(workload, reason, attempts=1, worker="build")
             return

@@ -1,0 +1,49 @@
+"""Ctrl-C that survives TVM's FFI.
+
+A ``KeyboardInterrupt`` raised while Python code runs inside a call from TVM's C++ (our Relax passes and
+schedule rules run inside ``relax.build``'s pipeline) comes back out of the FFI as a bare ``RuntimeError``
+with no message, which code catching a failed build or a failed board step would take for one. While
+:func:`watch_interrupts` is active, SIGINT also sets a flag, and those ``except`` paths call
+:func:`reraise_interrupt` first, so an interrupted run stops instead of recording a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(_signum: int, _frame: object) -> None:
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def watch_interrupts() -> Iterator[None]:
+    """Within the block, SIGINT raises ``KeyboardInterrupt`` as usual and is remembered for
+    :func:`reraise_interrupt`. Only the main thread may install signal handlers; elsewhere a no-op."""
+    _INTERRUPTED.clear()
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def reraise_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` if SIGINT arrived under :func:`watch_interrupts` (call it first in an
+    ``except`` that would otherwise take an interrupt turned ``RuntimeError`` by TVM for a failure)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+__all__ = ["reraise_interrupt", "watch_interrupts"]
