@@ -23,19 +23,29 @@ def _on_sigint(_signum: int, _frame: object) -> None:
 
 
 @contextmanager
-def watch_interrupts() -> Iterator[None]:
-    """Within the block, SIGINT raises ``KeyboardInterrupt`` as usual and is remembered for
-    :func:`reraise_interrupt`. Only the main thread may install signal handlers; elsewhere a no-op."""
-    _INTERRUPTED.clear()
+def signal_handled(signum: int, handler) -> Iterator[None]:
+    """Within the block, ``handler`` handles ``signum``; the previous handler is restored after. Only the
+    main thread may install signal handlers; elsewhere this is a no-op."""
     try:
-        previous = signal.signal(signal.SIGINT, _on_sigint)
+        previous = signal.signal(signum, handler)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
+
+
+@contextmanager
+def watch_interrupts() -> Iterator[None]:
+    """Within the block, SIGINT raises ``KeyboardInterrupt`` as usual and is remembered for
+    :func:`reraise_interrupt` (see :func:`signal_handled` for threads)."""
+    _INTERRUPTED.clear()
+    try:
+        with signal_handled(signal.SIGINT, _on_sigint):
+            yield
+    finally:
         _INTERRUPTED.clear()
 
 
@@ -46,4 +56,4 @@ def reraise_interrupt() -> None:
         raise KeyboardInterrupt
 
 
-__all__ = ["reraise_interrupt", "watch_interrupts"]
+__all__ = ["reraise_interrupt", "signal_handled", "watch_interrupts"]

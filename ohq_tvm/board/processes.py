@@ -16,6 +16,8 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 
+from ..interrupts import signal_handled
+
 _LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
 
 
@@ -125,12 +127,5 @@ def sigterm_as_exit() -> Iterator[None]:
     Python's default SIGTERM action kills the interpreter without running cleanup; this makes ``kill``
     behave like Ctrl-C. Only the main thread may install signal handlers; elsewhere this is a no-op.
     """
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_system_exit)
-    except ValueError:  # not the main thread
+    with signal_handled(signal.SIGTERM, _raise_system_exit):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
