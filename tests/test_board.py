@@ -22,9 +22,10 @@ from ohq_tvm.board import (
     parse_address,
 )
 from ohq_tvm.board.boards import _free_port
+from ohq_tvm.board.processes import _live_group_members
 from ohq_tvm.errors import BoardError
 
-from testing_support import gone, tvm_exec_processes
+from testing_support import gone, new_tvm_exec_processes, tvm_exec_processes
 
 
 def _process_tree(pids: list[int]) -> set[int]:
@@ -50,7 +51,7 @@ def test_loopback_board_leaves_no_process_behind(add_library):
     finally:
         board.close()
     assert all(gone(pid) for pid in owned), [pid for pid in owned if not gone(pid)]
-    assert tvm_exec_processes() <= before
+    assert not new_tvm_exec_processes(before)
 
 
 def test_loopback_board_cleans_up_when_the_block_raises():
@@ -58,6 +59,22 @@ def test_loopback_board_cleans_up_when_the_block_raises():
         owned = _process_tree(board.pids())
         1 / 0  # noqa: B018
     assert owned and all(gone(pid) for pid in owned)
+
+
+def test_stopping_a_group_waits_for_members_that_ignore_sigterm():
+    # The child ignores SIGTERM and is orphaned when its shell dies: stop() must SIGKILL it and return
+    # only once it is no longer running (zombies awaiting init count as gone).
+    script = "trap '' TERM; sleep 60 & echo $!; wait"
+    group = ProcessGroup(["sh", "-c", script], label="stubborn").start()
+    pgid = group.pid
+    deadline = time.monotonic() + 5
+    while len(_live_group_members(pgid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_live_group_members(pgid)) == 2
+    started = time.monotonic()
+    group.stop(grace_s=0.5)
+    assert _live_group_members(pgid) == []
+    assert time.monotonic() - started < 3
 
 
 def test_sigterm_to_the_owner_stops_its_rpc_processes(tmp_path):

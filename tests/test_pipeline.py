@@ -15,7 +15,7 @@ from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.pipeline import compile_model
 from ohq_tvm.plan import Plan, PlanError
 
-from testing_support import tvm_exec_processes
+from testing_support import new_tvm_exec_processes, tvm_exec_processes
 
 
 def test_compile_tiny_cnn_on_the_host_board(tmp_path):
@@ -32,7 +32,7 @@ def test_compile_tiny_cnn_on_the_host_board(tmp_path):
     assert set(manifest["stage_seconds"]) == {"import", "build", "export", "verify"}
     assert any("matches ONNX Runtime" in m for m in messages)
     # The loopback tracker and server were started for this call and are gone again.
-    assert tvm_exec_processes() <= before
+    assert not new_tvm_exec_processes(before)
 
 
 def test_cross_target_without_a_board_is_exported_but_not_verified(tmp_path):

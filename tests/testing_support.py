@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,26 @@ def tvm_exec_processes() -> set[int]:
         if "tvm.exec." in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.add(proc.info["pid"])
     return found
+
+
+def new_tvm_exec_processes(before: set[int], wait_s: float = 2.0) -> dict[int, str]:
+    """New ``tvm.exec`` processes (not in ``before``) still running after ``wait_s``, described."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while (extra := tvm_exec_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    described = {}
+    for pid in extra:
+        try:
+            proc = psutil.Process(pid)
+            described[pid] = (
+                f"ppid={proc.ppid()} pgid={os.getpgid(pid)} status={proc.status()} "
+                f"age={time.time() - proc.create_time():.1f}s cmd={' '.join(proc.cmdline())}"
+            )
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return described
 
 
 def gone(pid: int) -> bool:

@@ -291,8 +291,8 @@ class LoopbackBoard(Board):
         return [group.pid for group in groups if group is not None and group.alive()]
 
     def close(self) -> None:
-        # TVM's RPC server ignores SIGTERM; nothing in these processes needs flushing, so the SIGKILL
-        # that follows the grace period costs nothing but the wait.
+        # Nothing in these processes needs flushing: SIGTERM, and SIGKILL after a second for anything
+        # that ignores it.
         for server in self.server_processes:
             server.stop(grace_s=1.0)
         self.server_processes.clear()

@@ -86,6 +86,11 @@ class ProcessGroup:
             _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
             self._proc.wait(timeout=grace_s)
+        # A SIGKILLed process is gone only once the kernel has torn it down: wait for that too, so
+        # nothing of the group is still running when stop() returns.
+        deadline = time.monotonic() + grace_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._proc = None
         _LIVE.discard(self)
 
@@ -102,12 +107,41 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    """True while any process of the group exists (callers reap the leader first)."""
+    """True while any process of the group still runs; zombies count as gone.
+
+    Orphans of the group are reparented to init, which may reap them a second or more later: signalling
+    the group (``killpg(pgid, 0)``) succeeds on those zombies, so it cannot tell a live group from a dead
+    one. ``/proc`` can; without it (not Linux) the signal test is the fallback.
+    """
+    members = _live_group_members(pgid)
+    if members is not None:
+        return bool(members)
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _live_group_members(pgid: int) -> list[int] | None:
+    """PIDs of the group's processes that are not zombies, from ``/proc``; None when there is no ``/proc``."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    members = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
 
 
 @atexit.register
