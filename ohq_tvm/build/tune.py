@@ -304,7 +304,9 @@ def _search(
             max_workers=board.capacity(),
         )
         cleanup.callback(runner.pool.shutdown)
-        _commit_default_schedules(pending, tuning, builder, runner)
+        # The progress bar's "best" starts from the default schedules: a build gets them when the
+        # search finds nothing faster.
+        counter.best_s.update(_commit_default_schedules(pending, tuning, builder, runner))
         counter.start()
         try:
             ms.tune.tune_tasks(
@@ -330,13 +332,14 @@ def _search(
 
 def _commit_default_schedules(
     pending: list[ms.ExtractedTask], tuning: TuningDatabase, builder, runner
-) -> None:
+) -> dict[str, float]:
     """Time each task's zero-budget schedule on the board like any candidate and store it as a record.
 
     The search then starts from it (MetaSchedule seeds its population from the database), and since the
     build takes the best record, a tuned build is never slower than the default one: at small budgets
     MetaSchedule's own candidates often are. These measurements are not counted against the budget.
-    A default schedule that fails to build or run is skipped (the search goes on without it).
+    A default schedule that fails to build or run is skipped (the search goes on without it). Returns
+    the mean seconds of each task's default schedule that ran, by task name.
     """
     from .schedules import CPUDefaultRule
 
@@ -347,25 +350,25 @@ def _commit_default_schedules(
         (gvar,) = mod.get_global_vars()
         sch = rule.apply(mod[gvar], tuning.target, False)
         if sch is not None and sch.trace is not None:
-            scheduled.append((mod, sch))
+            scheduled.append((str(task.task_name), mod, sch))
     if not scheduled:
-        return
-    built = builder.build([ms.builder.BuilderInput(sch.mod, tuning.target) for _, sch in scheduled])
-    inputs, measured = [], []
-    for (mod, sch), result in zip(scheduled, built, strict=True):
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tuning.target) for _, _, sch in scheduled])
+    inputs, measured, means = [], [], {}
+    for (name, mod, sch), result in zip(scheduled, built, strict=True):
         if result.error_msg is None:
             args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
             inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu", args_info))
-            measured.append((mod, sch, args_info))
-    for (mod, sch, args_info), future in zip(measured, runner.run(inputs), strict=True):
+            measured.append((name, mod, sch, args_info))
+    for (name, mod, sch, args_info), future in zip(measured, runner.run(inputs), strict=True):
         result = future.result()
         if result.error_msg is not None or not result.run_secs:
             continue
+        seconds = [float(s) for s in result.run_secs]
         record = ms.database.TuningRecord(
-            sch.trace,
-            tuning.database.commit_workload(mod),
-            [float(seconds) for seconds in result.run_secs],
-            tuning.target,
-            args_info,
+            sch.trace, tuning.database.commit_workload(mod), seconds, tuning.target, args_info
         )
         tuning.database.commit_tuning_record(record)
+        if max(seconds) < _FAILED_S:
+            means[name] = sum(seconds) / len(seconds)
+    return means
