@@ -121,8 +121,8 @@ class TrackerBoard(Board):
             if time.monotonic() > deadline:
                 known = ", ".join(sorted(queue)) or "none"
                 raise BoardError(
-                    f"no idle RPC server under key {self.key!r} at tracker {self.host}:{self.port} "
-                    f"after {self.wait_for_server_s:.0f} s (keys with servers: {known}); start one with "
+                    f"board {self.label}: no idle RPC server under key {self.key!r} after "
+                    f"{self.wait_for_server_s:.0f} s (keys with servers: {known}); start one with "
                     f"`python -m tvm.exec.rpc_server --tracker {self.host}:{self.port} --key {self.key}`"
                 )
             time.sleep(0.2)
