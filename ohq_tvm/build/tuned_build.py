@@ -38,7 +38,7 @@ def tuned_cpu_pipeline(tuning: TuningDatabase) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="OHQTunedCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target, tuning.database:
+        with target, tuning.for_build:
             seq = tvm.transform.Sequential([*schedule_passes(target), *lowering_passes(target)])
             return seq(mod)
 
@@ -58,5 +58,5 @@ def build_tuned(mod: tvm.IRModule, tuning: TuningDatabase) -> relax.Executable:
 def scheduled_module(mod: tvm.IRModule, tuning: TuningDatabase) -> tvm.IRModule:
     """``mod`` fused and scheduled as :func:`build_tuned` schedules it (before lowering), for inspection."""
     register_cpu_intrinsics()
-    with tuning.target, tuning.database:
+    with tuning.target, tuning.for_build:
         return tvm.transform.Sequential(schedule_passes(tuning.target))(mod)

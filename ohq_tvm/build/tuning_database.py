@@ -5,6 +5,10 @@ A directory per target, named after a stable hash of the target (``llvm-znver4-<
 names. Inside: MetaSchedule's ``database_workload.json`` / ``database_tuning_record.json`` and ``target.json``
 (which target the records are for, for people). Records are keyed by the structure of each fused TIR
 function, so a conv2d tuned in one model is reused by every model that has the same conv2d.
+
+``confirmed/`` holds, per workload, the schedule a build uses: the fastest of the search's best records
+re-timed side by side after the search (see :func:`~ohq_tvm.build.tune.tune_module`). Builds look there
+first and fall back to the search's best record for workloads tuned before it existed.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ class TuningDatabase:
 
     path: Path
     target: Target
-    database: ms.Database
+    database: ms.Database  # every measured candidate
+    confirmed: ms.Database  # per workload, the record a build takes (re-timed after the search)
 
     @classmethod
     def open(cls, board: BoardSpec, root: str | os.PathLike | None = None) -> TuningDatabase:
@@ -107,7 +112,7 @@ class TuningDatabase:
         path = base.expanduser() / _directory_name(target)
         fix = f"pass another directory with --tuning-dir or set {TUNING_DIR_ENV}"
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            (path / "confirmed").mkdir(parents=True, exist_ok=True)
             marker = path / "target.json"
             marker.write_text(json.dumps(plain_json(target.export()), indent=2) + "\n")
         except OSError as err:
@@ -116,23 +121,32 @@ class TuningDatabase:
         register_cpu_intrinsics()
         try:
             database = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+            confirmed = ms.database.JSONDatabase(
+                work_dir=str(path / "confirmed"), module_equality="structural"
+            )
         except Exception as err:  # TVM raises builtin types (ValueError, RuntimeError)
             lines = str(err).strip().splitlines()
             raise TuningError(
                 f"tuning database in {path} is unreadable ({lines[-1] if lines else err!r}); "
                 f"delete the directory to start afresh, or {fix}"
             ) from None
-        return cls(path, target, database)
+        return cls(path, target, database, confirmed)
+
+    @property
+    def for_build(self) -> ms.Database:
+        """What builds apply: the confirmed record of a workload, else the search's best."""
+        return ms.database.OrderedUnionDatabase(self.confirmed, self.database)
 
     def best_seconds(self, task_mod: tvm.IRModule) -> float | None:
-        """Mean run time of the best valid record for a (normalised) task module; ``None`` if none."""
-        if not self.database.has_workload(task_mod):
-            return None
-        records = self.database.get_top_k(self.database.commit_workload(task_mod), 1)
-        if not records:
-            return None
-        run_secs = [float(s) for s in records[0].run_secs]
-        return sum(run_secs) / len(run_secs)
+        """Mean run time of the record a build takes for a (normalised) task module; ``None`` if none."""
+        for database in (self.confirmed, self.database):
+            if not database.has_workload(task_mod):
+                continue
+            records = database.get_top_k(database.commit_workload(task_mod), 1)
+            if records:
+                run_secs = [float(s) for s in records[0].run_secs]
+                return sum(run_secs) / len(run_secs)
+        return None
 
     def __len__(self) -> int:
         """Number of stored records (failed measurements included)."""
