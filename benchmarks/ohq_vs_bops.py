@@ -1,18 +1,21 @@
 """Measured-latency plans vs BOPs-proxy plans under the same budgets, built and timed on the host board.
 
 Usage: python benchmarks/ohq_vs_bops.py [--repeats N] [--out benchmarks/results] [--models a,b]
+       [--precisions fp32,int8[,int4w]]
 
 The OHQ claim: choosing precisions from latency measured on the board beats choosing them from bit-ops
 (the hardware-blind proxy of HAWQ-V3/NNCF-style methods). For each model (generated, random weights):
 
-1. every operator is measured on the loopback host board (fp32 and int8 candidates), MQE estimates each
-   layer's int8 sensitivity on 2 synthetic batches, on the same board;
+1. every operator is measured on the loopback host board (candidates: ``--precisions``, fp32 and int8 by
+   default), MQE estimates each layer's sensitivity to each lower precision on 2 synthetic batches, on
+   the same board;
 2. for each budget case, the ILP picks the fastest plan by measured latency (``ohq``) and the plan with
    the fewest bit-operations (``bops``) under the same sensitivity and weight-size budgets;
 3. both plans are rewritten (real int8 kernels), built, and timed on the board in interleaved rounds.
 
 Reports the measured speed ratio bops / ohq per case (goal >= 1.15), with each plan's predicted latency.
-Writes results/ohq_vs_bops.json and results/ohq_vs_bops.md.
+Writes results/ohq_vs_bops.json and results/ohq_vs_bops.md; with int4w among the precisions,
+results/ohq_vs_bops_int4w.* (packed int4 weights: half the bit-operations of int8 by the proxy's count).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ohq_tvm.targets import resolve_target
 from timing import machine_record, parse_args, scratch_host_board, write_results
 
 CASES = {"mobilenet_v2": models.mobilenet_v2, "efficientnet_lite0": models.efficientnet_lite0}
-CANDIDATES = [Precision.FP32, Precision.INT8]
+DEFAULT_PRECISIONS = "fp32,int8"
 TIMING = TimingConfig(repeat=5, min_repeat_ms=40)
 
 
@@ -46,22 +49,34 @@ def _budget_cases(problem: Problem) -> dict[str, Budgets]:
     layers = list(problem.workloads.layers)
     fp32 = problem.evaluate(Plan.uniform(layers, Precision.FP32).assignments)
     int8 = problem.evaluate(Plan.uniform(layers, Precision.INT8).assignments)
-    return {
+    cases = {
         "sensitivity <= 1/2 of uniform int8": Budgets(sensitivity=0.5 * int8["sensitivity"]),
         "weights <= 1/2 of fp32": Budgets(
             size_bytes=0.5 * fp32["size_bytes"], sensitivity=int8["sensitivity"]
         ),
         "weights <= 1/3 of fp32": Budgets(size_bytes=fp32["size_bytes"] / 3, sensitivity=int8["sensitivity"]),
     }
+    if any(Precision.INT4W in options for options in problem.workloads.layers.values()):
+        # Below uniform int8's size (1/4 of fp32) some weights must be int4: which ones is the question.
+        # Loss budget: twice the least sensitivity any plan that small reaches.
+        size = fp32["size_bytes"] / 5
+        least = solve(problem, "sensitivity", Budgets(size_bytes=size)).predicted["sensitivity"]
+        cases["weights <= 1/5 of fp32, sensitivity <= 2x the least at that size"] = Budgets(
+            size_bytes=size, sensitivity=2 * least
+        )
+    return cases
 
 
-def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, repeats: int) -> dict:
+def bench(
+    name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, repeats: int, candidates: list
+) -> dict:
     imported = load_onnx(model)
-    workloads = extract_workloads(AnnotateCandidates(CANDIDATES, pin_first_last=False)(imported.mod))
+    workloads = extract_workloads(AnnotateCandidates(candidates, pin_first_last=False)(imported.mod))
     measurer = Measurer(board, spec, db, timing=TIMING)
     measurer.run(workloads.unique())
     calibration = calibrate(imported, "minmax", num_samples=4)
-    sensitivity = estimate_sensitivity(imported, [Precision.INT8], calibration, num_batches=2, board=board)
+    lower = [p for p in candidates if p is not Precision.FP32]
+    sensitivity = estimate_sensitivity(imported, lower, calibration, num_batches=2, board=board)
     problem = Problem(workloads, measurer.latencies(workloads.unique()), sensitivity.values)
     (spec_in,) = imported.inputs
     x = np.random.default_rng(0).standard_normal(spec_in.shape).astype(spec_in.dtype)
@@ -105,17 +120,26 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
 
 
 def main() -> None:
-    args = parse_args(__doc__, repeats=5, extra={"--models": ",".join(CASES)})
+    args = parse_args(
+        __doc__, repeats=5, extra={"--models": ",".join(CASES), "--precisions": DEFAULT_PRECISIONS}
+    )
     spec = resolve_target("host")
     names = [n for n in args.models.split(",") if n]
+    candidates = [Precision.parse(p) for p in args.precisions.split(",") if p]
     with scratch_host_board("ohq-vs-bops") as (board, db):
-        results = [bench(n, CASES[n](), board, spec, db, args.repeats) for n in names]
-    record = {**machine_record(spec.tvm_target()), "timing": TIMING.__dict__, "results": results}
+        results = [bench(n, CASES[n](), board, spec, db, args.repeats, candidates) for n in names]
+    record = {
+        **machine_record(spec.tvm_target()),
+        "timing": TIMING.__dict__,
+        "precisions": [p.value for p in candidates],
+        "results": results,
+    }
     lines = [
         "# Measured-latency plans (OHQ) vs bit-op plans (BOPs proxy), host board",
         "",
         "Same ILP, same sensitivity (MQE, synthetic data) and size budgets; only the cost differs. "
-        "Both plans built with real int8 kernels (zero-budget schedule) and timed on the board, "
+        f"Candidates: {', '.join(p.value for p in candidates)}. "
+        "Both plans built with real integer kernels (zero-budget schedule) and timed on the board, "
         f"median of {args.repeats} interleaved rounds.",
         "",
         "| model | budgets | OHQ plan | OHQ ms (predicted) | BOPs plan | BOPs ms (predicted) | BOPs / OHQ |",
@@ -133,7 +157,8 @@ def main() -> None:
                 f"({ohq['predicted']['latency_ms']:.2f}) | {counts(bops)} | {bops['measured_ms']:.2f} "
                 f"({bops['predicted']['latency_ms']:.2f}) | {row['speed_ratio_bops_over_ohq']:.2f} |"
             )
-    write_results(args.out, "ohq_vs_bops", record, lines)
+    name = "ohq_vs_bops_int4w" if Precision.INT4W in candidates else "ohq_vs_bops"
+    write_results(args.out, name, record, lines)
 
 
 if __name__ == "__main__":
