@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -24,15 +25,10 @@ def tvm_exec_processes() -> set[int]:
     return found
 
 
-def new_tvm_exec_processes(before: set[int], wait_s: float = 2.0) -> dict[int, str]:
-    """New ``tvm.exec`` processes (not in ``before``) still running after ``wait_s``, described."""
-    import time
-
-    deadline = time.monotonic() + wait_s
-    while (extra := tvm_exec_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.1)
+def new_tvm_exec_processes(before: set[int]) -> dict[int, str]:
+    """``tvm.exec`` processes running now that are not in ``before``, described for a failure message."""
     described = {}
-    for pid in extra:
+    for pid in tvm_exec_processes() - before:
         try:
             proc = psutil.Process(pid)
             described[pid] = (

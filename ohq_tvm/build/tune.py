@@ -139,8 +139,7 @@ class _CountMeasurements(ms.measure_callback.PyMeasureCallback):
                 self.failed += 1
                 self.first_error = self.first_error or _last_line(error or "no run time reported")
                 continue
-            mean_s = sum(seconds) / len(seconds)
-            self.best_s[name] = min(mean_s, self.best_s.get(name, math.inf))
+            self.best_s[name] = min(_mean(seconds), self.best_s.get(name, math.inf))
         if self.progress is not None:
             best = self.best_s.get(name)
             self.progress(TuningProgress(self.measured, self.trials_total, name, _ms(best)))
@@ -414,12 +413,15 @@ def _confirm_best(
         if not tuning.database.has_workload(mod):
             continue
         records = list(tuning.database.get_top_k(tuning.database.commit_workload(mod), _CONFIRM_TOP_K))
+        candidates = [record.as_measure_candidate() for record in records]
         default = defaults.get(name)
-        if default is not None and not any(_same_schedule(default, r) for r in records):
-            records.append(default)
+        if default is not None:
+            scheduled = default.as_measure_candidate()
+            if not any(tvm_ffi.structural_equal(scheduled.sch.mod, c.sch.mod) for c in candidates):
+                records.append(default)
+                candidates.append(scheduled)
         if not records:
             continue
-        candidates = [record.as_measure_candidate() for record in records]
         built = builder.build([ms.builder.BuilderInput(c.sch.mod, tuning.target) for c in candidates])
         runnable = [
             (record, ms.runner.RunnerInput(result.artifact_path, "cpu", candidate.args_info))
@@ -443,21 +445,14 @@ def _confirm_best(
         if medians[best] >= _FAILED_S:
             continue
         record = runnable[best][0]
+        seconds = rounds[best] or [float(s) for s in record.run_secs]
         tuning.confirmed.commit_tuning_record(
             ms.database.TuningRecord(
-                record.trace,
-                tuning.confirmed.commit_workload(mod),
-                [float(t) for t in rounds[best]] or [float(s) for s in record.run_secs],
-                tuning.target,
-                record.args_info,
+                record.trace, tuning.confirmed.commit_workload(mod), seconds, tuning.target, record.args_info
             )
         )
-        confirmed[name] = _mean(rounds[best]) if rounds[best] else _mean(record.run_secs)
+        confirmed[name] = _mean(seconds)
     return confirmed
-
-
-def _same_schedule(a: ms.database.TuningRecord, b: ms.database.TuningRecord) -> bool:
-    return tvm_ffi.structural_equal(a.as_measure_candidate().sch.mod, b.as_measure_candidate().sch.mod)
 
 
 def _mean(seconds) -> float:
