@@ -8,14 +8,18 @@ depend on weight values):
 1. every workload of the model (layers in fp32 and int8, quantize/dequantize, glue) is measured into a
    fresh database, exactly as ``ohq-tvm measure`` does (kernel by kernel, weights and output flushed from
    the caches before each run, input warm: see ``ohq_tvm.oqa.kernel_timing``);
-2. for the fp32 plan and the uniform int8 plan, the predicted latency (sum of parts, see
-   ``ohq_tvm.oqa.cost``) is compared with the end-to-end latency of the whole model built with that plan
-   and timed on the same board with the same timer, ``--repeats`` times (median reported).
-
-3. the XGBoost latency model's cross-validated error over all rows, and its error predicting one model's
+2. the uniform fp32 and int8 plans are built whole and timed (``ohq_tvm.oqa.in_model``, as planning
+   does), giving each precision's in-model factor;
+3. for the uniform plans and for mixed plans the factors were not fitted on (halves, alternation, random
+   80%-int8 mixes), the predicted latency, as the sum of the parts measured alone (see
+   ``ohq_tvm.oqa.cost``) and with the in-model factors, is compared with the end-to-end latency of the
+   whole model built with that plan and timed on the same board with the same timer, ``--repeats``
+   times (median reported);
+4. the XGBoost latency model's cross-validated error over all rows, and its error predicting one model's
    unseen workloads from the other model's measurements.
 
-The ratio predicted / measured is the number that matters: within 0.85..1.15 the composition is trusted.
+The ratio predicted / measured on the mixed plans is the number that matters: within 0.85..1.15 the
+composition is trusted.
 Writes results/oqa_composition.json (machine, versions, every part's latency, raw end-to-end repeats)
 and results/oqa_composition.md.
 """
@@ -38,6 +42,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
 from ohq_tvm.oqa.cost import plan_latency
+from ohq_tvm.oqa.in_model import time_uniform_plans, time_whole_models
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
 from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
@@ -52,6 +57,22 @@ TIMING = TimingConfig(repeat=5, min_repeat_ms=40)
 ACCEPT = (0.85, 1.15)
 
 
+def mixed_plans(layers: list[str]) -> dict[str, dict[str, Precision]]:
+    """Plans the in-model scales were not fitted on: halves, alternation, and random 80%-int8 mixes."""
+    n = len(layers)
+    rng = np.random.default_rng(1)
+    int8, fp32 = Precision.INT8, Precision.FP32
+    return {
+        "first half int8": {lid: int8 if i < n // 2 else fp32 for i, lid in enumerate(layers)},
+        "second half int8": {lid: fp32 if i < n // 2 else int8 for i, lid in enumerate(layers)},
+        "alternate": {lid: int8 if i % 2 else fp32 for i, lid in enumerate(layers)},
+        **{
+            f"random 80% int8 #{k}": {lid: int8 if rng.random() < 0.8 else fp32 for lid in layers}
+            for k in (1, 2, 3)
+        },
+    }
+
+
 def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, repeats: int) -> dict:
     imported = load_onnx(model)
     annotated = AnnotateCandidates(list(PLANS), pin_first_last=False)(imported.mod)
@@ -62,48 +83,80 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
     print(f"{name}: {summary.measured} workloads measured, {len(summary.failed)} failed", flush=True)
     measure_s = time.perf_counter() - started
     latencies = measurer.latencies(workloads.unique())
+    started = time.perf_counter()
+    scales = time_uniform_plans(
+        imported,
+        spec,
+        board,
+        workloads,
+        latencies,
+        db,
+        measurer.fingerprint,
+        measurer.schedule,
+        progress=print,
+    )
+    whole_s = time.perf_counter() - started
+    in_model = scales.apply(workloads, latencies)
     layers = quantizable_layers(imported.mod)
     calibration = calibrate(imported, "minmax", num_samples=4)
-    rows = {}
+    plans = {p.value: Plan.uniform(layers, p).assignments for p in PLANS} | mixed_plans(
+        list(workloads.layers)
+    )
+    libraries = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for precision in PLANS:
-            plan = Plan.uniform(layers, precision)
-            predicted = plan_latency(workloads, plan.assignments, latencies)
-            mod = ApplyPlan(plan, calibration if precision.is_integer else None)(imported.mod)
-            library = Path(scratch) / f"{name}_{precision.value}.so"
-            build_executable(mod, spec).export_library(str(library))
-            vm = board.connect().load_vm(library)
-            inputs = [imported_input(imported)]
-            runs = [
-                vm.time(inputs, repeat=TIMING.repeat, min_repeat_ms=TIMING.min_repeat_ms).median_ms
-                for _ in range(repeats)
-            ]
-            del vm  # release the session: the board serves one at a time
-            measured = statistics.median(runs)
-            rows[precision.value] = {
-                "predicted_ms": predicted.total_ms,
-                "measured_ms": measured,
-                "ratio": predicted.total_ms / measured,
-                "predicted_by_kind_ms": predicted.by_kind(),
-                "measured_repeats_ms": runs,
-                "parts": [
-                    {"part": what, "workload": w.key, "label": w.label, "ms": ms}
-                    for what, w, ms in predicted.parts
-                ],
-            }
+        for index, (label, assignments) in enumerate(plans.items()):
+            plan = Plan(dict(assignments))
+            integer = any(p.is_integer for p in plan.assignments.values())
+            mod = ApplyPlan(plan, calibration if integer else None)(imported.mod)
+            libraries[label] = Path(scratch) / f"{name}_{index}.so"
+            build_executable(mod, spec).export_library(str(libraries[label]))
+        # Timed like the uniform plans above: interleaved rounds, each once the board is quiet.
+        timed = time_whole_models(
+            board,
+            spec,
+            libraries,
+            imported,
+            TIMING.repeat,
+            TIMING.min_repeat_ms,
+            measurer.gate,
+            rounds=repeats,
+        )
+    rows = {}
+    for label, assignments in plans.items():
+        parts = plan_latency(workloads, assignments, latencies)
+        scaled = plan_latency(workloads, assignments, in_model)
+        measured = timed[label].median_ms
+        rows[label] = {
+            "fitted": label in {p.value for p in scales.runs},
+            "counts": Plan(dict(assignments)).counts(),
+            "parts_ms": parts.total_ms,
+            "in_model_ms": scaled.total_ms,
+            "measured_ms": measured,
+            "parts_ratio": parts.total_ms / measured,
+            "in_model_ratio": scaled.total_ms / measured,
+            "parts_by_kind_ms": parts.by_kind(),
+            "measured_repeats_ms": list(timed[label].repeats_ms),
+            "parts": [
+                {"part": what, "workload": w.key, "label": w.label, "ms": ms} for what, w, ms in parts.parts
+            ],
+        }
+        print(
+            f"{name} {label}: parts {parts.total_ms:.2f}, in-model {scaled.total_ms:.2f}, measured "
+            f"{measured:.2f} ms",
+            flush=True,
+        )
     return latencies, {
         "model": name,
         "workloads": summary.total,
         "measured_now": summary.measured,
         "failed": summary.failed,
         "measure_seconds": measure_s,
+        "whole_model_seconds": whole_s,
+        "quiet_gate": measurer.gate.to_json(),
+        "retimed": summary.retimed,
+        "in_model": scales.to_json(),
         "plans": rows,
     }
-
-
-def imported_input(imported):
-    (spec,) = imported.inputs
-    return np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
 
 
 def main() -> None:
@@ -134,26 +187,44 @@ def main() -> None:
         "",
         f"Zero-budget schedule (measurements `{schedule_label('default')}`: each part's kernels timed "
         f"with their weights and output flushed from the caches, input warm), {TIMING.repeat} repeats x "
-        f">= {TIMING.min_repeat_ms} ms per timing; end-to-end is the median of {args.repeats} timings. "
+        f">= {TIMING.min_repeat_ms} ms per timing; end-to-end is the median of {args.repeats} interleaved "
+        "rounds. Every timing, parts and whole models alike, starts once the board runs at its usual "
+        "speed (the canary of `ohq_tvm.oqa.quiet`) and is redone if it slowed down meanwhile. "
+        "*parts*: the sum of the parts as measured alone; *in-model*: each layer scaled by its "
+        "precision's factor, fitted on the uniform fp32 and int8 plans timed whole in a separate run "
+        "(`ohq_tvm.oqa.in_model`, what planning uses). The mixed plans were not fitted on. "
         f"Accepted when the ratio is in {ACCEPT[0]}..{ACCEPT[1]}.",
         "",
-        "| model | plan | predicted ms | measured ms | predicted / measured | layers | conversions | glue |",
+        "| model | plan | layers fp32/int8 | parts ms | in-model ms | measured ms | parts / measured "
+        "| in-model / measured |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for plan, row in result["plans"].items():
-            kinds = row["predicted_by_kind_ms"]
-            conversions = kinds.get("quantize", 0.0) + kinds.get("dequantize", 0.0)
+            counts = row["counts"]
             lines.append(
-                f"| {result['model']} | {plan} | {row['predicted_ms']:.2f} | {row['measured_ms']:.2f} | "
-                f"{row['ratio']:.3f} | {kinds.get('layer', 0.0):.2f} | {conversions:.2f} | "
-                f"{kinds.get('glue', 0.0):.2f} |"
+                f"| {result['model']} | {plan}{' (fitted)' if row['fitted'] else ''} | "
+                f"{counts.get('fp32', 0)}/{counts.get('int8', 0)} | {row['parts_ms']:.2f} | "
+                f"{row['in_model_ms']:.2f} | {row['measured_ms']:.2f} | {row['parts_ratio']:.3f} | "
+                f"{row['in_model_ratio']:.3f} |"
             )
+    lines.append("")
+    for result in results:
+        held_out = [row for row in result["plans"].values() if not row["fitted"]]
+        for key, label in (("parts_ratio", "parts"), ("in_model_ratio", "in-model")):
+            errors = [abs(row[key] - 1) * 100 for row in held_out]
+            lines.append(
+                f"- {result['model']}, {label}, mixed plans: mean |error| {statistics.mean(errors):.1f}%, "
+                f"worst {max(errors):.1f}%"
+            )
+        scales = ", ".join(f"{p} x{run['scale']:.3f}" for p, run in result["in_model"].items())
+        lines.append(f"- {result['model']}: in-model factors {scales}")
     lines.append("")
     for result in results:
         lines.append(
             f"{result['model']}: {result['workloads']} unique workloads measured in "
-            f"{result['measure_seconds']:.0f} s, {len(result['failed'])} failed."
+            f"{result['measure_seconds']:.0f} s, {len(result['failed'])} failed; uniform plans built and "
+            f"timed whole in {result['whole_model_seconds']:.0f} s."
         )
     loads = record["load_average_1_5_15"]
     lines.append(

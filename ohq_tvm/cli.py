@@ -81,6 +81,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             precisions=[p for p in (args.precisions or "").split(",") if p] or None,
             mqe_batches=args.batches,
             mqe_data=args.mqe_data,
+            whole_model=not args.parts_only,
             calibration_method=args.calibration,
             calibration_samples=args.calibration_samples,
             normalization=args.normalization,

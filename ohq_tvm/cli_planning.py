@@ -152,6 +152,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             sensitivity_cache=default_sensitivity_cache(args.db, imported),
             num_batches=args.batches,
             synthetic=args.mqe_data,
+            whole_model=not args.parts_only,
             progress=bars,
         )
     finally:
@@ -297,6 +298,12 @@ def add_mqe_data_argument(parser: argparse.ArgumentParser) -> None:
         help="synthetic data MQE scores layers on; auto: distilled (inputs optimised until every "
         "BatchNormalization sees its training statistics) when the ONNX file has BatchNormalization "
         "nodes, else gaussian (default: auto)",
+    )
+    parser.add_argument(
+        "--parts-only",
+        action="store_true",
+        help="predict plans from the operators as measured alone, without timing the uniform plans "
+        "whole on the board to scale each precision's layers to what they cost inside the model",
     )
 
 

@@ -106,6 +106,7 @@ def compile_model(
     precisions: Sequence[Precision | str] | None = None,
     mqe_batches: int = 4,
     mqe_data: str = "auto",
+    whole_model: bool = True,
     calibration_method: str = "minmax",
     calibration_samples: str | os.PathLike | None = None,
     normalization: str = "imagenet",
@@ -135,7 +136,9 @@ def compile_model(
             by default distilled from the model's BatchNormalization statistics when it has them;
             cached next to the database), the ILP under this :class:`~ohq_tvm.budget.BudgetSpec` (or
             its text, e.g. ``"latency=0.8*int8"``); ``precisions`` restricts the candidates. Writes
-            ``report.md``, ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too.
+            ``report.md``, ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too. With
+            ``whole_model`` (default) the uniform plans are also timed whole on the board and each
+            precision's layer latencies scaled to match (:mod:`~ohq_tvm.oqa.in_model`).
             With a precision, plan or budget, integer layers are calibrated with ``calibration_method``
             on ``calibration_samples`` (a folder of ``.npy``/images, normalised per ``normalization``)
             or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``, ``matched`` to the
@@ -204,6 +207,7 @@ def compile_model(
                 tuning_dir=tuning_dir,
                 frontier_points=FRONTIER_POINTS,
                 progress=hooks,
+                whole_model=whole_model,
             )
             plan = planning.plan
             stage("plan", started)
@@ -366,6 +370,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
             "operators_measured": planning.measurement.summary.measured,
             "operators_reused": planning.measurement.summary.reused,
             "sensitivity_reused": planning.sensitivity_reused,
+            "in_model": planning.measurement.in_model.to_json() if planning.measurement.in_model else None,
             "files": ["report.md", "pareto.png", "frontier.json", "sensitivity.json"],
         }
         say(f"wrote {result.report_path} and {result.pareto_path}")

@@ -58,6 +58,7 @@ def plan_model(
     frontier_points: int | None = None,
     progress: StageProgress | Callable[[str], None] | None = None,
     board: Board | None = None,
+    whole_model: bool = True,
 ) -> PlanningResult:
     """The least-sensitive plan within ``budget``, from latency measured on the board.
 
@@ -75,7 +76,9 @@ def plan_model(
     at least that many budgets (default: the budget's ``pareto=N``, else none). ``progress``: a
     :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an open
     :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
-    ``tracker``/``key``/``server``.
+    ``tracker``/``key``/``server``. ``whole_model`` (default): the uniform plans are also built whole and
+    timed on the board, and each precision's layer latencies scaled so that the sum of parts matches them
+    (:mod:`~ohq_tvm.oqa.in_model`); without it, plans are predicted from the parts as measured alone.
 
     Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency),
     :class:`~ohq_tvm.budget.BudgetError` for unreadable ones, and the errors of measurement and import.
@@ -101,6 +104,8 @@ def plan_model(
             tuning_dir=tuning_dir,
             tuning_progress=hooks.tuning,
             board=board,
+            whole_model=whole_model,
+            say=say,
         )
         summary = measurement.summary
         if summary.failed:
@@ -123,7 +128,7 @@ def plan_model(
         say(f"sensitivity: reused {sensitivity_cache}")
     else:
         say(f"sensitivity: {sensitivity.forward_passes} forward passes in {sensitivity.seconds:.1f} s")
-    problem = Problem(measurement.workloads, measurement.latencies_ms, sensitivity.values)
+    problem = Problem(measurement.workloads, measurement.planning_latencies(), sensitivity.values)
     layers = list(measurement.workloads.layers)
     baselines = {"fp32": Plan.uniform(layers, Precision.FP32)}
     for precision in lower:

@@ -50,7 +50,7 @@ def write_report(
     sections = [
         _header(planning, model_label, board_label, budget),
         _plans_section(planning, extra_plans or {}),
-        _totals_section(planning.plan, measured_ms),
+        _totals_section(planning, measured_ms),
         _fidelity_section(fidelity),
         f"## Verification\n\n{verification or 'not run'}\n",
         _stages_section(stage_seconds),
@@ -172,8 +172,8 @@ def _plans_section(planning: PlanningResult, extra_plans: Mapping[str, Plan]) ->
     return text
 
 
-def _totals_section(plan: Plan, measured_ms: float | None) -> str:
-    predicted_ms = plan.predicted.get("latency_ms")
+def _totals_section(planning: PlanningResult, measured_ms: float | None) -> str:
+    predicted_ms = planning.plan.predicted.get("latency_ms")
     if measured_ms is None:
         measured, ratio = "not measured", "-"
     else:
@@ -184,7 +184,16 @@ def _totals_section(plan: Plan, measured_ms: float | None) -> str:
         ["chosen plan, measured end to end on the board", measured],
         ["measured / predicted", ratio],
     ]
-    return "## Totals: predicted vs measured\n\n" + _table(["", "latency ms"], rows)
+    in_model = planning.measurement.in_model
+    if in_model is None:
+        note = "Predicted from the operators as measured alone."
+    else:
+        note = (
+            "Each layer's latency is scaled by its precision's in-model factor, so that the uniform plans "
+            f"predict what they measure built whole on the board: {in_model.describe()}. The layer "
+            "table below shows the operators as measured alone."
+        )
+    return "## Totals: predicted vs measured\n\n" + _table(["", "latency ms"], rows) + f"\n{note}\n"
 
 
 def _fidelity_section(fidelity: Mapping[str, Mapping[str, float]] | None) -> str:

@@ -97,6 +97,10 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
     points = sorted((p["predicted"]["latency_ms"], p["predicted"]["sensitivity"]) for p in frontier)
     assert points and all(b[1] < a[1] for a, b in itertools.pairwise(points))
     assert (out / "sensitivity.json").is_file() and (out / "model.qdq.onnx").is_file()
+    # The uniform plans were timed whole: the report says how they scale the layers.
+    assert set(planning["in_model"]) == {"fp32", "int8"}
+    assert all(run["measured_ms"] > 0 for run in planning["in_model"].values())
+    assert "in-model factor" in report and "int8 x" in report
 
     # A new budget re-solves from the database and the cached sensitivity: nothing measured again.
     again = ohq(
@@ -105,6 +109,7 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "operators: 0 measured now, 26 from the database" in again.stdout
     assert "sensitivity: reused" in again.stdout
+    assert "uniform int8:" in again.stdout and "(stored)" in again.stdout
     knee = Plan.load(tmp_path / "b" / "plan.json")
     assert knee.source == "ilp-knee"
     assert knee.assignments in [
@@ -125,10 +130,12 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
         *CANDIDATES[:4],
         "--budget",
         "memory=0.5*fp32",
+        "--parts-only",
         "-o",
         str(tmp_path / "lean.json"),
     )
     assert lean.returncode == 0, lean.stderr
+    assert "uniform int8:" not in lean.stdout
     lean_plan = Plan.load(tmp_path / "lean.json")
     assert 0 < lean_plan.predicted["memory_bytes"] <= 0.5 * fp32_peak + 1e-6
     assert "int8" in lean_plan.counts()

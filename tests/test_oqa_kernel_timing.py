@@ -83,7 +83,7 @@ def test_cold_timing_pays_for_weights_that_a_warm_loop_keeps_in_cache(loopback_b
     build_executable(workload.module(), HOST).export_library(str(tmp_path / "vm.so"))
     ratios = []
     for _ in range(2):  # interleaved, so that load from elsewhere hits both alike
-        cold = time_kernels(loopback_board.connect(), tmp_path / "k.so", calls, repeat=3, min_repeat_ms=20)
+        cold, _ = time_kernels(loopback_board.connect(), tmp_path / "k.so", calls, repeat=3, min_repeat_ms=20)
         vm = loopback_board.connect().load_vm(tmp_path / "vm.so")
         warm = vm.time(workload.synthetic_inputs(), repeat=3, min_repeat_ms=20)
         del vm

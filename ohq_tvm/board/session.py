@@ -88,11 +88,16 @@ class BoardSession:
             found["threads"] = str(threads)
         return found
 
+    def load_library(self, library_path: str | os.PathLike) -> tvm.runtime.Module:
+        """Upload a library exported with ``export_library`` and load it on the board."""
+        name = os.path.basename(os.fspath(library_path))
+        self._guard(f"upload of {name}", lambda: self.remote.upload(os.fspath(library_path)))
+        return self._guard(f"loading {name}", lambda: self.remote.load_module(name))
+
     def load_vm(self, library_path: str | os.PathLike) -> RemoteVM:
         """Upload a library exported with ``export_library`` and open a Relax VM on it."""
         name = os.path.basename(os.fspath(library_path))
-        self._guard(f"upload of {name}", lambda: self.remote.upload(os.fspath(library_path)))
-        library = self._guard(f"loading {name}", lambda: self.remote.load_module(name))
+        library = self.load_library(library_path)
         vm = self._guard(f"starting the VM for {name}", lambda: relax.VirtualMachine(library, self.device))
         return RemoteVM(self, vm, name)
 

@@ -1,10 +1,12 @@
 """The measurement database: one SQLite file, every result committed the moment it is measured.
 
-Rows are keyed by the board's fingerprint (its target, RPC key and what the board reports about itself),
-the workload key (:class:`~ohq_tvm.oqa.workloads.Workload`, the same for every model sharing the operator)
-and the schedule the operator was built with. A failed measurement is stored too, with its reason, and is
-measured again by the next run. Safe to share between threads of one process (one connection, one lock)
-and between processes (SQLite's own locking, WAL journal).
+Operator rows are keyed by the board's fingerprint (its target, RPC key and what the board reports about
+itself), the workload key (:class:`~ohq_tvm.oqa.workloads.Workload`, the same for every model sharing
+the operator) and the schedule the operator was built with. A failed measurement is stored too, with its
+reason, and is measured again by the next run. Whole-model rows (``model_runs``: a uniform plan of one
+model built whole and timed, see :mod:`.in_model`) are keyed by board, model, schedule and plan. Safe to
+share between threads of one process (one connection, one lock) and between processes (SQLite's own
+locking, WAL journal).
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ CREATE TABLE IF NOT EXISTS measurements (
     worker TEXT NOT NULL,
     measured_at REAL NOT NULL,
     PRIMARY KEY (fingerprint, workload, schedule)
+);
+CREATE TABLE IF NOT EXISTS model_runs (
+    fingerprint TEXT NOT NULL REFERENCES boards(fingerprint),
+    model TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    median_ms REAL NOT NULL,
+    repeats_ms TEXT NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, model, schedule, plan)
 );
 """
 
@@ -221,15 +233,44 @@ class LatencyDatabase:
                 (fingerprint, workload.key, schedule, error, attempts, worker, time.time()),
             )
 
+    def record_model_run(
+        self, fingerprint: str, model: str, schedule: str, plan: str, stats: LatencyStats
+    ) -> None:
+        """Store the end-to-end latency of ``model`` built with ``plan`` (committed before returning)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO model_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    fingerprint,
+                    model,
+                    schedule,
+                    plan,
+                    stats.median_ms,
+                    json.dumps(list(stats.repeats_ms)),
+                    time.time(),
+                ),
+            )
+
+    def model_run(self, fingerprint: str, model: str, schedule: str, plan: str) -> LatencyStats | None:
+        """The stored end-to-end timing of ``model`` with ``plan`` on this board and schedule, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT repeats_ms FROM model_runs WHERE fingerprint=? AND model=? AND schedule=? AND plan=?",
+                (fingerprint, model, schedule, plan),
+            ).fetchone()
+        return LatencyStats(tuple(json.loads(row[0]))) if row else None
+
     def clear(self, fingerprint: str | None = None) -> int:
         """Delete the measurements of one board (all boards when ``None``); returns how many went."""
         with self._write() as conn:
             if fingerprint is None:
                 count = conn.execute("DELETE FROM measurements").rowcount
+                conn.execute("DELETE FROM model_runs")
                 conn.execute("DELETE FROM boards")
                 conn.execute("DELETE FROM workloads")
             else:
                 count = conn.execute("DELETE FROM measurements WHERE fingerprint=?", (fingerprint,)).rowcount
+                conn.execute("DELETE FROM model_runs WHERE fingerprint=?", (fingerprint,))
                 conn.execute("DELETE FROM boards WHERE fingerprint=?", (fingerprint,))
         return count
 

@@ -16,6 +16,9 @@ most recently written one) moved to the first parameter, and the board times eac
 other CPUs TVM's flush does nothing and the timing is warm, as a plain loop's). The workload's latency
 is the sum over its kernel calls; the VM's own work around them (allocations, shape checks: a few µs
 per call; 0.16 ms of Lite0's 23 ms) is left out.
+
+Each library also carries the canary of :mod:`.quiet`: with a :class:`~.quiet.QuietGate`, the kernels are
+timed only while the board runs at its usual speed, and timed again when it slowed down meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tvm import relax, tirx
 from ..board import BoardSession, LatencyStats
 from ..errors import OHQError
 from ..targets import BoardSpec
+from .quiet import CANARY_SYMBOL, QuietGate, canary_function, canary_probe
 
 FLUSH_ALL_BUT_FIRST = "cache_flush_cpu_non_first_arg"
 _ESTIMATE_RUNS = 3
@@ -98,8 +102,9 @@ def _warm_argument(args: Sequence[relax.Expr], written: dict[relax.Var, int]) ->
 def build_kernel_library(
     lowered: tvm.IRModule, spec: BoardSpec, path: str | os.PathLike, fcompile=None
 ) -> list[KernelCall]:
-    """Compile :func:`kernel_library` of ``lowered`` for ``spec`` and export it to ``path``."""
+    """Compile :func:`kernel_library` of ``lowered`` (and the canary) for ``spec``; export it to ``path``."""
     functions, calls = kernel_library(lowered)
+    functions[CANARY_SYMBOL] = canary_function()
     executable = tvm.compile(functions, target=spec.tvm_target())
     executable.export_library(os.fspath(path), fcompile=fcompile)
     return calls
@@ -114,22 +119,34 @@ def time_kernels(
     min_repeat_ms: float,
     warmup: int = 1,
     seed: int = 0,
-) -> LatencyStats:
+    gate: QuietGate | None = None,
+    attempts: int = 3,
+) -> tuple[LatencyStats, float | None]:
     """Upload the library, time every call with all but its first argument flushed before each run.
 
     Each of ``repeat`` repeats is the sum over the calls of one kernel's mean over at least
-    ``min_repeat_ms`` of single runs (each run cold, so runs cannot be batched). Raises
+    ``min_repeat_ms`` of single runs (each run cold, so runs cannot be batched). With a ``gate`` (the
+    library built by :func:`build_kernel_library`), timing starts once the board is quiet and is done
+    again, up to ``attempts`` times in all, when the canary after it says the board slowed down. Returns
+    the latencies and the canary (ms) after the last timing (``None`` without a gate). Raises
     :class:`~ohq_tvm.errors.BoardError` when a step on the board fails.
     """
-    name = os.path.basename(os.fspath(library_path))
-    guard = session._guard
-    guard(f"upload of {name}", lambda: session.remote.upload(os.fspath(library_path)))
-    library = guard(f"loading {name}", lambda: session.remote.load_module(name))
-    rng = np.random.default_rng(seed)
-    totals = np.zeros(repeat)
-    for call in calls:
-        totals += _time_call(session, library, call, rng, repeat, min_repeat_ms, warmup)
-    return LatencyStats(tuple(float(ms) for ms in totals))
+    library = session.load_library(library_path)
+    probe = canary_probe(library, session.device, session._guard) if gate is not None else None
+    for attempt in range(1, attempts + 1):
+        if gate is not None:
+            gate.wait(probe)
+        rng = np.random.default_rng(seed)
+        totals = np.zeros(repeat)
+        for call in calls:
+            totals += _time_call(session, library, call, rng, repeat, min_repeat_ms, warmup)
+        stats = LatencyStats(tuple(float(ms) for ms in totals))
+        if gate is None:
+            return stats, None
+        after = probe()
+        if gate.is_quiet(after) or attempt == attempts:
+            return stats, after
+    raise AssertionError("unreachable")
 
 
 def _time_call(

@@ -5,7 +5,9 @@ exported with the board's toolchain, uploaded, and timed with ``time_evaluator``
 a fresh RPC session of its own (a kernel that crashes or hangs the session takes only that workload with
 it; the session timeout bounds a hang). Every run finds its weights and output out of cache and its
 input in cache, as inside a model (see :mod:`.kernel_timing`). One worker thread per server available
-under the board's key measures in parallel.
+under the board's key measures in parallel. Timings wait for the board to run at its usual speed and
+are done again when it slowed down meanwhile (:mod:`.quiet`); at the end of a run, the workloads timed
+while the canary was slower than the run's fastest allows are timed once more.
 
 Faults: a session that fails (the board died, the connection dropped, the timeout fired) puts the workload
 back in the queue, for any worker, up to ``max_attempts`` times; then it is stored as failed with the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import tempfile
 import threading
@@ -35,23 +38,33 @@ from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec
 from .database import LatencyDatabase
 from .kernel_timing import KernelCall, build_kernel_library, time_kernels
+from .quiet import QuietGate
 from .workloads import Workload
+
+# How long a timing waits at most for the board to be quiet (see :mod:`.quiet`), unless the timing
+# config says otherwise.
+QUIET_WAIT_ENV = "OHQ_TVM_QUIET_WAIT_S"
 
 
 @dataclass(frozen=True)
 class TimingConfig:
     """How each workload is timed: ``repeat`` repeats of at least ``min_repeat_ms`` each, after ``warmup``
-    runs; how often a failed session is retried; how long one workload's session may take."""
+    runs; how often a failed session is retried; how long one workload's session may take; how long a
+    timing waits at most for the board to run at its usual speed (``quiet_wait_s``, default
+    ``$OHQ_TVM_QUIET_WAIT_S`` or 10 s; see :mod:`.quiet`)."""
 
     repeat: int = 5
     min_repeat_ms: int = 40
     warmup: int = 1
     max_attempts: int = 3
     workload_timeout_s: float = 120.0
+    quiet_wait_s: float = field(default_factory=lambda: float(os.environ.get(QUIET_WAIT_ENV, 10.0)))
 
     def __post_init__(self) -> None:
-        if self.repeat < 1 or self.max_attempts < 1 or self.min_repeat_ms < 0:
-            raise OHQError("timing needs repeat >= 1, max_attempts >= 1 and min_repeat_ms >= 0")
+        if self.repeat < 1 or self.max_attempts < 1 or self.min_repeat_ms < 0 or self.quiet_wait_s < 0:
+            raise OHQError(
+                "timing needs repeat >= 1, max_attempts >= 1, min_repeat_ms >= 0 and quiet_wait_s >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class MeasureSummary:
     workers: dict[str, int] = field(default_factory=dict)  # measurements per worker
     predicted_ms: dict[str, float] = field(default_factory=dict)  # left out by a budget, predicted
     model_mape_percent: float | None = None  # cross-validated error of those predictions
+    retimed: int = 0  # timed again at the end: the canary had been slow (see :mod:`.quiet`)
+    quiet: dict = field(default_factory=dict)  # the gate's record: fastest canary, waits
 
 
 def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> tuple[str, dict]:
@@ -96,8 +111,9 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # convs whose rows no power-of-two vector divides (ResNet's 14x14, 7x7) get the register-tiled schedule;
 # r5: depthwise convs (float too) on the plane kernel, 1x1 convs register-tiled, int8 convs on stride-1
 # rows with lanes over pixels, integer output stages and rounding vectorised; r6: the loopback board's
-# servers run kernels on all physical cores (TVM's default had been half the logical CPUs on x86).
-MEASUREMENT_REVISION = 6
+# servers run kernels on all physical cores (TVM's default had been half the logical CPUs on x86); r7:
+# timed only while the board runs at its usual speed (the canary of :mod:`.quiet`).
+MEASUREMENT_REVISION = 7
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
@@ -132,6 +148,7 @@ class Measurer:
         self.timing = timing or TimingConfig()
         self.workers = workers
         self.toolchain = toolchain
+        self.gate = QuietGate(max_wait_s=self.timing.quiet_wait_s)
         self._fingerprint: str | None = None
 
     @property
@@ -193,7 +210,7 @@ class Measurer:
         # On the host board, building competes with measuring for the same cores: alternate them.
         overlap = not isinstance(self.board, LoopbackBoard)
         with tempfile.TemporaryDirectory(prefix="ohq-tvm-oqa-") as scratch:
-            run = _Run(self, summary, len(pending), progress, toolchain.fcompile())
+            run = _Run(self, summary, pending, progress, toolchain.fcompile())
             threads = [
                 threading.Thread(target=run.worker, args=(f"w{i}",), daemon=True) for i in range(count)
             ]
@@ -210,10 +227,17 @@ class Measurer:
                     if run.aborted is not None:
                         break
                 run.queue.join()
+                # Once, again: what was timed before the gate had seen the board at its usual speed.
+                suspects = run.suspects() if run.aborted is None else []
+                summary.retimed = len(suspects)
+                for workload in suspects:
+                    run.queue.put((workload, run.paths[workload.key], 1))
+                run.queue.join()
             finally:
                 run.stop(len(threads))
                 for thread in threads:
                     thread.join(timeout=5.0)
+                summary.quiet = self.gate.to_json()
         if run.aborted is not None:
             raise BoardError(
                 f"{run.aborted}; {summary.measured} new measurement(s) of {len(pending)} are stored in "
@@ -225,10 +249,13 @@ class Measurer:
 class _Run:
     """The shared state of one :meth:`Measurer.run`: the work queue, counters, and the abort flag."""
 
-    def __init__(self, measurer: Measurer, summary: MeasureSummary, total: int, progress, fcompile) -> None:
+    def __init__(
+        self, measurer: Measurer, summary: MeasureSummary, pending: list[Workload], progress, fcompile
+    ) -> None:
         self.m = measurer
         self.summary = summary
-        self.total = total
+        self.pending = pending
+        self.total = len(pending)
         self.progress = progress
         self.fcompile = fcompile
         self.queue: queue.Queue = queue.Queue()
@@ -237,6 +264,9 @@ class _Run:
         self.done = 0
         self.unreachable = 0  # consecutive sessions that could not even be opened
         self.aborted: str | None = None
+        self.gate = measurer.gate
+        self.canary: dict[str, float | None] = {}  # by workload key: the canary after its timing
+        self.paths: dict[str, Path] = {}
 
     def _event(self, workload: Workload, status: str, worker: str, **extra) -> None:
         with self.lock:
@@ -259,7 +289,17 @@ class _Run:
             return
         with self.lock:
             self.kernels[workload.key] = calls
+            self.paths[workload.key] = path
         self.queue.put((workload, path, 1))
+
+    def suspects(self) -> list[Workload]:
+        """Workloads timed while the canary was slower than the run's fastest allows: the run may have
+        begun in a slow phase, before the gate knew the board's usual speed."""
+        return [
+            w
+            for w in self.pending
+            if self.canary.get(w.key) is not None and not self.gate.is_quiet(self.canary[w.key])
+        ]
 
     def _fail(self, workload: Workload, reason: str, attempts: int, worker: str) -> None:
         self.m.database.record_failure(
@@ -305,13 +345,14 @@ class _Run:
         with self.lock:
             self.unreachable = 0
         try:
-            stats = time_kernels(
+            stats, canary = time_kernels(
                 session,
                 path,
                 self.kernels[workload.key],
                 repeat=timing.repeat,
                 min_repeat_ms=timing.min_repeat_ms,
                 warmup=timing.warmup,
+                gate=self.gate,
             )
         except BoardError as err:
             self._retry_or_fail(name, workload, path, attempt, str(err), timing)
@@ -322,13 +363,19 @@ class _Run:
             self.m.fingerprint, workload, self.m.schedule, stats, attempts=attempt, worker=name
         )
         with self.lock:
-            self.summary.measured += 1
-            self.summary.workers[name] = self.summary.workers.get(name, 0) + 1
-        self._event(workload, "ok", name, latency_ms=stats.median_ms)
+            first = workload.key not in self.canary
+            self.canary[workload.key] = canary
+            if first:
+                self.summary.measured += 1
+                self.summary.workers[name] = self.summary.workers.get(name, 0) + 1
+        if first:  # a re-timing replaces the row and says nothing more
+            self._event(workload, "ok", name, latency_ms=stats.median_ms)
 
     def _retry_or_fail(
         self, name: str, workload: Workload, path: Path, attempt: int, reason: str, timing: TimingConfig
     ) -> None:
+        if workload.key in self.canary:  # a re-timing that failed: the first timing stands
+            return
         if attempt < timing.max_attempts:
             self._event(workload, "retry", name, error=reason)
             self.queue.put((workload, path, attempt + 1))

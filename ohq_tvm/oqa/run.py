@@ -17,6 +17,7 @@ from ..passes.annotate import AnnotateCandidates
 from ..precision import Precision
 from ..targets import BoardSpec, resolve_target
 from .database import LatencyDatabase
+from .in_model import InModelScales, time_uniform_plans
 from .measure import MeasureEvent, Measurer, MeasureSummary, TimingConfig
 from .workloads import ModelWorkloads, Workload, extract_workloads
 
@@ -31,6 +32,14 @@ class ModelMeasurement:
     latencies_ms: dict[str, float]
     summary: MeasureSummary
     database_path: str
+    in_model: InModelScales | None = None  # with ``whole_model``: the uniform plans timed whole
+
+    def planning_latencies(self) -> dict[str, float]:
+        """The latencies a plan is predicted from: the measured ones, each layer scaled by its
+        precision's in-model factor when the uniform plans were timed whole (see :mod:`.in_model`)."""
+        if self.in_model is None:
+            return dict(self.latencies_ms)
+        return self.in_model.apply(self.workloads, self.latencies_ms)
 
     def latency_of(self, workload: Workload) -> float | None:
         """Measured median, else the latency model's prediction (see :meth:`is_predicted`), else None."""
@@ -80,6 +89,8 @@ def measure_model(
     tuning_dir: str | os.PathLike | None = None,
     tuning_progress: Callable[[TuningProgress], None] | None = None,
     board: Board | None = None,
+    whole_model: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> ModelMeasurement:
     """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
 
@@ -93,6 +104,8 @@ def measure_model(
     Raises :class:`~ohq_tvm.errors.OHQError` subclasses: bad model or target, unreachable board (with
     the measurements already stored kept), a database that cannot be opened.
     ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open) instead of opening one.
+    ``whole_model``: once every part is measured, also build each uniform plan whole and time it on the
+    board (stored too), giving the in-model scales of :mod:`.in_model`; ``say`` receives its messages.
     """
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
@@ -120,7 +133,25 @@ def measure_model(
         summary = measurer.run(unique, progress, budget=budget)
         latencies = measurer.latencies(unique)
         path = str(db.path)
-    return ModelMeasurement(imported, spec, workloads, latencies, summary, path)
+        in_model = None
+        if whole_model and len(latencies) == len(unique):
+            in_model = time_uniform_plans(
+                imported,
+                spec,
+                board,
+                workloads,
+                latencies,
+                db,
+                summary.fingerprint,
+                summary.schedule,
+                build_schedule=schedule,
+                tuning=tuning,
+                repeat=measurer.timing.repeat,
+                min_repeat_ms=measurer.timing.min_repeat_ms,
+                gate=measurer.gate,
+                progress=say,
+            )
+    return ModelMeasurement(imported, spec, workloads, latencies, summary, path, in_model)
 
 
 def tune_candidates(
