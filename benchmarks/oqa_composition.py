@@ -42,7 +42,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
 from ohq_tvm.oqa.cost import plan_latency
-from ohq_tvm.oqa.in_model import time_uniform_plans, time_whole_models
+from ohq_tvm.oqa.in_model import measured_scales, time_whole_models
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
 from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
@@ -84,17 +84,7 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
     measure_s = time.perf_counter() - started
     latencies = measurer.latencies(workloads.unique())
     started = time.perf_counter()
-    scales = time_uniform_plans(
-        imported,
-        spec,
-        board,
-        workloads,
-        latencies,
-        db,
-        measurer.fingerprint,
-        measurer.schedule,
-        progress=print,
-    )
+    scales = measured_scales(measurer, imported, workloads, progress=print)
     whole_s = time.perf_counter() - started
     in_model = scales.apply(workloads, latencies)
     layers = quantizable_layers(imported.mod)

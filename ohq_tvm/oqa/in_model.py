@@ -209,6 +209,32 @@ def time_uniform_plans(
     return InModelScales(runs)
 
 
+def measured_scales(
+    measurer,
+    imported: ImportedModel,
+    workloads: ModelWorkloads,
+    progress: Callable[[str], None] | None = None,
+) -> InModelScales:
+    """:func:`time_uniform_plans` with what a :class:`~.measure.Measurer` that measured the parts knows:
+    its board, database, schedule, timing and quiet gate."""
+    return time_uniform_plans(
+        imported,
+        measurer.spec,
+        measurer.board,
+        workloads,
+        measurer.latencies(workloads.unique()),
+        measurer.database,
+        measurer.fingerprint,
+        measurer.schedule,
+        build_schedule=measurer.build_schedule,
+        tuning=measurer.tuning,
+        repeat=measurer.timing.repeat,
+        min_repeat_ms=measurer.timing.min_repeat_ms,
+        gate=measurer.gate,
+        progress=progress,
+    )
+
+
 def time_whole_models(
     board: Board,
     spec,
@@ -266,6 +292,7 @@ def _time_in_sessions(
 __all__ = [
     "InModelScales",
     "UniformRun",
+    "measured_scales",
     "model_key",
     "time_uniform_plans",
     "time_whole_models",

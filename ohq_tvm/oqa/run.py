@@ -17,7 +17,7 @@ from ..passes.annotate import AnnotateCandidates
 from ..precision import Precision
 from ..targets import BoardSpec, resolve_target
 from .database import LatencyDatabase
-from .in_model import InModelScales, time_uniform_plans
+from .in_model import InModelScales, measured_scales
 from .measure import MeasureEvent, Measurer, MeasureSummary, TimingConfig
 from .workloads import ModelWorkloads, Workload, extract_workloads
 
@@ -135,22 +135,7 @@ def measure_model(
         path = str(db.path)
         in_model = None
         if whole_model and len(latencies) == len(unique):
-            in_model = time_uniform_plans(
-                imported,
-                spec,
-                board,
-                workloads,
-                latencies,
-                db,
-                summary.fingerprint,
-                summary.schedule,
-                build_schedule=schedule,
-                tuning=tuning,
-                repeat=measurer.timing.repeat,
-                min_repeat_ms=measurer.timing.min_repeat_ms,
-                gate=measurer.gate,
-                progress=say,
-            )
+            in_model = measured_scales(measurer, imported, workloads, say)
     return ModelMeasurement(imported, spec, workloads, latencies, summary, path, in_model)
 
 
