@@ -174,6 +174,16 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _gate_text(record: dict) -> str:
+    gate = record.get("interleaved_timing_gate") or {}
+    if gate.get("canary_best_ms") is None:
+        return "gate not used"
+    return (
+        f"fastest canary {gate['canary_best_ms']:.3f} ms, {gate['timings_that_waited']} timings waited, "
+        f"{gate['waited_s']:.0f} s in all"
+    )
+
+
 def markdown(record: dict) -> list[str]:
     settings = record["settings"]
     lines = [
@@ -184,7 +194,9 @@ def markdown(record: dict) -> list[str]:
         f"Budget `{settings['budget']}`, {settings['trials']} MetaSchedule "
         f"trials per build (0 = ohq-tvm's default schedule), median of {settings['repeats']} interleaved "
         f"rounds; load average {settings['load_average_1_5_15_min']['start'][0]:.2f} at the start, "
-        f"{settings['load_average_1_5_15_min']['end'][0]:.2f} at the end.",
+        f"{settings['load_average_1_5_15_min']['end'][0]:.2f} at the end. Every timing started once the "
+        "canary of `ohq_tvm.oqa.quiet` ran at the machine's usual speed (redone when it slowed "
+        f"meanwhile): {_gate_text(record)}.",
         "",
         "| model | engine | latency ms | vs ORT int8 | top-1 agreement with fp32 | foolbox top-1 "
         "| weights MB | file MB |",
