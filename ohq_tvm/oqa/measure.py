@@ -230,8 +230,8 @@ class Measurer:
                 # Once, again: what was timed before the gate had seen the board at its usual speed.
                 suspects = run.suspects() if run.aborted is None else []
                 summary.retimed = len(suspects)
-                for workload in suspects:
-                    run.queue.put((workload, run.paths[workload.key], 1))
+                for workload in suspects:  # the row keeps the attempts its first timing took
+                    run.queue.put((workload, run.paths[workload.key], run.attempts[workload.key]))
                 run.queue.join()
             finally:
                 run.stop(len(threads))
@@ -266,6 +266,7 @@ class _Run:
         self.aborted: str | None = None
         self.gate = measurer.gate
         self.canary: dict[str, float | None] = {}  # by workload key: the canary after its timing
+        self.attempts: dict[str, int] = {}  # by workload key: the attempt its first timing succeeded at
         self.paths: dict[str, Path] = {}
 
     def _event(self, workload: Workload, status: str, worker: str, **extra) -> None:
@@ -365,6 +366,7 @@ class _Run:
         with self.lock:
             first = workload.key not in self.canary
             self.canary[workload.key] = canary
+            self.attempts.setdefault(workload.key, attempt)
             if first:
                 self.summary.measured += 1
                 self.summary.workers[name] = self.summary.workers.get(name, 0) + 1
