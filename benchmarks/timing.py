@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import tvm
 
 from ohq_tvm.board import LoopbackBoard, host_vm, use_host_threads
 from ohq_tvm.oqa import LatencyDatabase
-from ohq_tvm.oqa.quiet import CANARY_SYMBOL, QuietGate, canary_function, canary_probe
+from ohq_tvm.oqa.quiet import QuietGate, canary_executable, canary_probe
 from ohq_tvm.targets import resolve_target
 
 Timer = Callable[[], float]
@@ -60,18 +61,17 @@ def ort_timer(model, feeds, threads: int) -> Timer:
 SETTLE_S = 0.4
 
 
+@functools.cache
 def host_canary() -> Timer:
     """The quiet gate's canary (``ohq_tvm.oqa.quiet``) built for this machine: milliseconds per probe."""
     use_host_threads()  # the canary, like the timings it guards, on every core
-    target = resolve_target("host").tvm_target()
-    library = tvm.compile(tvm.IRModule({CANARY_SYMBOL: canary_function()}), target=target).jit()
+    library = canary_executable(resolve_target("host").tvm_target()).jit()
     return canary_probe(library, tvm.cpu(), lambda step, action: action())
 
 
 # This host has spells in which anything passing data between its two cores runs up to 1.9x slower (see
 # ``ohq_tvm.oqa.quiet``); one gate for every interleaved timing of a benchmark process.
 GATE = QuietGate(max_wait_s=30.0)
-_CANARY: list[Timer] = []
 
 
 def interleaved(
@@ -80,19 +80,14 @@ def interleaved(
     """Median and raw milliseconds, timing every runtime once per round so drift hits them alike, each
     timing after :data:`SETTLE_S` of quiet (see above) and, with a ``gate``, once the canary says the
     machine runs at its usual speed (a timing after which it does not is redone, up to twice)."""
-    if gate is not None and not _CANARY:
-        _CANARY.append(host_canary())
     raw: dict[str, list[float]] = {key: [] for key in timers}
     for _ in range(repeats):
         for key, timer in timers.items():
-            for _again in range(3):
-                if gate is not None:
-                    gate.wait(_CANARY[0])  # the canary runs TVM's pool: settle after it, not before
+            if gate is None:
                 time.sleep(SETTLE_S)
-                value = timer()
-                if gate is None or gate.is_quiet(_CANARY[0]()):
-                    break
-            raw[key].append(value)
+                raw[key].append(timer())
+            else:  # the canary runs TVM's pool: settle after it, not before
+                raw[key].append(gate.time(host_canary(), timer, settle_s=SETTLE_S)[0])
     return {key: statistics.median(values) for key, values in raw.items()}, raw
 
 

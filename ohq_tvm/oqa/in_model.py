@@ -2,10 +2,11 @@
 
 A kernel timed alone (weights and output flushed from the caches, input warm: :mod:`.kernel_timing`) does
 not meet the cache it meets inside the model. How far off that is depends on the precision: on the 2-core
-host the parts of uniform int8 MobileNetV2 add up to 1.28-1.44x the whole model, those of fp32 to
-0.95-1.06x (an int8 model's weights stay in the last-level cache from one run to the next; most of an fp32
-model's do not). A sum of parts then overcharges integer layers, and a budget relative to the uniform int8
-plan (``latency=1.1*int8``) is relative to a number the board never ran.
+host, timed while the board runs at its usual speed (:mod:`.quiet`), the parts of uniform int8
+MobileNetV2 add up to 1.32x the whole model, those of fp32 to 1.09x (likely: an int8 model's weights stay
+in the last-level cache from one run to the next; most of an fp32 model's do not). A sum of parts then
+overcharges integer layers, and a budget relative to the uniform int8 plan (``latency=1.1*int8``) is
+relative to a number the board never ran.
 
 So after the parts are measured, each uniform plan (fp32, and every lower precision all layers have) is
 built whole, timed on the board (same timer and quiet gate as the parts, the plans in interleaved rounds)
@@ -29,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import tvm
-
 from ..board import Board
 from ..board.session import LatencyStats
 from ..build.toolchain import find_toolchain
@@ -39,7 +38,7 @@ from ..frontend import ImportedModel, synthetic_inputs
 from ..precision import Precision
 from .cost import plan_latency
 from .database import LatencyDatabase
-from .quiet import CANARY_SYMBOL, QuietGate, canary_function, canary_probe
+from .quiet import QuietGate, canary_executable, canary_probe
 from .workloads import ModelWorkloads
 
 K = TypeVar("K")
@@ -156,13 +155,13 @@ def time_uniform_plans(
     ``latencies_ms``. Raises :class:`~ohq_tvm.errors.BoardError` when the board fails twice in a row on a
     plan (nothing of this call is stored then). ``gate``: the :class:`~.quiet.QuietGate` of the parts'
     measurement, so the whole models are timed at the speed the parts were (default: a new one)."""
-    gate = gate or QuietGate()
     from ..build.module import build_executable
     from ..calibration import calibrate
     from ..layers import quantizable_layers
     from ..passes.apply_plan import ApplyPlan
     from ..plan import Plan
 
+    gate = gate or QuietGate()
     key = model_key(imported)
     layers = quantizable_layers(imported.mod)
     parts = {}
@@ -253,39 +252,27 @@ def time_whole_models(
     inputs = list(synthetic_inputs(imported.inputs).values())
     with tempfile.TemporaryDirectory(prefix="ohq-tvm-canary-") as scratch:
         canary = Path(scratch) / "canary.so"
-        canary_module = tvm.IRModule({CANARY_SYMBOL: canary_function()})
-        tvm.compile(canary_module, target=spec.tvm_target()).export_library(
+        canary_executable(spec.tvm_target()).export_library(
             str(canary), fcompile=find_toolchain(spec.cross_triple).fcompile()
         )
-        return _time_in_sessions(
-            board, libraries, canary, inputs, repeat, min_repeat_ms, gate, session_timeout_s, rounds
-        )
-
-
-def _time_in_sessions(
-    board, libraries, canary, inputs, repeat, min_repeat_ms, gate, session_timeout_s, rounds
-):
-    """:func:`time_whole_models` once the canary library is exported."""
-    for attempt in range(2):
-        try:
-            session = board.connect(session_timeout_s=session_timeout_s)
-            vms = {key: session.load_vm(path) for key, path in libraries.items()}
-            probe = canary_probe(session.load_library(canary), session.device, session._guard)
-            repeats = {key: [] for key in libraries}
-            for _ in range(rounds):
-                for key, vm in vms.items():
-                    for _again in range(3):
-                        gate.wait(probe)
-                        stats = vm.time(inputs, repeat=repeat, min_repeat_ms=min_repeat_ms)
-                        if gate.is_quiet(probe()):
-                            break
-                    repeats[key] += stats.repeats_ms
-            return {key: LatencyStats(tuple(r)) for key, r in repeats.items()}
-        except BoardError:
-            if attempt:
-                raise
-        finally:
-            vms = session = probe = None  # release the session: a board may serve one at a time
+        for attempt in range(2):
+            try:
+                session = board.connect(session_timeout_s=session_timeout_s)
+                vms = {key: session.load_vm(path) for key, path in libraries.items()}
+                probe = canary_probe(session.load_library(canary), session.device, session._guard)
+                repeats = {key: [] for key in libraries}
+                for _ in range(rounds):
+                    for key, vm in vms.items():
+                        stats, _ = gate.time(
+                            probe, lambda vm=vm: vm.time(inputs, repeat=repeat, min_repeat_ms=min_repeat_ms)
+                        )
+                        repeats[key] += stats.repeats_ms
+                return {key: LatencyStats(tuple(r)) for key, r in repeats.items()}
+            except BoardError:
+                if attempt:
+                    raise
+            finally:
+                vms = session = probe = None  # release the session: a board may serve one at a time
     raise AssertionError("unreachable")
 
 

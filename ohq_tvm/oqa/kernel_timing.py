@@ -132,21 +132,17 @@ def time_kernels(
     :class:`~ohq_tvm.errors.BoardError` when a step on the board fails.
     """
     library = session.load_library(library_path)
-    probe = canary_probe(library, session.device, session._guard) if gate is not None else None
-    for attempt in range(1, attempts + 1):
-        if gate is not None:
-            gate.wait(probe)
+
+    def timing() -> LatencyStats:
         rng = np.random.default_rng(seed)
         totals = np.zeros(repeat)
         for call in calls:
             totals += _time_call(session, library, call, rng, repeat, min_repeat_ms, warmup)
-        stats = LatencyStats(tuple(float(ms) for ms in totals))
-        if gate is None:
-            return stats, None
-        after = probe()
-        if gate.is_quiet(after) or attempt == attempts:
-            return stats, after
-    raise AssertionError("unreachable")
+        return LatencyStats(tuple(float(ms) for ms in totals))
+
+    if gate is None:
+        return timing(), None
+    return gate.time(canary_probe(library, session.device, session._guard), timing, attempts)
 
 
 def _time_call(

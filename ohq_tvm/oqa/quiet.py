@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import tvm
@@ -26,6 +27,7 @@ from tvm import s_tir, te, tirx
 CANARY_SYMBOL = "ohq_canary"
 _SIZE = 512  # floats per side: 1 MB, half of which changes cores per pass
 _RUNS = 5  # canary runs per probe (its median)
+T = TypeVar("T")
 
 
 def canary_function() -> tirx.PrimFunc:
@@ -38,6 +40,11 @@ def canary_function() -> tirx.PrimFunc:
         outer, _ = sch.get_loops(sch.get_sblock(stage))
         sch.parallel(outer)
     return sch.mod["main"].with_attr("global_symbol", CANARY_SYMBOL)
+
+
+def canary_executable(target: tvm.target.Target) -> tvm.runtime.Executable:
+    """The canary alone, compiled for ``target`` (for timings whose own library does not carry it)."""
+    return tvm.compile(tvm.IRModule({CANARY_SYMBOL: canary_function()}), target=target)
 
 
 def canary_probe(library: tvm.runtime.Module, device: tvm.runtime.Device, guard) -> Callable[[], float]:
@@ -96,6 +103,22 @@ class QuietGate:
                 self.waited_s += time.monotonic() - started
         return canary
 
+    def time(
+        self, probe: Callable[[], float], timing: Callable[[], T], attempts: int = 3, settle_s: float = 0.0
+    ) -> tuple[T, float]:
+        """Run ``timing`` once the board is quiet (after ``settle_s`` more), again while the canary after
+        it says the board slowed down meanwhile, up to ``attempts`` times in all; return the last result
+        and the canary after it."""
+        for attempt in range(1, attempts + 1):
+            self.wait(probe)
+            if settle_s:
+                self._sleep(settle_s)
+            result = timing()
+            after = probe()
+            if self.is_quiet(after) or attempt == attempts:
+                return result, after
+        raise AssertionError("unreachable")
+
     def to_json(self) -> dict:
         return {
             "canary_best_ms": self.best_ms,
@@ -105,4 +128,4 @@ class QuietGate:
         }
 
 
-__all__ = ["CANARY_SYMBOL", "QuietGate", "canary_function", "canary_probe"]
+__all__ = ["CANARY_SYMBOL", "QuietGate", "canary_executable", "canary_function", "canary_probe"]
