@@ -117,8 +117,10 @@ def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
     assert summary.failed == {}
     assert {m.workload.key for m in rows if m.ok} == {w.key for w in workloads}
     assert max(m.attempts for m in rows) == 2  # the workload being timed at the kill, measured again
-    first = min(rows, key=lambda m: m.measured_at)
-    assert first.workload.key == events[0].workload.key and first.attempts == 1  # from before the kill
+    # The workload measured before the kill kept its one attempt (it may have been re-timed at the end of
+    # the run, if the quiet gate's canary was slow then, which replaces its row and its time).
+    (first,) = [m for m in rows if m.workload.key == events[0].workload.key]
+    assert first.ok and first.attempts == 1
 
 
 def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_path):
