@@ -31,7 +31,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .oqa import TimingConfig
     from .oqa.run import measure_model
 
-    timing = TimingConfig(repeat=args.repeat, min_repeat_ms=args.min_repeat_ms)
+    asked = {"repeat": args.repeat, "min_repeat_ms": args.min_repeat_ms}
+    timing = TimingConfig(**{name: value for name, value in asked.items() if value is not None})
     bars = StageBars()
     try:
         result = measure_model(
@@ -337,9 +338,11 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     meas.add_argument(
         "--precisions", help="comma-separated candidates, e.g. fp32,int8 (default: all the board has)"
     )
-    meas.add_argument("--repeat", type=int, default=5, help="timed repeats per operator (default: 5)")
+    meas.add_argument("--repeat", type=int, help="timed repeats per operator (default: $OHQ_TVM_REPEAT or 5)")
     meas.add_argument(
-        "--min-repeat-ms", type=int, default=40, help="minimum length of one repeat (default: 40 ms)"
+        "--min-repeat-ms",
+        type=int,
+        help="minimum length of one repeat (default: $OHQ_TVM_MIN_REPEAT_MS or 40 ms)",
     )
     meas.add_argument("--workers", type=int, help="parallel sessions (default: idle servers under the key)")
     meas.add_argument(

@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 
 from ohq_tvm.board import LoopbackBoard
-from ohq_tvm.oqa.measure import QUIET_WAIT_ENV
+from ohq_tvm.oqa.measure import MIN_REPEAT_ENV, QUIET_WAIT_ENV, REPEAT_ENV
 
 from testing_support import build_add_library
 
 # Tests check what is measured, not how fast: no timing (here or in the commands they run) waits for a
-# slow spell of the machine to pass. The gate still re-times what it finds slowed down; test_quiet.py
+# slow spell of the machine to pass, and timings are short (2 repeats of 5 ms; tests that need more say
+# so in their own TimingConfig). The gate still re-times what it finds slowed down; test_quiet.py
 # covers the waiting.
 os.environ.setdefault(QUIET_WAIT_ENV, "0")
+os.environ.setdefault(REPEAT_ENV, "2")
+os.environ.setdefault(MIN_REPEAT_ENV, "5")
 
 
 @pytest.fixture(scope="session")

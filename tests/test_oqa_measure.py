@@ -16,12 +16,31 @@ from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError, OHQError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
-from ohq_tvm.oqa.measure import schedule_label
+from ohq_tvm.oqa.measure import MIN_REPEAT_ENV, QUIET_WAIT_ENV, REPEAT_ENV, schedule_label
 from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.targets import resolve_target
 
 FAST = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
 HOST = resolve_target("host")
+
+
+def test_timing_defaults_come_from_the_environment_and_bad_values_are_clear(monkeypatch):
+    monkeypatch.setenv(REPEAT_ENV, "7")
+    monkeypatch.setenv(MIN_REPEAT_ENV, "12")
+    monkeypatch.setenv(QUIET_WAIT_ENV, "2.5")
+    timing = TimingConfig()
+    assert (timing.repeat, timing.min_repeat_ms, timing.quiet_wait_s) == (7, 12, 2.5)
+    assert TimingConfig(repeat=3).repeat == 3  # what a caller says wins
+    for name in (REPEAT_ENV, MIN_REPEAT_ENV):
+        monkeypatch.delenv(name)
+    monkeypatch.delenv(QUIET_WAIT_ENV)
+    assert (TimingConfig().repeat, TimingConfig().min_repeat_ms, TimingConfig().quiet_wait_s) == (5, 40, 10.0)
+    monkeypatch.setenv(REPEAT_ENV, "five")
+    with pytest.raises(OHQError, match=r"\$OHQ_TVM_REPEAT must be an integer, not 'five'"):
+        TimingConfig()
+    monkeypatch.setenv(REPEAT_ENV, "0")
+    with pytest.raises(OHQError, match="repeat >= 1"):
+        TimingConfig()
 
 
 def _workloads(model=None):
@@ -90,7 +109,7 @@ def test_two_servers_under_one_key_both_measure(tmp_path):
 
 
 def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
-    workloads = _workloads()
+    workloads = _workloads()[:3]  # one timed before the kill, one during it, one after
     # Long repeats so that the kill, 1 s after the first result, lands while the next one is being timed.
     slow = TimingConfig(repeat=2, min_repeat_ms=1500, warmup=0)
     events = []

@@ -41,24 +41,40 @@ from .kernel_timing import KernelCall, build_kernel_library, time_kernels
 from .quiet import QuietGate
 from .workloads import Workload
 
-# How long a timing waits at most for the board to be quiet (see :mod:`.quiet`), unless the timing
-# config says otherwise.
+# Defaults of every timing config that does not say otherwise: how long a timing waits at most for the
+# board to be quiet (see :mod:`.quiet`), and how many repeats of at least how many milliseconds it takes
+# (fewer and shorter for a quick look, e.g. smoke tests; the numbers are then noisier).
 QUIET_WAIT_ENV = "OHQ_TVM_QUIET_WAIT_S"
+REPEAT_ENV = "OHQ_TVM_REPEAT"
+MIN_REPEAT_ENV = "OHQ_TVM_MIN_REPEAT_MS"
+
+
+def _from_env(name: str, default: float, kind: type = int):
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise OHQError(
+            f"${name} must be {'an integer' if kind is int else 'a number'}, not {value!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
 class TimingConfig:
     """How each workload is timed: ``repeat`` repeats of at least ``min_repeat_ms`` each, after ``warmup``
-    runs; how often a failed session is retried; how long one workload's session may take; how long a
-    timing waits at most for the board to run at its usual speed (``quiet_wait_s``, default
-    ``$OHQ_TVM_QUIET_WAIT_S`` or 10 s; see :mod:`.quiet`)."""
+    runs (defaults ``$OHQ_TVM_REPEAT`` or 5, ``$OHQ_TVM_MIN_REPEAT_MS`` or 40); how often a failed session
+    is retried; how long one workload's session may take; how long a timing waits at most for the board
+    to run at its usual speed (``quiet_wait_s``, default ``$OHQ_TVM_QUIET_WAIT_S`` or 10 s; see
+    :mod:`.quiet`)."""
 
-    repeat: int = 5
-    min_repeat_ms: int = 40
+    repeat: int = field(default_factory=lambda: _from_env(REPEAT_ENV, 5))
+    min_repeat_ms: int = field(default_factory=lambda: _from_env(MIN_REPEAT_ENV, 40))
     warmup: int = 1
     max_attempts: int = 3
     workload_timeout_s: float = 120.0
-    quiet_wait_s: float = field(default_factory=lambda: float(os.environ.get(QUIET_WAIT_ENV, 10.0)))
+    quiet_wait_s: float = field(default_factory=lambda: _from_env(QUIET_WAIT_ENV, 10.0, float))
 
     def __post_init__(self) -> None:
         if self.repeat < 1 or self.max_attempts < 1 or self.min_repeat_ms < 0 or self.quiet_wait_s < 0:
