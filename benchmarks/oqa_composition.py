@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ohq_tvm import Precision, models
-from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.build.module import build_executable
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.frontend import load_onnx
@@ -275,4 +275,5 @@ def _latency_model(names, measured, rows) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import tvm
 
 from ohq_tvm import Precision, models
-from ohq_tvm.board import host_vm
+from ohq_tvm.board import host_vm, sigterm_as_exit
 from ohq_tvm.build import build_scheduled
 from ohq_tvm.calibration import calibrate, synthetic_batches
 from ohq_tvm.frontend import load_onnx
@@ -144,4 +144,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

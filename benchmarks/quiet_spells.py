@@ -22,7 +22,7 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from ohq_tvm import models
-from ohq_tvm.board import host_vm, use_host_threads
+from ohq_tvm.board import host_vm, sigterm_as_exit, use_host_threads
 from ohq_tvm.build.module import build_executable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa.quiet import CANARY_SYMBOL, QuietGate, canary_executable
@@ -129,4 +129,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()

@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from ohq_tvm import models
-from ohq_tvm.board import LoopbackBoard
+from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.budget import BudgetSpec
 from ohq_tvm.build import build_executable, find_toolchain
 from ohq_tvm.calibration import calibrate
@@ -79,4 +79,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_exit():  # a killed run still takes its loopback board down
+        main()
