@@ -31,10 +31,10 @@ def test_timing_defaults_come_from_the_environment_and_bad_values_are_clear(monk
     timing = TimingConfig()
     assert (timing.repeat, timing.min_repeat_ms, timing.quiet_wait_s) == (7, 12, 2.5)
     assert TimingConfig(repeat=3).repeat == 3  # what a caller says wins
-    for name in (REPEAT_ENV, MIN_REPEAT_ENV):
+    for name in (REPEAT_ENV, MIN_REPEAT_ENV, QUIET_WAIT_ENV):
         monkeypatch.delenv(name)
-    monkeypatch.delenv(QUIET_WAIT_ENV)
-    assert (TimingConfig().repeat, TimingConfig().min_repeat_ms, TimingConfig().quiet_wait_s) == (5, 40, 10.0)
+    timing = TimingConfig()
+    assert (timing.repeat, timing.min_repeat_ms, timing.quiet_wait_s) == (5, 40, 10.0)
     monkeypatch.setenv(REPEAT_ENV, "five")
     with pytest.raises(OHQError, match=r"\$OHQ_TVM_REPEAT must be an integer, not 'five'"):
         TimingConfig()

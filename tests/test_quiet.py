@@ -45,8 +45,8 @@ class _Timer:
 
 
 def test_the_canary_is_warmed_up_before_its_first_probe():
-    """A fresh session's first canary runs are often twice as slow (measured over RPC on the host board:
-    0.31 against 0.15 ms): were the first probe one of them, every timing would wait for nothing."""
+    """A fresh session's first canary runs are often much slower than the next ones: were the first probe
+    one of them, every timing would wait for nothing."""
     timer = _Timer([0.3e-3, 0.15e-3, 0.16e-3])
     library = type("Library", (), {"time_evaluator": lambda self, *a, **k: timer})()
     probe = canary_probe(library, tvm.cpu(), lambda step, action: action())

@@ -59,8 +59,8 @@ def canary_probe(library: tvm.runtime.Module, device: tvm.runtime.Device, guard)
         "creating the canary timer",
         lambda: library.time_evaluator(CANARY_SYMBOL, device, number=1, repeat=_RUNS),
     )
-    # A session's first runs are often twice as slow (its threads not yet spread over the cores): warm up
-    # so that the first probe does not make the gate wait for nothing.
+    # A fresh session's first runs are often about twice as slow (likely its threads not yet spread over
+    # the cores): warm up so that the first probe does not make the gate wait for nothing.
     guard("warming the canary up", lambda: timer(*args))
     return lambda: float(np.median(guard("timing the canary", lambda: timer(*args)).results)) * 1e3
 
