@@ -157,11 +157,15 @@ def test_missing_key_names_the_keys_that_exist(loopback_board):
 def test_server_that_dies_mid_session_is_a_board_error(add_library):
     with LoopbackBoard(key="dies") as board:
         vm = board.connect().load_vm(add_library)
+        # The server keeps the uploaded library in its session folder, inside the board's own.
+        (uploaded,) = (board.log_dir / "server-tmp").glob(f"*/{os.path.basename(add_library)}")
         for server in board.server_processes:
             os.killpg(server.pid, signal.SIGKILL)
         time.sleep(0.3)
         with pytest.raises(BoardError, match=r"board dies@127\.0\.0\.1:\d+: .* failed"):
             vm.run([np.ones((4, 4), "float32")])
+    # A killed server never deletes its session folder: closing the board does.
+    assert not uploaded.exists() and not board.log_dir.exists()
 
 
 @pytest.mark.parametrize(

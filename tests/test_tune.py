@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -80,6 +82,11 @@ def run(executable: relax.Executable, x: np.ndarray) -> np.ndarray:
     return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
+def candidate_folders() -> set[str]:
+    """Folders the tuning builder makes in the system's temporary folder."""
+    return {p.name for p in Path(tempfile.gettempdir()).glob("ohq-tvm-candidate*")}
+
+
 def worker_processes() -> set[int]:
     """This process's TVM worker children (MetaSchedule's builder and runner pools)."""
     return {
@@ -100,12 +107,13 @@ def tuned(tmp_path_factory, loopback_board, host):
     root = tmp_path_factory.mktemp("tuning")
     events = []
     before = worker_processes()
+    folders = candidate_folders()
     result = tune_module(conv_relu(), host, loopback_board, TRIALS, tuning_dir=root, progress=events.append)
-    return result, events, root, before
+    return result, events, root, (before, candidate_folders() - folders)
 
 
 def test_tuning_measures_the_budget_and_records_it(tuned):
-    result, events, root, before = tuned
+    result, events, root, (before, new_folders) = tuned
     assert [task.name for task in result.tasks] == ["fused_conv2d_add_relu"]
     assert result.trials_measured == TRIALS and result.trials_failed == 0
     assert result.tasks_reused == 0
@@ -131,8 +139,10 @@ def test_tuning_measures_the_budget_and_records_it(tuned):
     done = [event.trials_done for event in events]
     assert done == sorted(done) and all(event.trials_total == TRIALS for event in events)
     assert events[-1].best_ms == pytest.approx(task.best_ms)
-    # MetaSchedule's builder and runner pools are gone once tuning returns.
+    # MetaSchedule's builder and runner pools are gone once tuning returns, and so is every library
+    # built for the board.
     assert worker_processes() <= before
+    assert not new_folders
 
 
 def test_second_run_measures_nothing_and_needs_no_board(tuned, host):

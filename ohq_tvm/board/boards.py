@@ -255,10 +255,18 @@ class LoopbackBoard(Board):
             ],
             label=f"rpc server {index}",
             log_path=str(self.log_dir / f"server{index}.log"),
-            env=thread_environment(self.threads),
+            env=self._server_environment(),
         ).start()
         self.server_processes.append(server)
         return server
+
+    def _server_environment(self) -> dict[str, str]:
+        """The servers' thread count, and their temporary folder inside this board's: a server keeps
+        each session's uploaded libraries in a folder it deletes when the session ends well, never when
+        the server is killed or the session dies, so :meth:`close` deletes them all with the logs."""
+        scratch = self.log_dir / "server-tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return {**thread_environment(self.threads), "TMPDIR": str(scratch)}
 
     def _wait_for_port(self, port: int, process: ProcessGroup, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
