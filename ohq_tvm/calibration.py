@@ -39,6 +39,8 @@ CALIBRATION_FORMAT = "ohq-tvm/calibration"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Values kept per layer for percentile/entropy; exact min/max are tracked over everything.
 _SAMPLE_CAP = 1 << 20
+# Synthetic data optimised against the model, not drawn at random: synthetic_data makes it.
+_MODEL_MADE = ("distilled", "inverted")
 
 
 @dataclass
@@ -267,13 +269,13 @@ def synthetic_batches(
 
     ``gaussian``: standard normal. ``uniform``: uniform on [-1, 1] (image-like). ``matched``: per-channel
     normal whose first-layer statistics match the BatchNormalization after the model's first conv
-    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``). ``distilled`` data
-    needs the model: :func:`synthetic_data`.
+    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``). ``distilled`` and
+    ``inverted`` data need the model: :func:`synthetic_data`.
     """
     if kind not in SYNTHETIC_KINDS:
         raise OHQError(f"unknown synthetic data {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
-    if kind == "distilled":
-        raise OHQError("distilled data is made from the model itself: use synthetic_data(imported, ...)")
+    if kind in _MODEL_MADE:
+        raise OHQError(f"{kind} data is made from the model itself: use synthetic_data(imported, ...)")
     matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if kind == "matched":
         if onnx_model is None:
@@ -302,12 +304,16 @@ def synthetic_batches(
 def resolve_synthetic(imported: ImportedModel, kind: str) -> str:
     """``kind``, with ``auto`` resolved: ``distilled`` when data can be distilled from the model
     (:func:`ohq_tvm.distill.distillable`: the ONNX file has BatchNormalization statistics after its
-    convs, and Relax differentiates what comes before them), else ``gaussian``. Raises
-    :class:`OHQError` for an unknown kind."""
+    convs, and Relax differentiates what comes before them), else ``inverted`` for a classifier
+    (:func:`ohq_tvm.invert.invertible`: one ``[batch, classes]`` output, every operator
+    differentiable), else ``gaussian``. Raises :class:`OHQError` for an unknown kind."""
     if kind == AUTO_SYNTHETIC:
         from .distill import distillable
+        from .invert import invertible
 
-        return "distilled" if distillable(imported) else "gaussian"
+        if distillable(imported):
+            return "distilled"
+        return "inverted" if invertible(imported) else "gaussian"
     if kind not in SYNTHETIC_KINDS:
         choices = ", ".join((AUTO_SYNTHETIC, *SYNTHETIC_KINDS))
         raise OHQError(f"unknown synthetic data {kind!r}; use one of {choices}")
@@ -321,15 +327,20 @@ def synthetic_data(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """``count`` synthetic batches for ``imported``: :func:`synthetic_batches` of ``kind``, or for
+    """``count`` synthetic batches for ``imported``: :func:`synthetic_batches` of ``kind``; for
     ``distilled`` inputs optimised to the model's BatchNormalization statistics
-    (:func:`ohq_tvm.distill.distilled_batches`, which calls ``progress(step, steps)``). ``kind`` may be
-    ``auto`` (:func:`resolve_synthetic`). Raises :class:`OHQError` as those do."""
+    (:func:`ohq_tvm.distill.distilled_batches`), for ``inverted`` inputs the classifier assigns to each
+    class in turn (:func:`ohq_tvm.invert.inverted_batches`); both call ``progress(step, steps)``.
+    ``kind`` may be ``auto`` (:func:`resolve_synthetic`). Raises :class:`OHQError` as those do."""
     kind = resolve_synthetic(imported, kind)
     if kind == "distilled":
         from .distill import distilled_batches
 
         return distilled_batches(imported, count, seed=seed, progress=progress)
+    if kind == "inverted":
+        from .invert import inverted_batches
+
+        return inverted_batches(imported, count, seed=seed, progress=progress)
     return synthetic_batches(imported.inputs, count, kind, seed, imported.onnx_model)
 
 

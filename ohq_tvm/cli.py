@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="gaussian",
         help="synthetic calibration data when no samples are given; matched: per-channel input "
         "statistics fitted to the first conv's BatchNormalization; distilled: inputs optimised to "
-        "match every BatchNormalization's statistics (default: gaussian)",
+        "match every BatchNormalization's statistics; inverted: inputs a classifier assigns to each "
+        "class in turn (default: gaussian)",
     )
     comp.set_defaults(run=_cmd_compile)
 

@@ -298,7 +298,8 @@ def add_mqe_data_argument(parser: argparse.ArgumentParser) -> None:
         default=AUTO_SYNTHETIC,
         help="synthetic data MQE scores layers on; auto: distilled (inputs optimised until every "
         "BatchNormalization sees its training statistics) when the ONNX file has BatchNormalization "
-        "nodes, else gaussian (default: auto)",
+        "nodes, else inverted (inputs the classifier assigns to each class in turn) for a model with "
+        "one [batch, classes] output, else gaussian (default: auto)",
     )
     parser.add_argument(
         "--parts-only",

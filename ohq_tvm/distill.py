@@ -103,7 +103,7 @@ def channel_targets(imported: ImportedModel) -> list[ChannelTarget]:
 
 
 @relax.expr_functor.mutator
-class _ClipAsMinMax(relax.PyExprMutator):
+class ClipAsMinMax(relax.PyExprMutator):
     """``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)``: Relax differentiates those, not clip."""
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -164,7 +164,7 @@ def statistics_loss_module(imported: ImportedModel, targets: Sequence[ChannelTar
             output = bb.emit_output(loss)
         bb.emit_func_output(output)
     mod = bb.get()
-    mod = tvm.IRModule({"main": _ClipAsMinMax().visit_expr(mod["main"])})
+    mod = tvm.IRModule({"main": ClipAsMinMax().visit_expr(mod["main"])})
     # BNs the import could not fold as arithmetic (Relax has no gradient for batch_norm itself).
     mod = relax.transform.DecomposeOpsForInference()(relax.transform.Normalize()(mod))
     try:
@@ -210,24 +210,41 @@ def distilled_batches(
     mod = statistics_loss_module(imported, channel_targets(imported))
     vm = host_vm(build_executable(mod, resolve_target("host")))
     step = vm["main_adjoint"]
+
+    def gradient(_index: int, image: np.ndarray) -> np.ndarray:
+        _loss, (grad,) = step(tvm.runtime.tensor(image))
+        return grad.numpy()
+
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((count, *spec.shape)).astype(np.float32)
-    first, second = np.zeros_like(images), np.zeros_like(images)
+    adam_descent(gradient, images, iterations, learning_rate, progress)
+    return [{spec.name: images[i]} for i in range(count)]
+
+
+def adam_descent(
+    gradient: Callable[[int, np.ndarray], np.ndarray],
+    images: np.ndarray,
+    iterations: int,
+    learning_rate: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Move each ``images[i]`` in place by ``iterations`` Adam steps along ``gradient(i, images[i])``,
+    the step size decaying from ``learning_rate`` along a cosine; ``progress(done, total)`` after each
+    step (``total`` = images x iterations)."""
     beta1, beta2 = _ADAM_BETAS
-    total = count * iterations
-    for index in range(count):
+    total = len(images) * iterations
+    for index in range(len(images)):
+        first, second = np.zeros_like(images[index]), np.zeros_like(images[index])
         for it in range(iterations):
-            _loss, (gradient,) = step(tvm.runtime.tensor(images[index]))
-            grad = gradient.numpy()
-            first[index] = beta1 * first[index] + (1 - beta1) * grad
-            second[index] = beta2 * second[index] + (1 - beta2) * grad * grad
-            corrected = first[index] / (1 - beta1 ** (it + 1))
-            spread = np.sqrt(second[index] / (1 - beta2 ** (it + 1))) + 1e-8
+            grad = gradient(index, images[index])
+            first = beta1 * first + (1 - beta1) * grad
+            second = beta2 * second + (1 - beta2) * grad * grad
+            corrected = first / (1 - beta1 ** (it + 1))
+            spread = np.sqrt(second / (1 - beta2 ** (it + 1))) + 1e-8
             rate = learning_rate * 0.5 * (1 + np.cos(np.pi * it / iterations))
             images[index] -= rate * corrected / spread
             if progress is not None:
                 progress(index * iterations + it + 1, total)
-    return [{spec.name: images[i]} for i in range(count)]
 
 
 def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> float:
@@ -244,6 +261,8 @@ def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) ->
 
 __all__ = [
     "ChannelTarget",
+    "ClipAsMinMax",
+    "adam_descent",
     "channel_targets",
     "distillable",
     "distilled_batches",

@@ -69,7 +69,8 @@ def plan_model(
     (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity and
     within its size and memory budgets, as hardware-blind methods pick). MQE runs on ``num_batches``
     synthetic batches of kind ``synthetic`` (default ``auto``: distilled from the model's
-    BatchNormalization statistics when the ONNX file has them, else Gaussian). With ``sensitivity_cache`` (a
+    BatchNormalization statistics when the ONNX file has them, else inverted from a classifier, else
+    Gaussian). With ``sensitivity_cache`` (a
     JSON path) MQE's estimate is read from there when it answers the same question (same model,
     precisions, data and batches) and written there otherwise. ``trials`` > 0 times operators as tuned
     builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points`` asks for a Pareto sweep of
@@ -190,6 +191,8 @@ def _sensitivity(
             return cached, True
     if kind == "distilled":
         hooks.say(f"distilling {num_batches} inputs from the model's BatchNormalization statistics")
+    elif kind == "inverted":
+        hooks.say(f"inverting the classifier: {num_batches} inputs it assigns to each class in turn")
     sensitivity = estimate_sensitivity(
         imported,
         precisions,

@@ -22,7 +22,7 @@ class StageProgress:
         """One operator finished (an :class:`~ohq_tvm.oqa.measure.MeasureEvent`)."""
 
     def distilling(self, done: int, total: int) -> None:
-        """MQE's distilled inputs took ``done`` of ``total`` optimisation steps."""
+        """MQE's optimised synthetic inputs (distilled or inverted) took ``done`` of ``total`` steps."""
 
     def estimating(self, done: int, total: int) -> None:
         """MQE ran ``done`` of ``total`` forward passes."""
