@@ -11,7 +11,10 @@ The OHQ claim: choosing precisions from latency measured on the board beats choo
    the same board;
 2. for each budget case, the ILP picks the fastest plan by measured latency (``ohq``) and the plan with
    the fewest bit-operations (``bops``) under the same sensitivity and weight-size budgets;
-3. both plans are rewritten (real int8 kernels), built, and timed on the board in interleaved rounds.
+   The operators' latencies are scaled to what they cost inside the model (per-precision factors from
+   the uniform plans timed whole, as ``ohq-tvm plan`` does);
+3. both plans are rewritten (real int8 kernels), built, and timed on the board in interleaved rounds,
+   each timing once the board is quiet (the measurement's canary gate).
 
 Reports the measured speed ratio bops / ohq per case (goal >= 1.15), with each plan's predicted latency.
 Writes results/ohq_vs_bops.json and results/ohq_vs_bops.md; with int4w among the precisions,
@@ -20,11 +23,8 @@ results/ohq_vs_bops_int4w.* (packed int4 weights: half the bit-operations of int
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
@@ -34,6 +34,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa.in_model import measured_scales, time_whole_models
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
@@ -74,38 +75,43 @@ def bench(
     workloads = extract_workloads(AnnotateCandidates(candidates, pin_first_last=False)(imported.mod))
     measurer = Measurer(board, spec, db, timing=TIMING)
     measurer.run(workloads.unique())
+    # The parts as they run inside the model: per-precision factors from the uniform plans timed whole.
+    latencies = measured_scales(measurer, imported, workloads).apply(
+        workloads, measurer.latencies(workloads.unique())
+    )
     calibration = calibrate(imported, "minmax", num_samples=4)
     lower = [p for p in candidates if p is not Precision.FP32]
     sensitivity = estimate_sensitivity(imported, lower, calibration, num_batches=2, board=board)
-    problem = Problem(workloads, measurer.latencies(workloads.unique()), sensitivity.values)
-    (spec_in,) = imported.inputs
-    x = np.random.default_rng(0).standard_normal(spec_in.shape).astype(spec_in.dtype)
+    problem = Problem(workloads, latencies, sensitivity.values)
     cases = {}
     with tempfile.TemporaryDirectory() as scratch:
-        session = board.connect()
-        vms, plans = {}, {}
+        libraries, plans = {}, {}
         for case, budgets in _budget_cases(problem).items():
             for kind, objective in (("ohq", "latency"), ("bops", "bops")):
                 plan = solve(problem, objective, budgets)
-                library = Path(scratch) / f"{len(vms)}.so"
+                library = Path(scratch) / f"{name}_{len(libraries)}.so"
                 mod = ApplyPlan(plan, calibration)(imported.mod)
                 build_executable(mod, spec).export_library(str(library))
-                vms[(case, kind)] = session.load_vm(library)
+                libraries[(case, kind)] = library
                 plans[(case, kind)] = plan
-        raw = {key: [] for key in vms}
-        for _ in range(repeats):  # interleaved: every plan once per round
-            for key, vm in vms.items():
-                raw[key].append(
-                    vm.time([x], repeat=TIMING.repeat, min_repeat_ms=TIMING.min_repeat_ms).median_ms
-                )
-        del vms, session
+        # Interleaved rounds (every plan once per round), each timing once the board is quiet.
+        timed = time_whole_models(
+            board,
+            spec,
+            libraries,
+            imported,
+            TIMING.repeat,
+            TIMING.min_repeat_ms,
+            measurer.gate,
+            rounds=repeats,
+        )
     for case in dict.fromkeys(c for c, _ in plans):
         row = {}
         for kind in ("ohq", "bops"):
             plan = plans[(case, kind)]
             row[kind] = {
-                "measured_ms": statistics.median(raw[(case, kind)]),
-                "raw_ms": raw[(case, kind)],
+                "measured_ms": timed[(case, kind)].median_ms,
+                "raw_ms": list(timed[(case, kind)].repeats_ms),
                 "predicted": plan.predicted,
                 "counts": plan.counts(),
                 "assignments": {k: v.value for k, v in plan.assignments.items()},
@@ -140,7 +146,9 @@ def main() -> None:
         "Same ILP, same sensitivity (MQE, synthetic data) and size budgets; only the cost differs. "
         f"Candidates: {', '.join(p.value for p in candidates)}. "
         "Both plans built with real integer kernels (zero-budget schedule) and timed on the board, "
-        f"median of {args.repeats} interleaved rounds.",
+        f"median over {args.repeats} interleaved rounds of {TIMING.repeat} timings each, every timing "
+        "taken once the board is quiet (canary gate). Predicted: the operators measured alone, scaled by "
+        "per-precision in-model factors from the uniform plans timed whole.",
         "",
         "| model | budgets | OHQ plan | OHQ ms (predicted) | BOPs plan | BOPs ms (predicted) | BOPs / OHQ |",
         "|---|---|---|---|---|---|---|",
