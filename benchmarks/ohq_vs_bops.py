@@ -34,7 +34,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
-from ohq_tvm.oqa.in_model import measured_scales, time_whole_models
+from ohq_tvm.oqa.in_model import measured_scales, time_with_measurer
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
@@ -95,16 +95,7 @@ def bench(
                 libraries[(case, kind)] = library
                 plans[(case, kind)] = plan
         # Interleaved rounds (every plan once per round), each timing once the board is quiet.
-        timed = time_whole_models(
-            board,
-            spec,
-            libraries,
-            imported,
-            TIMING.repeat,
-            TIMING.min_repeat_ms,
-            measurer.gate,
-            rounds=repeats,
-        )
+        timed = time_with_measurer(measurer, libraries, imported, rounds=repeats)
     for case in dict.fromkeys(c for c, _ in plans):
         row = {}
         for kind in ("ohq", "bops"):

@@ -42,7 +42,7 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
 from ohq_tvm.oqa.cost import plan_latency
-from ohq_tvm.oqa.in_model import measured_scales, time_whole_models
+from ohq_tvm.oqa.in_model import measured_scales, time_with_measurer
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
 from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
@@ -101,16 +101,7 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
             libraries[label] = Path(scratch) / f"{name}_{index}.so"
             build_executable(mod, spec).export_library(str(libraries[label]))
         # Timed like the uniform plans above: interleaved rounds, each once the board is quiet.
-        timed = time_whole_models(
-            board,
-            spec,
-            libraries,
-            imported,
-            TIMING.repeat,
-            TIMING.min_repeat_ms,
-            measurer.gate,
-            rounds=repeats,
-        )
+        timed = time_with_measurer(measurer, libraries, imported, rounds=repeats)
     rows = {}
     for label, assignments in plans.items():
         parts = plan_latency(workloads, assignments, latencies)

@@ -103,7 +103,7 @@ def channel_targets(imported: ImportedModel) -> list[ChannelTarget]:
 
 
 @relax.expr_functor.mutator
-class ClipAsMinMax(relax.PyExprMutator):
+class _ClipAsMinMax(relax.PyExprMutator):
     """``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)``: Relax differentiates those, not clip."""
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -163,18 +163,33 @@ def statistics_loss_module(imported: ImportedModel, targets: Sequence[ChannelTar
                 loss = bb.emit(relax.op.add(loss, term))
             output = bb.emit_output(loss)
         bb.emit_func_output(output)
-    mod = bb.get()
-    mod = tvm.IRModule({"main": ClipAsMinMax().visit_expr(mod["main"])})
-    # BNs the import could not fold as arithmetic (Relax has no gradient for batch_norm itself).
+    return with_input_gradient(
+        bb.get(), "distilled data needs the gradient of every operator before the last BatchNormalization"
+    )
+
+
+def with_input_gradient(mod: tvm.IRModule, requirement: str) -> tvm.IRModule:
+    """``mod``, whose ``main`` returns a scalar loss of its first parameter, with ``main_adjoint``
+    returning ``(loss, (dloss/dinput,))`` from Relax's automatic differentiation. Clips become
+    min/max and BatchNormalizations arithmetic first (Relax differentiates neither). Raises
+    :class:`OHQError` starting with ``requirement`` when an operator has no gradient."""
+    mod = tvm.IRModule({"main": _ClipAsMinMax().visit_expr(mod["main"])})
     mod = relax.transform.DecomposeOpsForInference()(relax.transform.Normalize()(mod))
     try:
         return relax.transform.Gradient("main", require_grads=[mod["main"].params[0]])(mod)
     except Exception as err:  # TVM raises builtin types for an operator without a gradient
         lines = str(err).strip().splitlines()
-        raise OHQError(
-            "distilled data needs the gradient of every operator before the last BatchNormalization: "
-            f"{lines[-1] if lines else type(err).__name__}; use gaussian synthetic data instead"
-        ) from err
+        reason = lines[-1] if lines else type(err).__name__
+        raise OHQError(f"{requirement}: {reason}; use gaussian synthetic data instead") from err
+
+
+def host_functions(mod: tvm.IRModule):
+    """``mod`` built for this machine (the default CPU schedule), as a VM whose functions take tensors."""
+    from .board.threads import host_vm
+    from .build.module import build_executable
+    from .targets import resolve_target
+
+    return host_vm(build_executable(mod, resolve_target("host")))
 
 
 def distillable(imported: ImportedModel) -> bool:
@@ -202,14 +217,8 @@ def distilled_batches(
     ``learning_rate`` (decaying along a cosine). ``progress(done, total)`` is called after each step.
     Raises :class:`OHQError` as :func:`statistics_loss_module` does.
     """
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
     (spec,) = imported.inputs
-    mod = statistics_loss_module(imported, channel_targets(imported))
-    vm = host_vm(build_executable(mod, resolve_target("host")))
-    step = vm["main_adjoint"]
+    step = host_functions(statistics_loss_module(imported, channel_targets(imported)))["main_adjoint"]
 
     def gradient(_index: int, image: np.ndarray) -> np.ndarray:
         _loss, (grad,) = step(tvm.runtime.tensor(image))
@@ -249,23 +258,19 @@ def adam_descent(
 
 def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> float:
     """The distillation loss of one input (for checks: distilled data should score far below noise)."""
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
-    mod = statistics_loss_module(imported, channel_targets(imported))
-    vm = host_vm(build_executable(mod, resolve_target("host")))
+    vm = host_functions(statistics_loss_module(imported, channel_targets(imported)))
     (spec,) = imported.inputs
     return float(vm["main"](tvm.runtime.tensor(np.asarray(batch[spec.name], np.float32))).numpy())
 
 
 __all__ = [
     "ChannelTarget",
-    "ClipAsMinMax",
     "adam_descent",
     "channel_targets",
     "distillable",
     "distilled_batches",
+    "host_functions",
     "statistics_loss",
     "statistics_loss_module",
+    "with_input_gradient",
 ]

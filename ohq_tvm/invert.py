@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .distill import ITERATIONS, LEARNING_RATE, ClipAsMinMax, adam_descent
+from .distill import ITERATIONS, LEARNING_RATE, adam_descent, host_functions, with_input_gradient
 from .errors import OHQError
 from .frontend import ImportedModel
 
@@ -88,17 +88,7 @@ def inversion_loss_module(imported: ImportedModel) -> tvm.IRModule:
                 loss = bb.emit(relax.op.add(loss, relax.op.multiply(smooth, relax.const(TV_WEIGHT))))
             output = bb.emit_output(loss)
         bb.emit_func_output(output)
-    mod = bb.get()
-    mod = tvm.IRModule({"main": ClipAsMinMax().visit_expr(mod["main"])})
-    mod = relax.transform.DecomposeOpsForInference()(relax.transform.Normalize()(mod))
-    try:
-        return relax.transform.Gradient("main", require_grads=[mod["main"].params[0]])(mod)
-    except Exception as err:  # TVM raises builtin types for an operator without a gradient
-        lines = str(err).strip().splitlines()
-        raise OHQError(
-            "inverted data needs the gradient of every operator in the model: "
-            f"{lines[-1] if lines else type(err).__name__}; use gaussian synthetic data instead"
-        ) from err
+    return with_input_gradient(bb.get(), "inverted data needs the gradient of every operator in the model")
 
 
 def invertible(imported: ImportedModel) -> bool:
@@ -138,14 +128,9 @@ def inverted_batches(
     (decaying along a cosine). ``progress(done, total)`` is called after each step. Raises
     :class:`OHQError` as :func:`inversion_loss_module` does.
     """
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
     (spec,) = imported.inputs
     classes = class_count(imported)
-    vm = host_vm(build_executable(inversion_loss_module(imported), resolve_target("host")))
-    step = vm["main_adjoint"]
+    step = host_functions(inversion_loss_module(imported))["main_adjoint"]
     targets = [tvm.runtime.tensor(_onehot(labels, classes)) for labels in target_classes(imported, count)]
 
     def gradient(index: int, image: np.ndarray) -> np.ndarray:
@@ -160,11 +145,7 @@ def inverted_batches(
 
 def inversion_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray], labels: np.ndarray) -> float:
     """The inversion loss of one input for the given class of each row (for checks)."""
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
-    vm = host_vm(build_executable(inversion_loss_module(imported), resolve_target("host")))
+    vm = host_functions(inversion_loss_module(imported))
     (spec,) = imported.inputs
     onehot = _onehot(np.asarray(labels), class_count(imported))
     x = tvm.runtime.tensor(np.asarray(batch[spec.name], np.float32))

@@ -19,6 +19,8 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.targets import resolve_target
 
+from testing_support import assert_input_gradient_is_right
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -78,24 +80,8 @@ def test_loss_equals_the_statistics_of_onnx_runtime_bn_outputs(tiny, folded):
 def test_gradient_matches_finite_differences(tiny):
     mod = statistics_loss_module(tiny, channel_targets(tiny))
     vm = relax.VirtualMachine(build_executable(mod, resolve_target("host")), tvm.cpu())
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((1, 3, 32, 32))
-    loss, (gradient,) = vm["main_adjoint"](tvm.runtime.tensor(x.astype(np.float32)))
-    # Half along the gradient (a derivative well above float32 noise), half a random direction.
-    grad = gradient.numpy().astype(np.float64)
-    noise = rng.standard_normal(x.shape)
-    direction = grad / np.linalg.norm(grad) + noise / np.linalg.norm(noise)
-    direction /= np.linalg.norm(direction)
-    step = 1e-2
-
-    def at(point):
-        return float(vm["main"](tvm.runtime.tensor(point.astype(np.float32))).numpy())
-
-    assert float(loss.numpy()) == pytest.approx(at(x), rel=1e-6)
-    numeric = (at(x + step * direction) - at(x - step * direction)) / (2 * step)
-    analytic = float((grad * direction).sum())
-    assert analytic > 1e-2
-    assert numeric == pytest.approx(analytic, rel=0.03)
+    x = np.random.default_rng(8).standard_normal((1, 3, 32, 32))
+    assert_input_gradient_is_right(vm, x)
 
 
 def test_distillation_brings_the_statistics_close_and_is_deterministic(tiny):

@@ -10,7 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pytest
 import tvm
 from tvm import relax
 
@@ -121,3 +123,24 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> Non
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for word in words:
         assert word in lines[0], lines[0]
+
+
+def assert_input_gradient_is_right(vm, x: np.ndarray, *args, seed: int = 8) -> None:
+    """``vm["main_adjoint"](x, *args)`` against ``vm["main"]``: the same loss, and a derivative matching
+    central finite differences along a direction half the gradient (a derivative well above float32
+    noise), half random."""
+
+    def at(point: np.ndarray) -> float:
+        return float(vm["main"](tvm.runtime.tensor(point.astype(np.float32)), *args).numpy())
+
+    loss, (gradient,) = vm["main_adjoint"](tvm.runtime.tensor(x.astype(np.float32)), *args)
+    grad = gradient.numpy().astype(np.float64)
+    noise = np.random.default_rng(seed).standard_normal(x.shape)
+    direction = grad / np.linalg.norm(grad) + noise / np.linalg.norm(noise)
+    direction /= np.linalg.norm(direction)
+    step = 1e-2
+    assert float(loss.numpy()) == pytest.approx(at(x), rel=1e-6)
+    numeric = (at(x + step * direction) - at(x - step * direction)) / (2 * step)
+    analytic = float((grad * direction).sum())
+    assert analytic > 1e-2
+    assert numeric == pytest.approx(analytic, rel=0.03)

@@ -234,6 +234,23 @@ def measured_scales(
     )
 
 
+def time_with_measurer(
+    measurer, libraries: Mapping[K, Path], imported: ImportedModel, rounds: int = ROUNDS
+) -> dict[K, LatencyStats]:
+    """:func:`time_whole_models` on the board, with the timing and quiet gate of the
+    :class:`~.measure.Measurer` that measured the parts (so wholes and parts are timed alike)."""
+    return time_whole_models(
+        measurer.board,
+        measurer.spec,
+        libraries,
+        imported,
+        measurer.timing.repeat,
+        measurer.timing.min_repeat_ms,
+        measurer.gate,
+        rounds=rounds,
+    )
+
+
 def time_whole_models(
     board: Board,
     spec,
@@ -283,5 +300,6 @@ __all__ = [
     "model_key",
     "time_uniform_plans",
     "time_whole_models",
+    "time_with_measurer",
     "uniform_precisions",
 ]
