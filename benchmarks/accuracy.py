@@ -13,7 +13,8 @@ by minmax, percentile and entropy on:
   evaluates the photos of the other parity, so every view is judged by a module that never saw its photo;
 - synthetic data (no data at all): ``gaussian`` (the package's default), ``uniform``, ``matched``
   where the model's first conv feeds a BatchNormalization, and ``distilled`` (inputs optimised until every
-  BatchNormalization sees its training statistics; made once per model, shared by the three methods).
+  BatchNormalization sees its training statistics) and ``inverted`` (inputs the classifier assigns to
+  each class in turn); those two made once per model, shared by the three methods.
 
 Compared with fp32 TVM (the reference; torch and ONNX Runtime fp32 as sanity checks), ONNX Runtime running
 ohq-tvm's QDQ export of each plan (same ranges, ORT's kernels), and ONNX Runtime's own static int8
@@ -57,6 +58,7 @@ from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate, synthetic_data
 from ohq_tvm.distill import distillable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.input_stats import matched_input_statistics
+from ohq_tvm.invert import invertible
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import CALIBRATION_METHODS, Plan
@@ -179,7 +181,7 @@ def bench(name: str, scratch: Path, board, evaluation: Evaluation) -> dict:
     add("onnxruntime fp32", "–", None, ort_fp32, max_abs_logit_diff=float(np.abs(ort_fp32 - fp32).max()))
 
     skipped = {}
-    distilled: list[dict[str, np.ndarray]] = []
+    optimised: dict[str, list[dict[str, np.ndarray]]] = {}  # distilled / inverted data, made once
     for source in evaluation.folds:
         kind = source.removeprefix("synthetic:") if source.startswith("synthetic:") else None
         if kind == "matched":
@@ -191,16 +193,19 @@ def bench(name: str, scratch: Path, board, evaluation: Evaluation) -> dict:
         if kind == "distilled" and not distillable(imported):
             skipped[source] = "no BatchNormalization statistics to distil from"
             continue
+        if kind == "inverted" and not invertible(imported):
+            skipped[source] = "not a classifier Relax can differentiate"
+            continue
         for method in CALIBRATION_METHODS:
             seconds = {"calibrate": 0.0, "build": 0.0}
             ranges = []
 
             def tvm_int8(batches, method=method, kind=kind, seconds=seconds, ranges=ranges) -> list[Runner]:
                 t0 = time.perf_counter()
-                if batches is None and kind == "distilled":
-                    if not distilled:  # the same data for every method: made once
-                        distilled.extend(synthetic_data(imported, SYNTHETIC_BATCHES, kind))
-                    calibration = calibrate(imported, method, samples=distilled)
+                if batches is None and kind in ("distilled", "inverted"):
+                    if kind not in optimised:  # the same data for every method: made once
+                        optimised[kind] = synthetic_data(imported, SYNTHETIC_BATCHES, kind)
+                    calibration = calibrate(imported, method, samples=optimised[kind])
                 elif batches is None:
                     calibration = calibrate(imported, method, num_samples=SYNTHETIC_BATCHES, synthetic=kind)
                 else:
