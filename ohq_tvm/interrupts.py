@@ -4,7 +4,9 @@ A ``KeyboardInterrupt`` raised while Python code runs inside a call from TVM's C
 schedule rules run inside ``relax.build``'s pipeline) comes back out of the FFI as a bare ``RuntimeError``
 with no message, which code catching a failed build or a failed board step would take for one. While
 :func:`watch_interrupts` is active, SIGINT also sets a flag, and those ``except`` paths call
-:func:`reraise_interrupt` first, so an interrupted run stops instead of recording a failure.
+:func:`reraise_interrupt` first, so an interrupted run stops instead of recording a failure. A SIGINT
+that lands in a finalizer (TVM deletes its temporary folders in ``__del__``) is dropped by Python with a
+printed warning; long loops call :func:`reraise_interrupt` between steps so the run still stops.
 """
 
 from __future__ import annotations

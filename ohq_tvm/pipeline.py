@@ -38,6 +38,7 @@ from .build.fidelity import Fidelity, agreement_failure, check_fidelity, describ
 from .calibration import Calibration
 from .errors import BoardError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
+from .interrupts import reraise_interrupt
 from .jsonfile import write_json
 from .plan import Plan, PlanError
 from .planner import PlanningResult, default_sensitivity_cache, plan_model
@@ -172,6 +173,7 @@ def compile_model(
 
     def stage(name: str, started: float) -> None:
         seconds[name] = round(time.perf_counter() - started, 3)
+        reraise_interrupt()  # one swallowed by a finalizer (see oqa.measure) stops the run here
 
     board = target if isinstance(target, BoardSpec) else resolve_target(target)
     wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)

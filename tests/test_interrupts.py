@@ -1,4 +1,5 @@
-"""Ctrl-C inside a TVM callback: TVM hands it back as a bare RuntimeError; the flag keeps it an interrupt."""
+"""Ctrl-C inside a TVM callback (TVM hands it back as a bare RuntimeError) or a finalizer (Python drops it):
+the flag keeps it an interrupt."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import time
 import pytest
 import tvm
 
+from ohq_tvm import Precision, models
+from ohq_tvm.frontend import load_onnx
 from ohq_tvm.interrupts import reraise_interrupt, watch_interrupts
+from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa.measure import _Run
+from ohq_tvm.passes import AnnotateCandidates
+from ohq_tvm.targets import resolve_target
 
 
 def _interrupted_inside_tvm() -> None:
@@ -44,3 +51,45 @@ def test_a_failed_build_without_an_interrupt_stays_a_failure():
         except ValueError:
             reraise_interrupt()
             raise
+
+
+class _Finalizer:
+    """Sends SIGINT from its ``__del__``: the handler's KeyboardInterrupt is raised there, and Python
+    only prints an exception raised in a finalizer (as when TVM deletes a temporary folder)."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)
+
+
+def _interrupt_swallowed_by_a_finalizer() -> None:
+    _Finalizer()  # deleted at once
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt
+def test_an_interrupt_swallowed_by_a_finalizer_is_still_remembered():
+    with watch_interrupts():
+        _interrupt_swallowed_by_a_finalizer()  # returns: the KeyboardInterrupt was dropped
+        with pytest.raises(KeyboardInterrupt):
+            reraise_interrupt()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_measuring_stops_after_an_interrupt_a_finalizer_swallowed(tmp_path, loopback_board, monkeypatch):
+    imported = load_onnx(models.conv_model(channels=8, size=8))
+    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
+    workloads = extract_workloads(annotated).unique()
+    submit = _Run.submit
+
+    def submit_then_interrupt(self, workload, path):
+        submit(self, workload, path)
+        _interrupt_swallowed_by_a_finalizer()
+
+    monkeypatch.setattr(_Run, "submit", submit_then_interrupt)
+    timing = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
+    with LatencyDatabase(tmp_path / "m.sqlite") as db, watch_interrupts():
+        measurer = Measurer(loopback_board, resolve_target("host"), db, timing=timing)
+        with pytest.raises(KeyboardInterrupt):
+            measurer.run(workloads)
+        # Stopped after the first operator, not after all of them.
+        assert len(db.missing(measurer.fingerprint, measurer.schedule, workloads)) >= len(workloads) - 1

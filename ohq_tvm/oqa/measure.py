@@ -236,10 +236,14 @@ class Measurer:
                 for start in range(0, len(pending), count):
                     for index, workload in enumerate(pending[start : start + count], start):
                         run.submit(workload, Path(scratch) / f"{index}_{workload.key}.so")
+                        # A Ctrl-C that landed in a finalizer (TVM's temporary folders are deleted in
+                        # __del__, where Python drops exceptions) was swallowed: stop here instead.
+                        reraise_interrupt()
                         if run.aborted is not None:
                             break
                     if not overlap or run.aborted is not None:
                         run.queue.join()
+                    reraise_interrupt()
                     if run.aborted is not None:
                         break
                 run.queue.join()
