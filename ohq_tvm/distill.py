@@ -217,32 +217,33 @@ def distilled_batches(
     ``learning_rate`` (decaying along a cosine). ``progress(done, total)`` is called after each step.
     Raises :class:`OHQError` as :func:`statistics_loss_module` does.
     """
-    (spec,) = imported.inputs
     step = host_functions(statistics_loss_module(imported, channel_targets(imported)))["main_adjoint"]
 
     def gradient(_index: int, image: np.ndarray) -> np.ndarray:
         _loss, (grad,) = step(tvm.runtime.tensor(image))
         return grad.numpy()
 
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((count, *spec.shape)).astype(np.float32)
-    adam_descent(gradient, images, iterations, learning_rate, progress)
-    return [{spec.name: images[i]} for i in range(count)]
+    return optimised_inputs(imported, count, gradient, iterations, learning_rate, seed, progress)
 
 
-def adam_descent(
+def optimised_inputs(
+    imported: ImportedModel,
+    count: int,
     gradient: Callable[[int, np.ndarray], np.ndarray],
-    images: np.ndarray,
     iterations: int,
     learning_rate: float,
+    seed: int,
     progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Move each ``images[i]`` in place by ``iterations`` Adam steps along ``gradient(i, images[i])``,
-    the step size decaying from ``learning_rate`` along a cosine; ``progress(done, total)`` after each
-    step (``total`` = images x iterations)."""
+) -> list[dict[str, np.ndarray]]:
+    """``count`` batches for the model's single input, each starting as standard-normal noise
+    (``seed``) and moved by ``iterations`` Adam steps along ``gradient(i, input_i)``, the step size
+    decaying from ``learning_rate`` along a cosine; ``progress(done, total)`` after each step
+    (``total`` = count x iterations)."""
+    (spec,) = imported.inputs
+    images = np.random.default_rng(seed).standard_normal((count, *spec.shape)).astype(np.float32)
     beta1, beta2 = _ADAM_BETAS
-    total = len(images) * iterations
-    for index in range(len(images)):
+    total = count * iterations
+    for index in range(count):
         first, second = np.zeros_like(images[index]), np.zeros_like(images[index])
         for it in range(iterations):
             grad = gradient(index, images[index])
@@ -254,6 +255,7 @@ def adam_descent(
             images[index] -= rate * corrected / spread
             if progress is not None:
                 progress(index * iterations + it + 1, total)
+    return [{spec.name: images[i]} for i in range(count)]
 
 
 def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) -> float:
@@ -265,11 +267,11 @@ def statistics_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray]) ->
 
 __all__ = [
     "ChannelTarget",
-    "adam_descent",
     "channel_targets",
     "distillable",
     "distilled_batches",
     "host_functions",
+    "optimised_inputs",
     "statistics_loss",
     "statistics_loss_module",
     "with_input_gradient",

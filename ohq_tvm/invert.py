@@ -22,7 +22,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .distill import ITERATIONS, LEARNING_RATE, adam_descent, host_functions, with_input_gradient
+from .distill import ITERATIONS, LEARNING_RATE, host_functions, optimised_inputs, with_input_gradient
 from .errors import OHQError
 from .frontend import ImportedModel
 
@@ -128,7 +128,6 @@ def inverted_batches(
     (decaying along a cosine). ``progress(done, total)`` is called after each step. Raises
     :class:`OHQError` as :func:`inversion_loss_module` does.
     """
-    (spec,) = imported.inputs
     classes = class_count(imported)
     step = host_functions(inversion_loss_module(imported))["main_adjoint"]
     targets = [tvm.runtime.tensor(_onehot(labels, classes)) for labels in target_classes(imported, count)]
@@ -137,10 +136,7 @@ def inverted_batches(
         _loss, (grad,) = step(tvm.runtime.tensor(image), targets[index])
         return grad.numpy()
 
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((count, *spec.shape)).astype(np.float32)
-    adam_descent(gradient, images, iterations, learning_rate, progress)
-    return [{spec.name: images[i]} for i in range(count)]
+    return optimised_inputs(imported, count, gradient, iterations, learning_rate, seed, progress)
 
 
 def inversion_loss(imported: ImportedModel, batch: Mapping[str, np.ndarray], labels: np.ndarray) -> float:

@@ -8,7 +8,7 @@ from ohq_tvm import Precision, models
 from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError
 from ohq_tvm.frontend import load_onnx
-from ohq_tvm.oqa import LatencyDatabase, TimingConfig, extract_workloads
+from ohq_tvm.oqa import LatencyDatabase, extract_workloads
 from ohq_tvm.oqa import in_model as in_model_module
 from ohq_tvm.oqa.cost import plan_latency
 from ohq_tvm.oqa.in_model import SCALE_BOUNDS, InModelScales, UniformRun, model_key, uniform_precisions
@@ -17,7 +17,8 @@ from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
 
-FAST = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
+from testing_support import FAST_TIMING
+
 HOST = resolve_target("host")
 BOTH = [Precision.FP32, Precision.INT8]
 
@@ -103,7 +104,7 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
     imported = load_onnx(models.tiny_cnn())
     db_path = tmp_path / "m.sqlite"
     messages = []
-    common = dict(board=loopback_board, database=db_path, precisions=BOTH, timing=FAST)
+    common = dict(board=loopback_board, database=db_path, precisions=BOTH, timing=FAST_TIMING)
 
     # The board fails while timing the whole models: the operators stay stored, no whole-model row is.
     real = in_model_module.time_whole_models
@@ -128,7 +129,7 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
         for precision in BOTH:
             stored = db.model_run(fingerprint, model_key(imported), schedule, precision.value)
             assert stored is not None and stored.median_ms == scales.runs[precision].measured_ms
-            assert len(stored.repeats_ms) == in_model_module.ROUNDS * FAST.repeat
+            assert len(stored.repeats_ms) == in_model_module.ROUNDS * FAST_TIMING.repeat
     layers = list(measured.workloads.layers)
     for precision, run in scales.runs.items():
         parts = run.layers_ms + run.other_ms

@@ -10,13 +10,12 @@ import time
 import pytest
 import tvm
 
-from ohq_tvm import Precision, models
-from ohq_tvm.frontend import load_onnx
 from ohq_tvm.interrupts import reraise_interrupt, watch_interrupts
-from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa import LatencyDatabase, Measurer
 from ohq_tvm.oqa.measure import _Run
-from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.targets import resolve_target
+
+from testing_support import FAST_TIMING, fp32_int8_workloads
 
 
 def _interrupted_inside_tvm() -> None:
@@ -76,9 +75,7 @@ def test_an_interrupt_swallowed_by_a_finalizer_is_still_remembered():
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_measuring_stops_after_an_interrupt_a_finalizer_swallowed(tmp_path, loopback_board, monkeypatch):
-    imported = load_onnx(models.conv_model(channels=8, size=8))
-    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
-    workloads = extract_workloads(annotated).unique()
+    workloads = fp32_int8_workloads()
     submit = _Run.submit
 
     def submit_then_interrupt(self, workload, path):
@@ -86,9 +83,8 @@ def test_measuring_stops_after_an_interrupt_a_finalizer_swallowed(tmp_path, loop
         _interrupt_swallowed_by_a_finalizer()
 
     monkeypatch.setattr(_Run, "submit", submit_then_interrupt)
-    timing = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
     with LatencyDatabase(tmp_path / "m.sqlite") as db, watch_interrupts():
-        measurer = Measurer(loopback_board, resolve_target("host"), db, timing=timing)
+        measurer = Measurer(loopback_board, resolve_target("host"), db, timing=FAST_TIMING)
         with pytest.raises(KeyboardInterrupt):
             measurer.run(workloads)
         # Stopped after the first operator, not after all of them.

@@ -9,18 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from ohq_tvm import Precision, models
+from ohq_tvm import models
 from ohq_tvm.board import LoopbackBoard, TrackerBoard
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError, OHQError
-from ohq_tvm.frontend import load_onnx
-from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
+from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig
 from ohq_tvm.oqa.measure import MIN_REPEAT_ENV, QUIET_WAIT_ENV, REPEAT_ENV, schedule_label
-from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.targets import resolve_target
 
-FAST = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
+from testing_support import FAST_TIMING, fp32_int8_workloads
+
 HOST = resolve_target("host")
 
 
@@ -43,14 +42,8 @@ def test_timing_defaults_come_from_the_environment_and_bad_values_are_clear(monk
         TimingConfig()
 
 
-def _workloads(model=None):
-    imported = load_onnx(model or models.conv_model(channels=8, size=8))
-    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
-    return extract_workloads(annotated).unique()
-
-
 def test_database_keeps_results_and_never_overwrites_success_with_failure(tmp_path):
-    (workload, other, *_) = _workloads()
+    (workload, other, *_) = fp32_int8_workloads()
     path = tmp_path / "m.sqlite"
     with LatencyDatabase(path) as db:
         db.add_board("fp", "board", {"key": "k"})
@@ -81,35 +74,35 @@ def test_database_refuses_a_file_that_is_not_one(tmp_path):
 
 
 def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_board, tmp_path):
-    workloads = _workloads()
+    workloads = fp32_int8_workloads()
     events = []
     with LatencyDatabase(tmp_path / "m.sqlite") as db:
-        summary = Measurer(loopback_board, HOST, db, timing=FAST).run(workloads, events.append)
+        summary = Measurer(loopback_board, HOST, db, timing=FAST_TIMING).run(workloads, events.append)
         counts = (summary.total, summary.measured, summary.reused, summary.failed)
         assert counts == (len(workloads), len(workloads), 0, {})
         assert [e.done for e in events] == list(range(1, len(workloads) + 1))
         stored = db.latencies(summary.fingerprint, schedule_label("default"))
         assert set(stored) == {w.key for w in workloads}
         assert all(0 < ms < 1000 for ms in stored.values())
-        again = Measurer(loopback_board, HOST, db, timing=FAST).run(workloads)
+        again = Measurer(loopback_board, HOST, db, timing=FAST_TIMING).run(workloads)
         assert (again.measured, again.reused) == (0, len(workloads))
         assert again.fingerprint == summary.fingerprint
         # Another model with the same operators (here: other weights) reuses every row.
-        retrained = _workloads(models.conv_model(channels=8, size=8, seed=3))
-        third = Measurer(loopback_board, HOST, db, timing=FAST).run(retrained)
+        retrained = fp32_int8_workloads(models.conv_model(channels=8, size=8, seed=3))
+        third = Measurer(loopback_board, HOST, db, timing=FAST_TIMING).run(retrained)
         assert (third.measured, third.reused) == (0, len(workloads))
 
 
 def test_two_servers_under_one_key_both_measure(tmp_path):
-    workloads = _workloads()
+    workloads = fp32_int8_workloads()
     with LoopbackBoard(key="pair", num_servers=2) as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
-        summary = Measurer(board, HOST, db, timing=FAST).run(workloads)
+        summary = Measurer(board, HOST, db, timing=FAST_TIMING).run(workloads)
     assert summary.measured == len(workloads)
     assert len(summary.workers) == 2 and all(count > 0 for count in summary.workers.values())
 
 
 def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
-    workloads = _workloads()[:3]  # one timed before the kill, one during it, one after
+    workloads = fp32_int8_workloads()[:3]  # one timed before the kill, one during it, one after
     # Long repeats so that the kill, 1 s after the first result, lands while the next one is being timed.
     slow = TimingConfig(repeat=2, min_repeat_ms=1500, warmup=0)
     events = []
@@ -143,7 +136,7 @@ def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
 
 
 def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_path):
-    workloads = _workloads()
+    workloads = fp32_int8_workloads()
     with (
         LoopbackBoard(key="gone", wait_for_server_s=1) as board,
         LatencyDatabase(tmp_path / "m.sqlite") as db,
@@ -165,12 +158,12 @@ def test_an_unreachable_tracker_fails_fast(tmp_path):
     board = TrackerBoard("127.0.0.1", _free_port("127.0.0.1"), "nobody")
     started = time.monotonic()
     with LatencyDatabase(tmp_path / "m.sqlite") as db, pytest.raises(BoardError, match="cannot reach"):
-        Measurer(board, HOST, db, timing=FAST).run(_workloads())
+        Measurer(board, HOST, db, timing=FAST_TIMING).run(fp32_int8_workloads())
     assert time.monotonic() - started < 10
 
 
 def test_a_hanging_session_is_cut_retried_then_stored_as_failed(tmp_path):
-    (workload, *_) = _workloads()
+    (workload, *_) = fp32_int8_workloads()
     # Each timing would take 4 s; the session may last 1 s: the board kills it, as it would a hang.
     hangs = TimingConfig(repeat=1, min_repeat_ms=4000, warmup=0, max_attempts=2, workload_timeout_s=1)
     started = time.monotonic()
@@ -183,10 +176,10 @@ def test_a_hanging_session_is_cut_retried_then_stored_as_failed(tmp_path):
 
 
 def test_a_budget_measures_what_the_latency_model_predicts_slowest(loopback_board, tmp_path):
-    history = _workloads(models.tiny_cnn())
-    new = _workloads(models.conv_model(channels=16, size=16))
+    history = fp32_int8_workloads(models.tiny_cnn())
+    new = fp32_int8_workloads(models.conv_model(channels=16, size=16))
     with LatencyDatabase(tmp_path / "m.sqlite") as db:
-        measurer = Measurer(loopback_board, HOST, db, timing=FAST)
+        measurer = Measurer(loopback_board, HOST, db, timing=FAST_TIMING)
         for workload in history:  # earlier rows of this board: time grows with MACs and tensor size
             ms = 0.001 + 1e-6 * workload.macs + 1e-6 * np.prod(workload.input_shape)
             db.record(measurer.fingerprint, workload, measurer.schedule, LatencyStats((ms,)))
@@ -202,7 +195,7 @@ def test_a_budget_measures_what_the_latency_model_predicts_slowest(loopback_boar
 
 
 def test_a_budget_without_history_measures_in_model_order(loopback_board, tmp_path):
-    new = _workloads()
+    new = fp32_int8_workloads()
     with LatencyDatabase(tmp_path / "m.sqlite") as db:
-        summary = Measurer(loopback_board, HOST, db, timing=FAST).run(new, budget=1)
+        summary = Measurer(loopback_board, HOST, db, timing=FAST_TIMING).run(new, budget=1)
     assert summary.measured == 1 and summary.predicted_ms == {}

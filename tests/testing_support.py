@@ -16,6 +16,11 @@ import pytest
 import tvm
 from tvm import relax
 
+from ohq_tvm import Precision, models
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.oqa import TimingConfig, extract_workloads
+from ohq_tvm.passes import AnnotateCandidates
+
 
 def tvm_exec_processes() -> set[int]:
     """PIDs of live (non-zombie) `python -m tvm.exec.*` processes on this machine."""
@@ -144,3 +149,15 @@ def assert_input_gradient_is_right(vm, x: np.ndarray, *args, seed: int = 8) -> N
     analytic = float((grad * direction).sum())
     assert analytic > 1e-2
     assert numeric == pytest.approx(analytic, rel=0.03)
+
+
+# Operator timings short enough for tests: 2 repeats of at least 5 ms after one warm-up run.
+FAST_TIMING = TimingConfig(repeat=2, min_repeat_ms=5, warmup=1)
+
+
+def fp32_int8_workloads(model=None) -> list:
+    """The unique workloads of ``model`` (default: an 8-channel 8x8 conv) with every layer's candidates
+    fp32 and int8."""
+    imported = load_onnx(model or models.conv_model(channels=8, size=8))
+    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
+    return extract_workloads(annotated).unique()
