@@ -20,10 +20,15 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "BoardConnection":
+        from .board import BoardConnection
+
+        return BoardConnection
     raise AttributeError(f"module 'ohq_tvm' has no attribute {name!r}")
 
 
 __all__ = [
+    "BoardConnection",
     "BoardError",
     "BuildError",
     "CompileResult",

@@ -12,6 +12,8 @@ from .cli_planning import (
     add_mqe_data_argument,
     add_planning_commands,
     board_arguments,
+    board_connection,
+    emulation_note,
     print_plan_table,
     tuning_arguments,
 )
@@ -67,9 +69,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             args.model,
             args.target,
             args.output,
-            tracker=args.tracker,
-            key=args.key,
-            server=args.server,
+            connection=board_connection(args),
             input_shapes=shapes,
             verify=not args.no_verify,
             schedule=args.schedule,
@@ -99,7 +99,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     if result.planning is not None:
-        print_plan_table(result.planning, measured_ms=result.measured_ms)
+        print_plan_table(result.planning, measured_ms=result.measured_ms, emulation=result.emulation)
     print(f"wrote {result.library_path} and {result.manifest_path}")
     if result.report_path is not None:
         print(f"report: {result.report_path} (Pareto plot {result.pareto_path})")
@@ -107,9 +107,52 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         latency = result.verification.latency
         timing = f", {latency.median_ms:.3f} ms median" if latency else ""
         reference = result.verification.reference_label
-        print(f"ok: ran on {result.verification.board} and matched {reference}{timing}")
+        print(
+            f"ok: ran on {result.verification.board} and matched {reference}{timing}"
+            + emulation_note(result.emulation)
+        )
     else:
         print(f"built, not verified: {result.skipped_verification}")
+    return 0
+
+
+def _cmd_board_emulate(args: argparse.Namespace) -> int:
+    import time
+
+    from .board import NOT_THE_BOARDS, EmulatedBoard
+    from .errors import BoardError
+    from .targets import resolve_target
+
+    if args.servers < 1:
+        raise BoardError(f"--servers must be at least 1, not {args.servers}")
+    spec = resolve_target(args.board)
+    board = EmulatedBoard(
+        spec, args.arm_runtime, key=args.key, num_servers=args.servers, tracker=args.tracker, cpu=args.cpu
+    )
+    with board:
+        print(
+            f"{spec.name} emulated by {args.servers} x `{board.emulation}`, key {board.key!r} at the RPC "
+            f"tracker {board.tracker_address} (127.0.0.1 only); {NOT_THE_BOARDS}",
+            flush=True,
+        )
+        print(
+            f"use it: ohq-tvm compile MODEL.onnx --target {spec.name} --tracker {board.tracker_address} "
+            f"--emulated{'' if args.key is None else f' --key {args.key}'} -o out/   (Ctrl-C stops it)",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(1.0)
+                for index, server in enumerate(board.server_processes):
+                    if not server.alive():  # a guest that crashed takes its server with it
+                        cause = board.explain_failure() or f"exit status {server.exit_code()}"
+                        print(f"server {index} died ({cause}); starting another", flush=True)
+                        board.server_processes.remove(server)
+                        board.start_server(index)
+                if board.tracker_process is not None and not board.tracker_process.alive():
+                    raise BoardError(f"the tracker of {board.label} died; emulated servers stopped")
+        except KeyboardInterrupt:
+            print("stopped", flush=True)
     return 0
 
 
@@ -206,6 +249,30 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(run=_cmd_compile)
 
     add_planning_commands(sub)
+
+    board = sub.add_parser("board", help="boards on this machine: emulate an aarch64 board")
+    board_sub = board.add_subparsers(dest="action", required=True)
+    emulate = board_sub.add_parser(
+        "emulate",
+        help="serve an aarch64 board emulated by qemu (its instructions and outputs are the board's, its "
+        "latencies are not) until Ctrl-C",
+    )
+    emulate.add_argument("board", help="board name or TOML (see `ohq-tvm targets`), e.g. rk3588")
+    emulate.add_argument(
+        "--tracker", help="register at this RPC tracker HOST:PORT (default: start one on 127.0.0.1)"
+    )
+    emulate.add_argument("--servers", type=int, default=1, help="RPC servers to start (default: 1)")
+    emulate.add_argument("--key", help="RPC key to register under (default: <board key>-emulated)")
+    emulate.add_argument(
+        "--cpu",
+        help="qemu core instead of the board's (e.g. cortex-a72, to see a module fail on an older core)",
+    )
+    emulate.add_argument(
+        "--arm-runtime",
+        metavar="DIR",
+        help="folder of TVM's RPC server built for aarch64 (default: $OHQ_TVM_ARM_RUNTIME)",
+    )
+    emulate.set_defaults(run=_cmd_board_emulate)
     return parser
 
 

@@ -14,13 +14,32 @@ def _board_options(args: argparse.Namespace) -> dict:
     from .frontend import parse_input_shapes
 
     return {
-        "tracker": args.tracker,
-        "key": args.key,
-        "server": args.server,
+        "connection": board_connection(args),
         "database": args.db,
         "precisions": [p for p in (args.precisions or "").split(",") if p] or None,
         "input_shapes": parse_input_shapes(args.input_shape or []),
     }
+
+
+def board_connection(args: argparse.Namespace):
+    """The :class:`~ohq_tvm.board.BoardConnection` of the board arguments (``--tracker``, ``--key``,
+    ``--server``, ``--emulated``, ``--arm-runtime``)."""
+    from .board import BoardConnection
+
+    return BoardConnection(
+        tracker=args.tracker,
+        key=args.key,
+        server=args.server,
+        emulated=args.emulated,
+        arm_runtime=args.arm_runtime,
+    )
+
+
+def emulation_note(emulation: str | None) -> str:
+    """What the CLI appends to a latency taken on an emulated board."""
+    from .board import NOT_THE_BOARDS
+
+    return f" ({NOT_THE_BOARDS}: {emulation})" if emulation else ""
 
 
 def _format_ms(value: float | None) -> str:
@@ -85,6 +104,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         f"glue (always fp32): {result.glue_ms():.4f} ms over {len(result.workloads.glue)} ops\n"
         f"board {summary.board} [{summary.fingerprint}]: measured {summary.measured}, reused "
         f"{summary.reused}, failed {len(summary.failed)}; database {result.database_path}"
+        + emulation_note(summary.emulation)
     )
     return 1 if summary.failed else 0
 
@@ -121,7 +141,7 @@ def _plan_budget(args: argparse.Namespace):
     return BudgetSpec.parse(text) if text else None
 
 
-def print_plan_table(result, measured_ms: float | None = None) -> None:
+def print_plan_table(result, measured_ms: float | None = None, emulation: str | None = None) -> None:
     """The chosen plan against its baselines."""
     rows = [
         ["plan", "latency ms", "weights MB", "sensitivity", "precisions"],
@@ -131,7 +151,10 @@ def print_plan_table(result, measured_ms: float | None = None) -> None:
     _print_table(rows)
     if measured_ms is not None:
         predicted = result.plan.predicted["latency_ms"]
-        print(f"chosen plan on the board: {measured_ms:.3f} ms measured, {predicted:.3f} ms predicted")
+        print(
+            f"chosen plan on the board: {measured_ms:.3f} ms measured, {predicted:.3f} ms predicted"
+            + emulation_note(emulation)
+        )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -185,9 +208,11 @@ def _cmd_db(args: argparse.Namespace) -> int:
                 print(f"{db.path}: empty")
             for board in boards:
                 device = board["description"].get("device", {})
+                emulated = board["description"].get("emulated")
                 print(
                     f"{board['fingerprint']}  {board['label']}  {board['rows']} rows  "
                     f"key={board['description'].get('key')}  cpu={device.get('cpu', '?')}"
+                    + (f"  emulated by {emulated}: latencies are not the board's" if emulated else "")
                 )
                 if args.verbose:
                     for m in db.measurements(board["fingerprint"]):
@@ -320,6 +345,19 @@ def board_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker", help="RPC tracker HOST:PORT (default: a loopback host board)")
     parser.add_argument("--key", help="RPC key of the board at the tracker (default: the target's)")
     parser.add_argument("--server", help="a single RPC server HOST:PORT, without a tracker")
+    parser.add_argument(
+        "--emulated",
+        action="store_true",
+        help="run on the board emulated on this machine (qemu-aarch64 with the board's core; its latencies "
+        "are not the board's); with --tracker, on emulated servers registered there (`ohq-tvm board "
+        "emulate`); the key defaults to <board key>-emulated",
+    )
+    parser.add_argument(
+        "--arm-runtime",
+        metavar="DIR",
+        help="--emulated: folder of TVM's RPC server built for aarch64 (tvm_rpc and its libtvm_*.so; "
+        "default: $OHQ_TVM_ARM_RUNTIME)",
+    )
     parser.add_argument(
         "--input-shape",
         action="append",

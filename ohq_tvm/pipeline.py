@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from .board import Board, open_board
+from .board import NOT_THE_BOARDS, Board, BoardConnection, open_board
 from .budget import BudgetSpec
 from .build import (
     FP32_TOLERANCE,
@@ -71,6 +71,7 @@ class CompileResult:
     failures: list[str] = field(default_factory=list)  # why verification failed, if it did
     report_path: Path | None = None
     pareto_path: Path | None = None
+    emulation: str | None = None  # what emulated the board it ran on: its latencies are not the board's
 
     @property
     def verified(self) -> bool:
@@ -93,9 +94,7 @@ def compile_model(
     target: str | BoardSpec = "host",
     out_dir: str | os.PathLike = "ohq-out",
     *,
-    tracker: str | None = None,
-    key: str | None = None,
-    server: str | None = None,
+    connection: BoardConnection | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify: bool = True,
     seed: int = 0,
@@ -125,10 +124,11 @@ def compile_model(
         model: path to an ``.onnx`` file or an ``onnx.ModelProto``.
         target: a board name, a board TOML path, a target triple, TVM target JSON, or a ``BoardSpec``.
         out_dir: receives ``model.so`` and ``manifest.json``.
-        tracker/key/server: where the board is (``host:port``); neither → the loopback host board.
+        connection: where the board is (a :class:`~ohq_tvm.board.BoardConnection`: tracker, server or
+            emulated); none → the loopback host board.
         input_shapes: static shapes for inputs with dynamic dimensions.
         verify: run on the board and compare with ONNX Runtime (skipped, with the reason recorded, when
-            the target's architecture differs from this machine's and no tracker/server is given).
+            the target's architecture differs from this machine's and the connection names no board).
         schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
         precision: every layer in this precision (a uniform plan); or
         plan: a :class:`Plan` or the path of its JSON; or
@@ -185,10 +185,10 @@ def compile_model(
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
-    remote_given = bool(tracker or server)
-    runs_here = remote_given or _can_run_locally(board)
+    connection = connection or BoardConnection()
+    runs_here = connection.remote or _can_run_locally(board)
     # One board serves measurement, MQE, tuning and verification (a loopback one starts on first use).
-    live = open_board(tracker, key, server, default_key=board.rpc_key) if runs_here else _NoBoard(board)
+    live = open_board(connection, board) if runs_here else _NoBoard(board)
     try:
         planning = None
         if wanted is not None:
@@ -269,13 +269,14 @@ def compile_model(
             qdq_path=rewritten.qdq_path if rewritten else None,
             tuning=tuned,
             planning=planning,
+            emulation=live.emulation,
         )
         if not verify:
             result.skipped_verification = "verification disabled"
         elif not runs_here:
             result.skipped_verification = (
                 f"no {board.name} board connected (this machine is {host_arch()}); "
-                f"pass --tracker HOST:PORT --key {board.rpc_key} to verify on the board"
+                f"pass --tracker HOST:PORT --key {board.rpc_key} to verify on the board, or --emulated"
             )
         else:
             started = time.perf_counter()
@@ -329,6 +330,8 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
         manifest["tuning"] = {"trials": trials, **result.tuning.to_json()}
     if result.verification is not None:
         manifest["verification"] = {**result.verification.to_json(), "failures": result.failures}
+        if result.emulation is not None:
+            manifest["verification"]["emulated"] = {"by": result.emulation, "note": NOT_THE_BOARDS}
     else:
         manifest["verification"] = {"skipped": result.skipped_verification}
     if result.fidelity:
@@ -350,7 +353,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
             out / "report.md",
             planning,
             model_label=str(result.imported.source),
-            board_label=result.verification.board if result.verification else result.board.name,
+            board_label=_board_label(result),
             budget=str(wanted),
             measured_ms=result.measured_ms,
             fidelity=manifest.get("fidelity"),
@@ -379,6 +382,11 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
     exported.write_manifest()
 
 
+def _board_label(result: CompileResult) -> str:
+    label = result.verification.board if result.verification else result.board.name
+    return f"{label} ({NOT_THE_BOARDS})" if result.emulation else label
+
+
 class _NoBoard(Board):
     """Stands in for a board of another architecture when no tracker is given: tuning that finds every
     task in the database never asks for it; anything that does gets an error naming the fix."""
@@ -387,7 +395,8 @@ class _NoBoard(Board):
         self.label = f"{spec.name} (not connected)"
         self.fix = (
             f"no {spec.name} board connected (this machine is {host_arch()}); candidates must be measured "
-            f"on the board: pass --tracker HOST:PORT --key {spec.rpc_key}"
+            f"on the board: pass --tracker HOST:PORT --key {spec.rpc_key} (or --emulated, whose latencies "
+            "are not the board's)"
         )
 
     def connect(self, session_timeout_s: float = 0):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from .board import Board, open_board
+from .board import Board, BoardConnection, open_board
 from .budget import BudgetSpec
 from .calibration import AUTO_SYNTHETIC, resolve_synthetic, synthetic_label
 from .errors import OHQError
@@ -43,9 +43,7 @@ def plan_model(
     model: str | os.PathLike | onnx.ModelProto | ImportedModel,
     target: str | BoardSpec = "host",
     *,
-    tracker: str | None = None,
-    key: str | None = None,
-    server: str | None = None,
+    connection: BoardConnection | None = None,
     database: str | os.PathLike | None = None,
     precisions: Sequence[Precision | str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -77,9 +75,10 @@ def plan_model(
     at least that many budgets (default: the budget's ``pareto=N``, else none). ``progress``: a
     :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an open
     :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
-    ``tracker``/``key``/``server``. ``whole_model`` (default): the uniform plans are also built whole and
-    timed on the board, and each precision's layer latencies scaled so that the sum of parts matches them
-    (:mod:`~ohq_tvm.oqa.in_model`); without it, plans are predicted from the parts as measured alone.
+    ``connection`` (default: the loopback host board). ``whole_model`` (default): the uniform plans are
+    also built whole and timed on the board, and each precision's layer latencies scaled so that the sum
+    of parts matches them (:mod:`~ohq_tvm.oqa.in_model`); without it, plans are predicted from the parts
+    as measured alone.
 
     Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency),
     :class:`~ohq_tvm.budget.BudgetError` for unreadable ones, and the errors of measurement and import.
@@ -93,7 +92,12 @@ def plan_model(
     # One board for measurement and MQE (a loopback one starts once, on first use).
     with contextlib.ExitStack() as stack:
         if board is None:
-            board = stack.enter_context(open_board(tracker, key, server, default_key=spec.rpc_key))
+            board = stack.enter_context(open_board(connection, spec))
+        if board.emulation is not None:
+            say(
+                f"warning: board {board.label} is emulated ({board.emulation}): the plan is chosen from "
+                "emulated latencies, which are not the board's"
+            )
         measurement = measure_model(
             imported,
             spec,

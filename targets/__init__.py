@@ -1,6 +1,7 @@
 """Board and target descriptions (one TOML per board) and the registry that reads them."""
 
 from .registry import (
+    EMULATED_CPUS,
     BoardSpec,
     board_from_mapping,
     builtin_board_names,
@@ -10,6 +11,7 @@ from .registry import (
 )
 
 __all__ = [
+    "EMULATED_CPUS",
     "BoardSpec",
     "board_from_mapping",
     "builtin_board_names",

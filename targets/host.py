@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
 _ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64", "armv7l": "arm", "armv7": "arm", "armhf": "arm"}
+_CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 KNOWN_ARCHES = {"x86_64", "aarch64", "arm", "i686", "riscv64"}
 
 
@@ -55,3 +57,22 @@ def dot_product() -> str | None:
 def has_native_fp16() -> bool:
     """fp16 arithmetic in hardware: AVX512-FP16 on x86, FEAT_FP16 (``asimdhp``) on ARM."""
     return bool(cpu_flags() & {"avx512_fp16", "asimdhp"})
+
+
+def host_cores() -> int:
+    """Physical cores this process may run on: logical CPUs in its affinity mask, counting SMT siblings
+    (CPUs sharing a ``core_id`` in one package, per Linux's sysfs topology) once. Where the topology is
+    not readable (not Linux), the logical CPU count."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cpus:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = _CPU_TOPOLOGY / f"cpu{cpu}" / "topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((package, core))
+    return max(1, len(cores))

@@ -11,14 +11,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ohq_tvm.board.threads import host_cores
 from ohq_tvm.errors import TargetError
 from ohq_tvm.precision import Precision
 
 from . import host as host_facts
+from .host import host_cores
 
 _TRIPLE = re.compile(r"^[a-z0-9_]+(-[a-z0-9_.]+){1,3}$")
 _ACCEPTED_FORMS = "a board name, a board TOML path, a target triple (aarch64-linux-gnu) or TVM target JSON"
+
+# The CPU models of Debian 12's qemu-aarch64 that an emulated board may use. Not "max": it turns on every
+# extension qemu knows (SVE, i8mm, ...), so code the real board cannot run would run there.
+EMULATED_CPUS = ("a64fx", "cortex-a35", "cortex-a53", "cortex-a57", "cortex-a72", "cortex-a76", "neoverse-n1")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,13 @@ class BoardSpec:
     precisions: tuple[Precision, ...]
     dot_product: str | None
     source: str
+    emulated_cpu: str | None = None  # qemu's model of the board's core, for an emulated board
+
+    @property
+    def arch(self) -> str:
+        """The board's architecture (``aarch64``, ``x86_64``, ...), from its triple or this machine's."""
+        triple = self.target_config.get("mtriple")
+        return host_facts.arch_of(str(triple)) if triple else host_facts.machine_arch()
 
     def tvm_target(self):  # -> tvm.target.Target (TVM imported lazily: listing boards needs no TVM)
         """The TVM target; :class:`TargetError` carrying TVM's message when TVM rejects it."""
@@ -55,6 +66,7 @@ class BoardSpec:
             "precisions": [p.value for p in self.precisions],
             "dot_product": self.dot_product,
             "source": self.source,
+            "emulated_cpu": self.emulated_cpu,
         }
 
 
@@ -77,6 +89,29 @@ def _precisions(values: Any, where: str) -> tuple[Precision, ...]:
     # fp32 is always available and always first: it is the reference every other precision is judged by.
     rest = [p for p in dict.fromkeys(parsed) if p is not Precision.FP32]
     return (Precision.FP32, *rest)
+
+
+def _emulated_cpu(config: dict[str, Any], explicit: Any, source: str) -> str | None:
+    """qemu's CPU model for the board: the TOML's ``emulated_cpu``, else its ``mcpu`` when qemu models
+    that core; ``None`` for boards that are not aarch64 or whose core qemu does not know."""
+    triple = config.get("mtriple")
+    arch = host_facts.arch_of(str(triple)) if triple else host_facts.machine_arch()
+    if explicit is None:
+        mcpu = config.get("mcpu")
+        return str(mcpu) if arch == "aarch64" and mcpu in EMULATED_CPUS else None
+    if arch != "aarch64":
+        raise TargetError(f"{source}: 'emulated_cpu' is for aarch64 boards; this one is {arch}")
+    if explicit not in EMULATED_CPUS:
+        raise TargetError(
+            f"{source}: 'emulated_cpu' must be one of qemu's aarch64 cores ({', '.join(EMULATED_CPUS)}), "
+            f"not {explicit!r}"
+            + (
+                " (max enables every extension and hides code the board cannot run)"
+                if explicit == "max"
+                else ""
+            )
+        )
+    return str(explicit)
 
 
 def board_from_mapping(data: dict[str, Any], source: str) -> BoardSpec:
@@ -102,6 +137,7 @@ def board_from_mapping(data: dict[str, Any], source: str) -> BoardSpec:
     if dot_product not in (None, "vnni", "sdot"):
         raise TargetError(f'{source}: \'dot_product\' must be "vnni", "sdot" or absent, not {dot_product!r}')
     return BoardSpec(
+        emulated_cpu=_emulated_cpu(config, data.get("emulated_cpu"), source),
         name=str(name),
         description=str(data.get("description", "")),
         target_config=config,

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from ohq_tvm.board import (
+    BoardConnection,
     LoopbackBoard,
     ProcessGroup,
     ServerBoard,
@@ -24,6 +25,7 @@ from ohq_tvm.board import (
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.board.processes import _live_group_members
 from ohq_tvm.errors import BoardError
+from ohq_tvm.targets import resolve_target
 
 from testing_support import gone, new_tvm_exec_processes, tvm_exec_processes
 
@@ -88,7 +90,7 @@ def test_sigterm_to_the_owner_stops_its_rpc_processes(tmp_path):
             print(" ".join(map(str, sorted(pids))), flush=True)
             time.sleep(120)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         owned = [int(p) for p in proc.stdout.readline().split()]
         assert len(owned) >= 3
@@ -188,9 +190,18 @@ def test_parse_address(text, ok):
 
 
 def test_open_board_chooses_from_configuration():
-    assert isinstance(open_board(), LoopbackBoard)
-    tracker = open_board(tracker="10.0.0.2:9190", default_key="rpi4b")
-    assert isinstance(tracker, TrackerBoard) and tracker.key == "rpi4b"
-    assert isinstance(open_board(server="127.0.0.1:9090"), ServerBoard)
+    host, rpi4b = resolve_target("host"), resolve_target("rpi4b")
+    assert isinstance(open_board(None, host), LoopbackBoard)
+    tracker = open_board(BoardConnection(tracker="10.0.0.2:9190"), rpi4b)
+    assert isinstance(tracker, TrackerBoard) and tracker.key == "rpi4b" and tracker.emulation is None
+    emulated = open_board(BoardConnection(tracker="10.0.0.2:9190", emulated=True), rpi4b)
+    assert emulated.key == "rpi4b-emulated" and emulated.emulation == "qemu-aarch64 -cpu cortex-a72"
+    assert isinstance(open_board(BoardConnection(server="127.0.0.1:9090"), host), ServerBoard)
     with pytest.raises(BoardError, match="either --tracker or --server"):
-        open_board(tracker="a:1", server="b:2")
+        BoardConnection(tracker="a:1", server="b:2")
+    with pytest.raises(BoardError, match="HOST:PORT"):
+        BoardConnection(tracker="nope")
+    with pytest.raises(BoardError, match="add --emulated"):
+        BoardConnection(arm_runtime="/somewhere")
+    with pytest.raises(BoardError, match="at least one server"):
+        BoardConnection(servers=0)

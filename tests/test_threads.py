@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from ohq_tvm.board import LoopbackBoard, default_threads, host_cores
-from ohq_tvm.board import threads as board_threads
 from ohq_tvm.board.threads import THREADS_ENV, thread_environment
 from ohq_tvm.oqa.measure import board_fingerprint
+from ohq_tvm.targets import host as host_facts
 from ohq_tvm.targets import resolve_target
 
 
@@ -26,7 +26,7 @@ def _topology(root, cores_of: dict[int, tuple[int, int]]) -> None:
 def test_host_cores_counts_hyperthread_siblings_once(tmp_path, monkeypatch):
     # cpus 0/1 and 2/3 are SMT pairs of package 0; cpu 4 is core 0 of a second package.
     _topology(tmp_path, {0: (0, 0), 1: (0, 0), 2: (0, 1), 3: (0, 1), 4: (1, 0)})
-    monkeypatch.setattr(board_threads, "_CPU_TOPOLOGY", tmp_path)
+    monkeypatch.setattr(host_facts, "_CPU_TOPOLOGY", tmp_path)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4})
     assert host_cores() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {2, 3})  # pinned to one core's two CPUs

@@ -1,13 +1,18 @@
-"""Boards over TVM RPC: the loopback host board, a tracker, or a direct server."""
+"""Boards over TVM RPC: the loopback host board, an emulated aarch64 board, a tracker, or a direct server."""
 
-from .boards import Board, LoopbackBoard, ServerBoard, TrackerBoard, open_board, parse_address
+from .boards import Board, LoopbackBoard, ServerBoard, TrackerBoard, parse_address
+from .connection import BoardConnection, open_board
+from .emulated import NOT_THE_BOARDS, EmulatedBoard, find_arm_runtime
 from .processes import ProcessGroup, sigterm_as_exit
 from .session import BoardSession, LatencyStats, RemoteVM
 from .threads import default_threads, host_cores, host_vm, use_host_threads
 
 __all__ = [
+    "NOT_THE_BOARDS",
     "Board",
+    "BoardConnection",
     "BoardSession",
+    "EmulatedBoard",
     "LatencyStats",
     "LoopbackBoard",
     "ProcessGroup",
@@ -15,6 +20,7 @@ __all__ = [
     "ServerBoard",
     "TrackerBoard",
     "default_threads",
+    "find_arm_runtime",
     "host_cores",
     "host_vm",
     "open_board",

@@ -1,21 +1,28 @@
-"""Boards reached over TVM RPC: one interface, three ways in.
+"""Boards reached over TVM RPC: one interface, four ways in.
 
 - :class:`TrackerBoard`: servers registered under a key at an RPC tracker (real boards).
 - :class:`ServerBoard`: one RPC server addressed directly, no tracker.
 - :class:`LoopbackBoard`: this machine; starts its own tracker and server on 127.0.0.1 and stops them on exit.
+- :class:`~.emulated.EmulatedBoard`: an aarch64 board emulated on this machine (qemu), started the same way.
 
-Which one is used is decided once, by :func:`open_board`, from configuration.
+Which one is used is decided once, by :func:`~.connection.open_board`, from a
+:class:`~.connection.BoardConnection`.
+A board whose timings are not the real board's (emulated) says so in :attr:`Board.emulation`.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tvm import rpc
 
@@ -25,6 +32,10 @@ from .session import BoardSession
 from .threads import default_threads, thread_environment
 
 _TRACKER_CONNECT_TIMEOUT_S = 5.0
+# How long the RPC handshake with a server (and a tracker's answer) may take: a peer that accepts the
+# TCP connection but never answers would otherwise hang the caller for good.
+ANSWER_TIMEOUT_S = 60.0
+T = TypeVar("T")
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -45,10 +56,46 @@ def _require_reachable(host: str, port: int, what: str, fix: str) -> None:
         raise BoardError(f"cannot reach {what} at {host}:{port} ({reason}); {fix}") from None
 
 
+def whole_seconds(timeout_s: float) -> int:
+    """A session timeout as the RPC servers accept it: stock ``tvm_rpc`` (TVM's C++ server) aborts on a
+    fractional ``-timeout``, so it is rounded up to whole seconds (0 stays "no limit")."""
+    return max(0, math.ceil(timeout_s))
+
+
+def within(deadline_s: float, what: str, action: Callable[[], T]) -> T:
+    """Run ``action`` (a blocking RPC call with no deadline of its own) for at most ``deadline_s``.
+
+    Past it, :class:`BoardError` naming ``what``; the call is left to finish on a daemon thread (TVM offers
+    no way to cancel it). Exceptions of ``action`` are raised here as they are.
+    """
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = action()
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True, name=f"ohq-tvm {what}")
+    worker.start()
+    worker.join(deadline_s)
+    if worker.is_alive():
+        raise BoardError(
+            f"{what}: no answer within {deadline_s:.0f} s (the peer accepted the connection but never "
+            "replied: is it stopped, hung, or not a TVM RPC server?)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
 class Board(ABC):
     """A device that runs compiled modules, reached over TVM RPC."""
 
     label: str
+    # What emulates the board, when it is emulated (e.g. "qemu-aarch64 -cpu cortex-a76"): its latencies
+    # are then not the real board's, and its measurements are stored apart. None for a real board.
+    emulation: str | None = None
 
     @abstractmethod
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
@@ -69,6 +116,11 @@ class Board(ABC):
     def close(self) -> None:  # noqa: B027 - a no-op is the right default for remote boards
         """Release what the board owns (nothing, unless it started processes)."""
 
+    def explain_failure(self) -> str | None:
+        """Why the board failed, when it can tell more than the RPC error (a board that owns its servers
+        reads their logs); ``None`` otherwise."""
+        return None
+
     def capacity(self) -> int:
         """How many sessions can run at once (servers available under the board's key)."""
         return 1
@@ -88,16 +140,30 @@ class Board(ABC):
 class TrackerBoard(Board):
     """Servers registered under ``key`` at the tracker ``host:port``."""
 
-    def __init__(self, host: str, port: int, key: str, wait_for_server_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        key: str,
+        wait_for_server_s: float = 30.0,
+        emulation: str | None = None,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+    ) -> None:
         self.host, self.port, self.key = host, port, key
         self.wait_for_server_s = wait_for_server_s
-        self.label = f"{key}@{host}:{port}"
+        self.emulation = emulation
+        self.answer_timeout_s = answer_timeout_s
+        self.label = f"{key}@{host}:{port}" + (" (emulated)" if emulation else "")
 
     def _tracker(self) -> rpc.TrackerSession:
         fix = "start one with `python -m tvm.exec.rpc_tracker` or correct --tracker"
         _require_reachable(self.host, self.port, "the RPC tracker", fix)
         try:
-            return rpc.connect_tracker(self.host, self.port)
+            return within(
+                self.answer_timeout_s,
+                f"RPC tracker at {self.host}:{self.port}",
+                lambda: rpc.connect_tracker(self.host, self.port),
+            )
         except (RuntimeError, OSError) as err:
             raise BoardError(f"RPC tracker at {self.host}:{self.port} failed: {err}") from None
 
@@ -133,27 +199,48 @@ class TrackerBoard(Board):
 
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
         self.wait_until_ready()
+        tracker = self._tracker()
         try:
-            remote = self._tracker().request(
-                self.key, priority=1, session_timeout=session_timeout_s, max_retry=3
+            # The tracker may keep a request waiting while every server is busy: the deadline covers
+            # that wait plus the handshake with the server it hands out.
+            remote = within(
+                max(self.answer_timeout_s, self.wait_for_server_s),
+                f"board {self.label}: session request",
+                lambda: tracker.request(
+                    self.key, priority=1, session_timeout=whole_seconds(session_timeout_s), max_retry=3
+                ),
             )
         except (RuntimeError, OSError) as err:
             raise BoardError(f"board {self.label}: session request failed: {err}") from None
-        return BoardSession(remote, self.label)
+        return BoardSession(remote, self.label, self.explain_failure)
 
 
 class ServerBoard(Board):
     """A single RPC server addressed directly (``python -m tvm.exec.rpc_server`` without a tracker)."""
 
-    def __init__(self, host: str, port: int, key: str = "") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        key: str = "",
+        emulation: str | None = None,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+    ) -> None:
         self.host, self.port, self.key = host, port, key
-        self.label = f"{host}:{port}"
+        self.emulation = emulation
+        self.answer_timeout_s = answer_timeout_s
+        self.label = f"{host}:{port}" + (" (emulated)" if emulation else "")
 
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
         fix = "start it with `python -m tvm.exec.rpc_server` or correct --server"
         _require_reachable(self.host, self.port, "the RPC server", fix)
+        timeout = whole_seconds(session_timeout_s)
         try:
-            remote = rpc.connect(self.host, self.port, self.key, session_timeout=session_timeout_s)
+            remote = within(
+                self.answer_timeout_s,
+                f"RPC server at {self.host}:{self.port}",
+                lambda: rpc.connect(self.host, self.port, self.key, session_timeout=timeout),
+            )
         except (RuntimeError, OSError) as err:
             raise BoardError(f"RPC server at {self.label} refused the session: {err}") from None
         return BoardSession(remote, self.label)
@@ -169,6 +256,9 @@ class LoopbackBoard(Board):
     """This machine as a board: a private tracker plus ``num_servers`` RPC servers, bound to ``host``,
     each running kernels on ``threads`` threads (default: :func:`.threads.default_threads`).
 
+    With ``tracker`` (``"HOST:PORT"``) the servers register at that tracker instead of a private one, so
+    several boards (the host and emulated ones) can share a tracker under their own keys.
+
     The processes run until :meth:`close` (or the end of the ``with`` block, an exception, or interpreter
     exit); each is its own process group, so the servers' forked workers go with them.
     """
@@ -180,6 +270,7 @@ class LoopbackBoard(Board):
         host: str = "127.0.0.1",
         wait_for_server_s: float = 30.0,
         threads: int | None = None,
+        tracker: str | None = None,
     ) -> None:
         self.key = key
         self.threads = threads or default_threads()  # TVM's own: half the cores on x86 (see .threads)
@@ -187,7 +278,8 @@ class LoopbackBoard(Board):
         self.host = host
         self.num_servers = num_servers
         self.log_dir = Path(tempfile.mkdtemp(prefix="ohq-tvm-rpc-"))  # tracker/server logs, for errors
-        self.tracker_port = 0
+        self.shared_tracker = parse_address(tracker, "--tracker") if tracker else None
+        self.tracker_host, self.tracker_port = self.shared_tracker or (host, 0)
         self.tracker_process: ProcessGroup | None = None
         self.server_processes: list[ProcessGroup] = []
         self._tracker_board: TrackerBoard | None = None
@@ -195,36 +287,29 @@ class LoopbackBoard(Board):
 
     @property
     def tracker_address(self) -> str:
-        return f"{self.host}:{self.tracker_port}"
+        return f"{self.tracker_host}:{self.tracker_port}"
 
     def start(self) -> LoopbackBoard:
         if self._tracker_board is not None:
             return self
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.tracker_port = _free_port(self.host)
-            self.tracker_process = ProcessGroup(
-                [
-                    sys.executable,
-                    "-m",
-                    "tvm.exec.rpc_tracker",
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(self.tracker_port),
-                    "--port-end",
-                    str(self.tracker_port + 1),
-                    "--silent",
-                ],
-                label="rpc tracker",
-                log_path=str(self.log_dir / "tracker.log"),
-            ).start()
-            self._wait_for_port(self.tracker_port, self.tracker_process)
+            if self.shared_tracker is None:
+                self._start_tracker()
+            else:
+                fix = "start one with `python -m tvm.exec.rpc_tracker` or correct --tracker"
+                _require_reachable(self.tracker_host, self.tracker_port, "the RPC tracker", fix)
             for index in range(self.num_servers):
                 self.start_server(index)
             # Starting servers may take longer than a session may wait for a free one later.
-            board = TrackerBoard(self.host, self.tracker_port, self.key, max(30.0, self.wait_for_server_s))
-            board.wait_until_ready()
+            board = TrackerBoard(
+                self.tracker_host,
+                self.tracker_port,
+                self.key,
+                max(30.0, self.wait_for_server_s),
+                emulation=self.emulation,
+            )
+            self._wait_for_servers(board)
             board.wait_for_server_s = self.wait_for_server_s
             self._tracker_board = board
         except BaseException:
@@ -232,30 +317,68 @@ class LoopbackBoard(Board):
             raise
         return self
 
+    def _start_tracker(self) -> None:
+        self.tracker_port = _free_port(self.host)
+        self.tracker_process = ProcessGroup(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_tracker",
+                "--host",
+                self.host,
+                "--port",
+                str(self.tracker_port),
+                "--port-end",
+                str(self.tracker_port + 1),
+                "--silent",
+            ],
+            label="rpc tracker",
+            log_path=str(self.log_dir / "tracker.log"),
+        ).start()
+        self._wait_for_port(self.tracker_port, self.tracker_process)
+
+    def _wait_for_servers(self, board: TrackerBoard) -> None:
+        """Until a server is registered; a server that exits at start is an error naming its log."""
+        deadline = time.monotonic() + board.wait_for_server_s
+        while board.free_servers() == 0:
+            dead = [server for server in self.server_processes if not server.alive()]
+            if dead or time.monotonic() > deadline:
+                board.wait_for_server_s = 0.0
+                if dead:
+                    log = Path(dead[0].log_path or "").read_text(errors="replace")[-400:].strip()
+                    raise BoardError(f"board {self.label}: {dead[0].label} exited at start: {log}")
+                board.wait_until_ready()  # raises, naming the keys the tracker has
+            time.sleep(0.2)
+
+    def server_argv(self, port: int, index: int) -> list[str]:
+        """The command of one RPC server listening on ``port`` and registering under the board's key."""
+        return [
+            sys.executable,
+            "-m",
+            "tvm.exec.rpc_server",
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+            "--tracker",
+            self.tracker_address,
+            "--key",
+            self.key,
+            "--silent",
+        ]
+
     def start_server(self, index: int | None = None) -> ProcessGroup:
         """Start one more RPC server under this board's key (also used to replace a dead one)."""
         index = len(self.server_processes) if index is None else index
         port = _free_port(self.host)
         server = ProcessGroup(
-            [
-                sys.executable,
-                "-m",
-                "tvm.exec.rpc_server",
-                "--host",
-                self.host,
-                "--port",
-                str(port),
-                "--port-end",
-                str(port + 1),
-                "--tracker",
-                self.tracker_address,
-                "--key",
-                self.key,
-                "--silent",
-            ],
+            self.server_argv(port, index),
             label=f"rpc server {index}",
             log_path=str(self.log_dir / f"server{index}.log"),
             env=self._server_environment(),
+            cwd=str(self.log_dir),  # where a crashing server may leave a core file: removed by close()
         ).start()
         self.server_processes.append(server)
         return server
@@ -284,11 +407,13 @@ class LoopbackBoard(Board):
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
         self.start()
         assert self._tracker_board is not None
-        return self._tracker_board.connect(session_timeout_s)
+        session = self._tracker_board.connect(session_timeout_s)
+        session.explain = self.explain_failure
+        return session
 
     def rpc_tracker(self) -> tuple[str, int, str]:
         self.start()
-        return self.host, self.tracker_port, self.key
+        return self.tracker_host, self.tracker_port, self.key
 
     def capacity(self) -> int:
         return max(1, sum(1 for server in self.server_processes if server.alive()) or self.num_servers)
@@ -312,25 +437,3 @@ class LoopbackBoard(Board):
 
     def __enter__(self) -> LoopbackBoard:
         return self.start()
-
-
-def open_board(
-    tracker: str | None = None,
-    key: str | None = None,
-    server: str | None = None,
-    default_key: str = "host",
-) -> Board:
-    """Choose the board from configuration: a tracker, a direct server, or else the loopback host board.
-
-    ``key`` defaults to ``default_key`` (the target's RPC key). The loopback board is not started until
-    first used (or entered as a context manager).
-    """
-    if tracker and server:
-        raise BoardError("give either --tracker or --server, not both")
-    if tracker:
-        host, port = parse_address(tracker, "--tracker")
-        return TrackerBoard(host, port, key or default_key)
-    if server:
-        host, port = parse_address(server, "--server")
-        return ServerBoard(host, port, key or "")
-    return LoopbackBoard(key=key or "host")

@@ -35,8 +35,10 @@ class ProcessGroup:
         label: str,
         log_path: str | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.argv = list(argv)
+        self.cwd = cwd  # None: this process's
         self.label = label
         self.log_path = log_path
         self.env = env  # None: inherit this process's environment
@@ -58,6 +60,7 @@ class ProcessGroup:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self.env,
+                cwd=self.cwd,
             )
         finally:
             if log is not subprocess.DEVNULL:

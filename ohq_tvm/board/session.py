@@ -54,9 +54,17 @@ class LatencyStats:
 class BoardSession:
     """An RPC session on one board (wraps ``tvm.rpc.RPCSession``)."""
 
-    def __init__(self, remote: tvm.rpc.RPCSession, label: str) -> None:
+    def __init__(
+        self,
+        remote: tvm.rpc.RPCSession,
+        label: str,
+        explain: Callable[[], str | None] | None = None,
+    ) -> None:
         self.remote = remote
         self.label = label
+        # Asked after a failed step for what the board knows of its cause (e.g. an emulated board's
+        # server that died of an illegal instruction, which the RPC error cannot tell).
+        self.explain = explain
 
     def _guard(self, step: str, action: Callable[[], T]) -> T:
         try:
@@ -65,6 +73,8 @@ class BoardSession:
             reraise_interrupt()
             message = str(err).strip().splitlines()
             detail = message[-1] if message else type(err).__name__
+            cause = self.explain() if self.explain is not None else None
+            detail = f"{cause} ({detail})" if cause else detail
             raise BoardError(f"board {self.label}: {step} failed: {detail}") from err
 
     @property

@@ -18,29 +18,10 @@ the measurement database, so latencies taken with different thread counts are ne
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from ..targets.host import host_cores
 
 THREADS_ENV = "TVM_NUM_THREADS"
-_CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
-
-
-def host_cores() -> int:
-    """Physical cores this process may run on: logical CPUs in its affinity mask, counting SMT siblings
-    (CPUs sharing a ``core_id`` in one package, per Linux's sysfs topology) once. Where the topology is
-    not readable (not Linux), the logical CPU count."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not cpus:
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        topology = _CPU_TOPOLOGY / f"cpu{cpu}" / "topology"
-        try:
-            package = (topology / "physical_package_id").read_text().strip()
-            core = (topology / "core_id").read_text().strip()
-        except OSError:
-            return len(cpus)
-        cores.add((package, core))
-    return max(1, len(cores))
 
 
 def default_threads() -> int:

@@ -94,9 +94,18 @@ def reference_outputs(
 def reference_session(
     imported: ImportedModel, reference: onnx.ModelProto | None = None
 ) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    """An ONNX Runtime session on the model (or ``reference``), as a function of the input dict."""
+    """An ONNX Runtime session on the model (or ``reference``), as a function of the input dict.
+
+    A ``reference`` (a QDQ export) runs without graph optimisations: each DequantizeLinear → float op →
+    QuantizeLinear as ONNX defines it, which is the integer arithmetic exactly (up to float rounding).
+    Optimised, ONNX Runtime fuses them into its own integer kernels, which are not exact on every CPU:
+    on x86 without VNNI its u8s8 kernels add int8 products in pairs into saturating int16
+    (``vpmaddubsw``), off by up to 1% of the output on MobileNet-like layers.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if reference is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     model = reference if reference is not None else imported.onnx_model
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in imported.outputs]

@@ -161,7 +161,7 @@ def time_uniform_plans(
     from ..passes.apply_plan import ApplyPlan
     from ..plan import Plan
 
-    gate = gate or QuietGate()
+    gate = gate or QuietGate(enabled=board.emulation is None)
     key = model_key(imported)
     layers = quantizable_layers(imported.mod)
     parts = {}
@@ -276,7 +276,11 @@ def time_whole_models(
             try:
                 session = board.connect(session_timeout_s=session_timeout_s)
                 vms = {key: session.load_vm(path) for key, path in libraries.items()}
-                probe = canary_probe(session.load_library(canary), session.device, session._guard)
+                probe = (
+                    canary_probe(session.load_library(canary), session.device, session._guard)
+                    if gate.enabled
+                    else None
+                )
                 repeats = {key: [] for key in libraries}
                 for _ in range(rounds):
                     for key, vm in vms.items():

@@ -140,7 +140,7 @@ def time_kernels(
             totals += _time_call(session, library, call, rng, repeat, min_repeat_ms, warmup)
         return LatencyStats(tuple(float(ms) for ms in totals))
 
-    if gate is None:
+    if gate is None or not gate.enabled:
         return timing(), None
     return gate.time(canary_probe(library, session.device, session._guard), timing, attempts)
 

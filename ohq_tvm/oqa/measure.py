@@ -112,11 +112,18 @@ class MeasureSummary:
     model_mape_percent: float | None = None  # cross-validated error of those predictions
     retimed: int = 0  # timed again at the end: the canary had been slow (see :mod:`.quiet`)
     quiet: dict = field(default_factory=dict)  # the gate's record: fastest canary, waits
+    emulation: str | None = (
+        None  # what emulated the board, if it was emulated (its latencies are not the board's)
+    )
 
 
 def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> tuple[str, dict]:
-    """A stable id for (target, board key, what the board reports about itself), and its description."""
+    """A stable id for (target, board key, what the board reports about itself, and what emulates it if
+    it is emulated: such latencies are not the board's and are never mixed with its own), and its
+    description."""
     description = {"target": spec.target_config, "key": board.identity, "device": device}
+    if board.emulation is not None:
+        description["emulated"] = board.emulation
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], description
 
@@ -164,7 +171,9 @@ class Measurer:
         self.timing = timing or TimingConfig()
         self.workers = workers
         self.toolchain = toolchain
-        self.gate = QuietGate(max_wait_s=self.timing.quiet_wait_s)
+        # Emulated code's speed varies with the host's other work in ways no canary settles on (and its
+        # latencies are not the board's anyway): no gate there.
+        self.gate = QuietGate(max_wait_s=self.timing.quiet_wait_s, enabled=board.emulation is None)
         self._fingerprint: str | None = None
 
     @property
@@ -215,7 +224,12 @@ class Measurer:
         fingerprint = self.fingerprint
         pending = self.database.missing(fingerprint, self.schedule, unique)
         summary = MeasureSummary(
-            fingerprint, self.board.label, self.schedule, total=len(unique), reused=len(unique) - len(pending)
+            fingerprint,
+            self.board.label,
+            self.schedule,
+            total=len(unique),
+            reused=len(unique) - len(pending),
+            emulation=self.board.emulation,
         )
         if budget is not None and len(pending) > budget:
             pending = self._prioritise(pending, max(0, budget), summary)

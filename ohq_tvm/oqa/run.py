@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from ..board import Board, open_board
+from ..board import Board, BoardConnection, open_board
 from ..build.tune import TuningProgress
 from ..build.tuning_database import TuningDatabase
 from ..frontend import ImportedModel, load_onnx
@@ -72,9 +72,7 @@ def measure_model(
     model: str | os.PathLike | onnx.ModelProto | ImportedModel,
     target: str | BoardSpec = "host",
     *,
-    tracker: str | None = None,
-    key: str | None = None,
-    server: str | None = None,
+    connection: BoardConnection | None = None,
     database: str | os.PathLike | None = None,
     precisions: Sequence[Precision | str] | None = None,
     pin_first_last: bool = False,
@@ -94,8 +92,9 @@ def measure_model(
 ) -> ModelMeasurement:
     """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
 
-    The board is a tracker (``tracker`` + ``key``), a bare ``server``, or by default this machine through
-    a loopback RPC server. ``precisions`` restricts the candidates (default: all the board computes).
+    The board is where ``connection`` says (a tracker, a bare server, an emulated board), by default this
+    machine through a loopback RPC server. ``precisions`` restricts the candidates (default: all the
+    board computes).
     ``budget`` caps how many operators are measured now (see :meth:`Measurer.run`; the rest are
     predicted). ``on_plan(total, to_measure)`` is called once the database has been consulted, before
     measuring. With ``trials`` > 0 the candidates are first tuned with MetaSchedule on the board
@@ -121,7 +120,7 @@ def measure_model(
     unique = workloads.unique()
     with contextlib.ExitStack() as stack:
         if board is None:
-            board = stack.enter_context(open_board(tracker, key, server, default_key=spec.rpc_key))
+            board = stack.enter_context(open_board(connection, spec))
         db = stack.enter_context(LatencyDatabase(database))
         tuning = None
         if trials:
