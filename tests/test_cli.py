@@ -71,6 +71,7 @@ def test_bad_input_shape_is_one_line(tmp_path, bad):
     assert_one_line_error(proc, bad)
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
     model = tmp_path / "tiny.onnx"
     assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
@@ -133,6 +134,7 @@ def test_bad_plans_are_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_measure_fills_the_database_then_reuses_it(tmp_path):
     model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
     db = tmp_path / "oqa.sqlite"
@@ -159,6 +161,7 @@ def test_measure_fills_the_database_then_reuses_it(tmp_path):
     assert "deleted 4 measurements" in cleared.stdout
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_measure_with_tuning_times_the_tuned_operators_apart(tmp_path):
     model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
     db = tmp_path / "oqa.sqlite"
@@ -179,6 +182,7 @@ def test_measure_rejects_a_precision_the_board_lacks(tmp_path):
     assert_one_line_error(proc, "fp16")
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_plan_meets_a_size_budget_and_compiles(tmp_path):
     model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
     db, plan_path = tmp_path / "oqa.sqlite", tmp_path / "plan.json"
@@ -200,6 +204,7 @@ def test_plan_meets_a_size_budget_and_compiles(tmp_path):
     assert_one_line_error(too_fast, "smallest any plan reaches")
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_compile_with_trials_tunes_on_the_board_then_reuses_the_database(tmp_path, loopback_board):
     model = models.save(models.conv_model(channels=8, size=8), tmp_path / "conv.onnx")
     tune = ["--trials", "4", "--tuning-dir", str(tmp_path / "tuning")]

@@ -41,6 +41,7 @@ def _measurements(db) -> int:
             return 0
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_an_interrupted_run_keeps_its_measurements_and_the_rerun_resumes(tiny, tmp_path):
     model, db = tiny
     args = ["compile", str(model), "--db", str(db), *CANDIDATES, "--budget", "size=0.5*fp32"]
@@ -141,6 +142,7 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
     assert "int8" in lean_plan.counts()
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_budget_errors_are_one_line(tiny, tmp_path):
     model, db = tiny
     common = ["compile", str(model), "--db", str(db), *CANDIDATES, "-o", str(tmp_path)]
@@ -152,6 +154,7 @@ def test_budget_errors_are_one_line(tiny, tmp_path):
     assert_one_line_error(cross, "--tracker")
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_low_agreement_with_fp32_fails_verification(tmp_path):
     # A narrow MobileNetV2 with random weights: int8 flips some of its 100-way arg-maxes.
     model = models.save(models.mobilenet_v2(size=32, width=0.35, classes=100), tmp_path / "m.onnx")

@@ -13,6 +13,7 @@ from ohq_tvm.plan import Plan
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_build_script_runs_the_stages_one_by_one(tmp_path):
     script = EXAMPLES / "build_script.py"
     if not script.is_file():

@@ -98,6 +98,7 @@ def test_the_model_key_follows_the_input_shapes():
     assert model_key(batch2) != model_key(load_onnx(onnx_model))
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
     loopback_board, tmp_path, monkeypatch
 ):

@@ -27,6 +27,7 @@ def tiny():
     return imported, calibrate(imported, "minmax", num_samples=2)
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_one_mask_entry_equals_the_separately_built_single_layer_plan(tiny):
     imported, calibration = tiny
     masked = InsertPrecisionMasks([INT8, INT4W, FP16], calibration)(imported.mod)

@@ -93,6 +93,7 @@ def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_bo
         assert (third.measured, third.reused) == (0, len(workloads))
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_two_servers_under_one_key_both_measure(tmp_path):
     workloads = fp32_int8_workloads()
     with LoopbackBoard(key="pair", num_servers=2) as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
@@ -101,6 +102,7 @@ def test_two_servers_under_one_key_both_measure(tmp_path):
     assert len(summary.workers) == 2 and all(count > 0 for count in summary.workers.values())
 
 
+@pytest.mark.slow  # about a minute on a 2-core host: `make test-slow`
 def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
     workloads = fp32_int8_workloads()[:3]  # one timed before the kill, one during it, one after
     # Long repeats so that the kill, 1 s after the first result, lands while the next one is being timed.
