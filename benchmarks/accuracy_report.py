@@ -41,7 +41,7 @@ def metrics(logits: np.ndarray, fp32: np.ndarray, labelled_centre: list[tuple[in
     }
 
 
-def _cpu_model() -> dict:
+def cpu_facts() -> dict:
     fields = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -86,7 +86,7 @@ def ohq_tvm_source() -> dict:
 
 def record_header(target, source: dict, settings: dict, results: list[dict], seconds: float) -> dict:
     record = machine_record(target)
-    record["machine"]["cpu_model"] = _cpu_model()
+    record["machine"]["cpu_model"] = cpu_facts()
     for package in ("torch", "onnx", "pillow", "scikit-image", "foolbox"):
         try:
             record["versions"][package] = importlib.metadata.version(package)

@@ -43,14 +43,7 @@ import tvm
 from accuracy import MODELS as PRETRAINED
 from accuracy_report import metrics
 from ort_static import ort_session, ort_static_int8
-from photos import (
-    SKIMAGE_CALIBRATION,
-    SKIMAGE_EVALUATION,
-    Preprocessing,
-    foolbox_photos,
-    skimage_photos,
-    views_of,
-)
+from photos import SKIMAGE_CALIBRATION, Preprocessing, photo_set
 
 from ohq_tvm.board import host_vm, sigterm_as_exit
 from ohq_tvm.pipeline import CompileResult, compile_model
@@ -88,19 +81,16 @@ def bench(
         pretrained.export_onnx(model, shape, str(scratch / f"{name}.bn.onnx"), keep_batchnorm=True)
     )
     fused = Path(pretrained.export_onnx(model, shape, str(scratch / f"{name}.onnx")))
-    photos = foolbox_photos() + skimage_photos(SKIMAGE_EVALUATION)
-    views = views_of(photos, preprocessing)
-    labelled = [
-        (i * (len(views) // len(photos)), p.label) for i, p in enumerate(photos) if p.label is not None
-    ]
-    calibration = list(views_of(skimage_photos(SKIMAGE_CALIBRATION), preprocessing))
-    calib_dir = scratch / f"{name}-calibration"
-    calib_dir.mkdir()
-    for i, batch in enumerate(calibration):
-        np.save(calib_dir / f"{i:03d}.npy", batch)
+    photos = photo_set(preprocessing, scratch / f"{name}-calibration")
+    views, labelled, calibration = photos.views, photos.labelled, photos.calibration
 
     db, tuning = scratch / f"{name}-oqa.sqlite", scratch / f"{name}-tuning"
-    common = {"calibration_samples": calib_dir, "trials": trials, "tuning_dir": tuning, "progress": say}
+    common = {
+        "calibration_samples": photos.calibration_dir,
+        "trials": trials,
+        "tuning_dir": tuning,
+        "progress": say,
+    }
     t0 = time.perf_counter()
     ohq = compile_model(with_bn, "host", scratch / f"{name}-ohq", budget=budget, database=db, **common)
     cold_s = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pretrained
@@ -116,3 +117,27 @@ def view_tensor(photo: Photo, view: View, preprocessing: Preprocessing) -> np.nd
 def views_of(photos: list[Photo], preprocessing: Preprocessing) -> np.ndarray:
     """All views of all photos, photo-major: ``[len(photos) * len(VIEWS), 1, 3, 224, 224]``."""
     return np.stack([view_tensor(p, v, preprocessing) for p in photos for v in VIEWS])
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """What the speed benchmarks evaluate and calibrate on: 120 views of 24 photos (foolbox's labelled 20 and
+    skimage's evaluation photos), the labelled centre views, and the held-out calibration crops, also saved
+    as ``.npy`` files in ``calibration_dir`` (what ``--calibration-samples`` reads)."""
+
+    views: np.ndarray  # [views, 1, 3, 224, 224]
+    labelled: list[tuple[int, int]]  # (view, label) of each labelled photo's centre view
+    calibration: list[np.ndarray]
+    calibration_dir: Path
+
+
+def photo_set(preprocessing: Preprocessing, calibration_dir: Path) -> PhotoSet:
+    photos = foolbox_photos() + skimage_photos(SKIMAGE_EVALUATION)
+    views = views_of(photos, preprocessing)
+    per_photo = len(views) // len(photos)
+    labelled = [(i * per_photo, p.label) for i, p in enumerate(photos) if p.label is not None]
+    calibration = list(views_of(skimage_photos(SKIMAGE_CALIBRATION), preprocessing))
+    calibration_dir.mkdir(parents=True)
+    for i, crop in enumerate(calibration):
+        np.save(calibration_dir / f"{i:03d}.npy", crop)
+    return PhotoSet(views, labelled, calibration, calibration_dir)

@@ -92,7 +92,7 @@ def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
     assert "matched ONNX Runtime on the QDQ export" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["plan"]["counts"] == {"int8": 7}
-    assert manifest["verification"]["reference"] == "onnxruntime-qdq"
+    assert manifest["verification"]["reference"].startswith("onnxruntime-qdq")
     assert manifest["verification"]["passed"] is True
     plan = json.loads((out / "plan.json").read_text())
     assert plan["calibration"] == "percentile" and plan["target"] == "host"

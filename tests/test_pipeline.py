@@ -47,8 +47,8 @@ def test_cross_target_without_a_board_is_exported_but_not_verified(tmp_path):
 def test_disagreeing_outputs_fail_verification_and_say_so(tmp_path, monkeypatch):
     real = verify_module.reference_outputs
 
-    def skewed(imported, inputs, reference=None):
-        return [out + np.float32(0.5) for out in real(imported, inputs, reference)]
+    def skewed(imported, inputs, reference=None, fused=True):
+        return [out + np.float32(0.5) for out in real(imported, inputs, reference, fused)]
 
     monkeypatch.setattr(verify_module, "reference_outputs", skewed)
     with pytest.raises(VerificationError, match="DISAGREES with ONNX Runtime"):
