@@ -383,3 +383,16 @@ def test_board_emulate_serves_until_interrupted_and_leaves_nothing_running(tmp_p
     while time.monotonic() < deadline and not all(gone(pid) for pid in children):
         time.sleep(0.1)
     assert all(gone(pid) for pid in children)
+
+
+@needs_arm
+@pytest.mark.slow
+def test_tuning_on_an_emulated_board_keeps_its_own_database(tmp_path):
+    model = models.save(models.MODELS["conv"](), tmp_path / "conv.onnx")
+    args = ["compile", str(model), "--target", "rk3588", "--emulated", "--arm-runtime", ARM_RUNTIME]
+    args += ["--trials", "4", "--tuning-dir", str(tmp_path / "tuning"), "-o", str(tmp_path / "out")]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["verification"]["passed"] and manifest["tuning"]["trials_measured"] == 4
+    (database,) = (tmp_path / "tuning").iterdir()
+    assert database.name.startswith("llvm-cortex-a76-") and database.name.endswith("-emulated")

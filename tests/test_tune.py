@@ -268,6 +268,8 @@ def test_database_location_and_target_key(tmp_path, monkeypatch, host):
     rpi = resolve_target("rpi4b")
     assert target_fingerprint(tuning_target(rpi)) != target_fingerprint(tuning_target(host))
     assert TuningDatabase.open(rpi).path.name.startswith("llvm-cortex-a72-")
+    emulated = TuningDatabase.open(rpi, emulated=True).path  # emulated timings never tune a real board
+    assert emulated.name == TuningDatabase.open(rpi).path.name + "-emulated"
     with pytest.raises(BuildError, match="another target"):
         build_executable(conv_relu(), rpi, tuning=opened)
 

@@ -243,7 +243,7 @@ def tune_module(
     started = time.perf_counter()
     if trials < 1:
         raise TuningError(f"the tuning budget must be at least 1 trial, not {trials}")
-    tuning = TuningDatabase.open(board_spec, tuning_dir)
+    tuning = TuningDatabase.open(board_spec, tuning_dir, emulated=board.emulation is not None)
     if tuning.target.kind.name != "llvm":
         raise TuningError(f"board {board_spec.name}: tuning supports CPU (llvm) targets only")
     try:

@@ -101,15 +101,19 @@ class TuningDatabase:
     confirmed: ms.Database  # per workload, the record a build takes (re-timed after the search)
 
     @classmethod
-    def open(cls, board: BoardSpec, root: str | os.PathLike | None = None) -> TuningDatabase:
+    def open(
+        cls, board: BoardSpec, root: str | os.PathLike | None = None, emulated: bool = False
+    ) -> TuningDatabase:
         """Open (creating if needed) the database for ``board``'s target under ``root``.
 
-        ``root`` defaults to :func:`default_tuning_root`. Raises :class:`TuningError` naming the directory
-        when it cannot be created or written, or when its files are not a MetaSchedule database.
+        ``root`` defaults to :func:`default_tuning_root`. ``emulated``: the database of the board's emulated
+        twin (``...-emulated``): schedules chosen by emulated timings never reach a real board's builds.
+        Raises :class:`TuningError` naming the directory when it cannot be created or written, or when its
+        files are not a MetaSchedule database.
         """
         target = tuning_target(board)
         base = Path(root) if root is not None else default_tuning_root()
-        path = base.expanduser() / _directory_name(target)
+        path = base.expanduser() / (_directory_name(target) + ("-emulated" if emulated else ""))
         fix = f"pass another directory with --tuning-dir or set {TUNING_DIR_ENV}"
         try:
             (path / "confirmed").mkdir(parents=True, exist_ok=True)
