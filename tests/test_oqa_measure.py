@@ -166,8 +166,10 @@ def test_an_unreachable_tracker_fails_fast(tmp_path):
 
 def test_a_hanging_session_is_cut_retried_then_stored_as_failed(tmp_path):
     (workload, *_) = fp32_int8_workloads()
-    # Each timing would take 4 s; the session may last 1 s: the board kills it, as it would a hang.
-    hangs = TimingConfig(repeat=1, min_repeat_ms=4000, warmup=0, max_attempts=2, workload_timeout_s=1)
+    # Each timing would take a minute; the session may last 1 s: the board kills it, as it would a hang.
+    # (A repeat's run count comes from a first estimate of the kernel's time: with 4 s, an estimate
+    # inflated by a busy machine once made the whole timing fit in the second, and nothing hung.)
+    hangs = TimingConfig(repeat=1, min_repeat_ms=60_000, warmup=0, max_attempts=2, workload_timeout_s=1)
     started = time.monotonic()
     with LoopbackBoard(key="hang") as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
         summary = Measurer(board, HOST, db, timing=hangs).run([workload])
