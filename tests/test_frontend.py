@@ -14,7 +14,7 @@ from ohq_tvm import models
 from ohq_tvm.errors import ModelImportError
 from ohq_tvm.frontend import load_onnx, parse_input_shapes, synthetic_inputs
 
-from testing_support import host_target
+from testing_support import every_model_slow_at_full_size, host_target
 
 
 def run_tvm(imported, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -28,7 +28,7 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", every_model_slow_at_full_size())
 def test_generated_models_match_onnx_runtime(name):
     model = models.MODELS[name]()
     imported = load_onnx(model)

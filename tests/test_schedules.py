@@ -14,7 +14,7 @@ from ohq_tvm.build.conv_schedule import regular_vector
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.kernels.loops import vector_factor
 
-from testing_support import host_target
+from testing_support import every_model_slow_at_full_size, host_target
 
 
 def legalized(model) -> tvm.IRModule:
@@ -57,7 +57,7 @@ def test_convolutions_are_vectorised_with_an_unrolled_channel_tile():
     assert sum("T.unroll(" in text for text in convs.values()) >= len(convs) // 2
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", every_model_slow_at_full_size())
 def test_outputs_equal_the_unscheduled_build(name):
     model = models.MODELS[name]() if name != "mobilenet_v2" else models.mobilenet_v2(size=64)
     assert_scheduled_equals_unscheduled(model, seed=2)

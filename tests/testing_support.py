@@ -161,3 +161,12 @@ def fp32_int8_workloads(model=None) -> list:
     imported = load_onnx(model or models.conv_model(channels=8, size=8))
     annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
     return extract_workloads(annotated).unique()
+
+
+def every_model_slow_at_full_size() -> list:
+    """The generated models' names for ``parametrize``; the 224x224 MobileNetV2 and EfficientNet-Lite0,
+    15-25 s each on a 2-core host, marked slow (``make test-slow``)."""
+    return [
+        pytest.param(name, marks=pytest.mark.slow) if name in ("mobilenet_v2", "efficientnet_lite0") else name
+        for name in sorted(models.MODELS)
+    ]
