@@ -73,7 +73,9 @@ ORT_SETTINGS = {
 }
 
 
-class _Batches(CalibrationDataReader):
+class InputBatches(CalibrationDataReader):
+    """ONNX Runtime's calibration reader over batches of the model's one input, named ``input``."""
+
     def __init__(self, batches: list[np.ndarray]) -> None:
         self._feeds = iter([{"input": b} for b in batches])
 
@@ -98,7 +100,7 @@ def ort_static_int8(
     if not prepared.exists():
         quant_pre_process(str(fp32_path), str(prepared))
     out = scratch / f"{fp32_path.stem}.ort-int8.onnx"
-    reader, cache = _Batches(batches), None
+    reader, cache = InputBatches(batches), None
     if method == "entropy" and scope == SAME_LAYERS:
         cache = scratch / f"{fp32_path.stem}.entropy-cache.json"
         calibrator = create_calibrator(

@@ -41,13 +41,13 @@ import tvm
 from accuracy import MODELS
 from accuracy_report import cpu_facts, metrics
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
     quant_pre_process,
     quantize_static,
 )
+from ort_static import InputBatches
 from photos import SKIMAGE_CALIBRATION, photo_set
 
 from ohq_tvm.board import host_vm, sigterm_as_exit, use_host_threads
@@ -136,14 +136,6 @@ def litert_models(model: torch.nn.Module, calibration: list[np.ndarray], scratch
     return {"litert fp32": fp32, "litert int8": int8}
 
 
-class _Crops(CalibrationDataReader):
-    def __init__(self, crops: list[np.ndarray]) -> None:
-        self._feeds = iter([{"input": x} for x in crops])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
-
 def ort_models(fp32: Path, calibration: list[np.ndarray], scratch: Path) -> dict[str, Path]:
     """``ort fp32`` and the three int8 forms of :data:`ORT_INT8`, per-channel weights, minmax."""
     prepared = scratch / "ort-prepared.onnx"
@@ -154,7 +146,7 @@ def ort_models(fp32: Path, calibration: list[np.ndarray], scratch: Path) -> dict
         quantize_static(
             str(prepared),
             str(paths[engine]),
-            _Crops(calibration),
+            InputBatches(calibration),
             quant_format=form,
             activation_type=activations,
             weight_type=QuantType.QInt8,
