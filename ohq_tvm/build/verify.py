@@ -106,9 +106,9 @@ def reference_session(
     ``fused=False`` turns ONNX Runtime's graph optimisations off: a QDQ export then runs each
     DequantizeLinear → float op → QuantizeLinear as ONNX defines it. Neither form is the integer arithmetic
     exactly on every CPU: fused, ONNX Runtime's own integer kernels on x86 without VNNI add u8·s8 products
-    in pairs into saturating int16 (``vpmaddubsw``), off by up to 10% of the logits on a MobileNet; unfused,
-    a float32 conv of the dequantized values lands a few sums on the other side of a rounding boundary,
-    and the 1-step differences add up over 50 layers (2-5% of the logits on a MobileNet).
+    in pairs into saturating int16 (``vpmaddubsw``); unfused, a float32 conv of the dequantized values
+    lands a few sums on the other side of a rounding boundary, and the one-step differences add up over
+    a deep model's layers.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
