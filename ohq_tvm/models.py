@@ -126,6 +126,15 @@ def conv_model(channels: int = 16, size: int = 16, seed: int = 0) -> onnx.ModelP
     return g.model("conv", {"input": [1, 3, size, size]}, y)
 
 
+def pointwise_conv_model(
+    in_channels: int = 16, out_channels: int = 24, size: int = 14, stride: int = 1, seed: int = 0
+) -> onnx.ModelProto:
+    """1x1 conv (``in_channels`` → ``out_channels``, ``stride``) + bias + Relu, as in MobileNet blocks."""
+    g = _Graph(seed)
+    y = g.node("Relu", [g.conv("input", in_channels, out_channels, k=1, stride=stride, name="pw0")], "relu0")
+    return g.model("pointwise_conv", {"input": [1, in_channels, size, size]}, y)
+
+
 def depthwise_conv_model(channels: int = 16, size: int = 16, seed: int = 0) -> onnx.ModelProto:
     """Depthwise 3x3 conv (group = channels) + Relu."""
     g = _Graph(seed)

@@ -113,12 +113,31 @@ def test_depthwise_and_stem_convs_get_a_register_tile_with_the_epilogue_inside()
         (14, 16, 14),
         (7, 16, 7),
         (7, 8, 7),
-        (12, 8, 6),
+        (12, 16, 12),
+        (12, 8, 4),
+        (28, 8, 4),
+        (14, 8, 2),
+        (7, 4, None),
         (3, 16, None),
     ],
 )
 def test_regular_conv_vectors_divide_the_row(width, lanes, vector):
     assert regular_vector(width, lanes) == vector
+
+
+@pytest.mark.parametrize(
+    ("size", "stride", "flattened"), [(14, 1, True), (28, 1, True), (7, 1, False), (14, 2, False)]
+)
+def test_pointwise_convs_run_along_the_pixels(size, stride, flattened):
+    # A 1x1 stride-1 conv reads its pixels in the order it writes them: rows and columns become one
+    # pixel axis (196 = 49 vectors of 4 for 14x14, where a 14-wide row has no 4-lane vector), unless
+    # no vector divides the pixels either (49 for 7x7: each 7-wide row stays one vector).
+    model = models.pointwise_conv_model(in_channels=16, out_channels=24, size=size, stride=stride)
+    (conv,) = [f.script() for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
+    accumulator = f'T.int64(24), T.int64({size * size})), scope="local"'
+    assert (accumulator in conv) == flattened
+    assert 'scope="local"' in conv
+    assert_scheduled_equals_unscheduled(model, seed=4)
 
 
 @pytest.mark.parametrize("size", [14, 7])

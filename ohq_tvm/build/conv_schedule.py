@@ -26,6 +26,8 @@ from ..kernels.depthwise import INTERIOR
 from ..kernels.loops import attempt, extent, fold_consumers, inline_other_blocks, parallel, vector_factor
 
 _REGULAR_CHANNELS = (8, 4, 2)
+_WIDE_CHANNELS = (6, 4, 2)
+_WIDE_VECTORS = 2
 _DEPTHWISE_ROWS = 4
 
 
@@ -47,8 +49,9 @@ def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | 
         extents = [int(iv.dom.extent) for iv in block.iter_vars[4:]]
         depthwise = len(extents) == 2 or extents[0] == 1
         if not depthwise:
-            width = int(block.iter_vars[3].dom.extent)
-            if regular_vector(width, lanes) is None:
+            height, width = (int(iv.dom.extent) for iv in block.iter_vars[2:4])
+            pixels = height * width if extents[1:] == [1, 1] else width  # see _flatten_pointwise
+            if regular_vector(width, lanes) is None and regular_vector(pixels, lanes) is None:
                 return None
         return block_rv, depthwise
     return None
@@ -56,17 +59,25 @@ def find_conv(sch: s_tir.Schedule, lanes: int) -> tuple[s_tir.SBlockRV, bool] | 
 
 def regular_vector(width: int | None, lanes: int) -> int | None:
     """The output-column vector of a regular conv's register tile: one that divides the row (a
-    predicated tile was measured several times slower). A power of two of at least 8 lanes when one
-    divides it, else the widest divisor between 4 and ``lanes`` (14 for 14- and 28-wide rows, 7 for 7:
-    LLVM widens such vectors to the register, which beats 4 lanes or a masked tail); None without."""
+    predicated tile was measured several times slower). With AVX-512's 16 lanes: a power of two of at
+    least 8 that divides it, else the widest divisor between 4 and ``lanes`` (14 for 14- and 28-wide
+    rows, 7 for 7: LLVM widens such vectors to the register with a mask, which beats 4 lanes or a
+    masked tail). With narrower registers (AVX2, NEON), which have no mask registers, masked vectors
+    are what is slow (a 14-wide row as two vectors of 7 ran 5-10x slower on AVX2 than as pairs): a
+    power of two of at least 4, else a row one vector covers (7 of 8 lanes), else pairs of columns;
+    None without."""
     if width is None:
         return None
     factor = lanes
-    while factor >= 8:
+    while factor >= (8 if lanes >= 16 else 4):
         if width % factor == 0:
             return factor
         factor //= 2
-    return next((d for d in range(min(width, lanes), 3, -1) if width % d == 0), None)
+    if lanes >= 16:
+        return next((d for d in range(min(width, lanes), 3, -1) if width % d == 0), None)
+    if 4 <= width <= lanes:
+        return width
+    return 2 if width % 2 == 0 else None
 
 
 def _fold_epilogue(sch: s_tir.Schedule, conv: s_tir.SBlockRV) -> s_tir.SBlockRV | None:
@@ -111,6 +122,35 @@ def _partition(sch: s_tir.Schedule, loop, first: int, last: int) -> list[tuple[o
     return [(piece, first <= a and b <= last) for piece, (a, b) in zip(pieces, segments, strict=True)]
 
 
+def _flatten_pointwise(sch: s_tir.Schedule, conv, producers: list, epilogue, lanes: int) -> bool:
+    """A 1x1 stride-1 unpadded conv reads its input pixels in the order it writes them: fuse rows and
+    columns into one pixel axis (conv and epilogue), so the vector runs along ``H*W`` (196 = 49 x 4
+    for a 14x14 map, where a row of 14 has no power-of-two vector of 4 or more). ``False`` (and
+    nothing changed) for other convs."""
+    block = sch.get(conv)
+    ivs = block.iter_vars
+    if len(ivs) != 7 or any(int(iv.dom.extent) != 1 for iv in ivs[5:]):
+        return False
+    height, width = int(ivs[2].dom.extent), int(ivs[3].dom.extent)
+    if regular_vector(height * width, lanes) is None:
+        return False  # 49 pixels of a 7x7 map: its 7-wide rows are one (masked) vector each
+    if not all(_is_copy(sch, p) for p in producers):
+        return False
+    shapes = [[int(d) for d in region.source.shape] for region in block.reads]
+    if not any(len(s) == 4 and s[2:] == [height, width] and s[1] == int(ivs[4].dom.extent) for s in shapes):
+        return False
+    for producer in producers:
+        if not attempt(sch.compute_inline, producer):
+            return False
+    sch.transform_block_layout(conv, lambda n, c, y, x, rc, kh, kw: (n, c, y * width + x, rc, kh, kw))
+    if epilogue is not None:
+        # the accumulator (the conv's own buffer) is stored per pixel, so a tile of the pixel axis maps
+        # to one contiguous piece of it, not to the bounding box of the rows it touches
+        sch.transform_layout(conv, ("write", 0), lambda n, c, y, x: (n, c, y * width + x))
+        sch.transform_block_layout(epilogue, lambda n, c, y, x: (n, c, y * width + x))
+    return True
+
+
 def _copy_planes(sch: s_tir.Schedule, block: s_tir.SBlockRV, task) -> None:
     """Vectorise a channel's padded plane built inside the parallel ``task``. With the kernel's
     interior annotation (:mod:`ohq_tvm.kernels.depthwise`), rows and columns are partitioned so the
@@ -133,11 +173,16 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
     """Schedule the function around the conv block ``found`` (from :func:`find_conv`), as described in
     the module docstring. Other blocks that can be inlined are; anything else becomes a parallel stage."""
     conv, depthwise = found
-    n, channel, y, x, *reduce = sch.get_loops(conv)
     producers = list(sch.get_producers(conv))
     epilogue = _fold_epilogue(sch, conv)
     own = {sch.get(b).name_hint for b in [conv, *producers, *([epilogue] if epilogue else [])]}
     inline_other_blocks(sch, own, lambda block: _schedule_producer_stage(sch, block, lanes))
+    if not depthwise and _flatten_pointwise(sch, conv, producers, epilogue, lanes):
+        producers = []
+        n, channel, x, *reduce = sch.get_loops(conv)
+        y = None
+    else:
+        n, channel, y, x, *reduce = sch.get_loops(conv)
     width = extent(sch, x)
     vector = vector_factor(width, lanes) if depthwise else regular_vector(width, lanes)
     x_o, tile_x = x, []
@@ -151,12 +196,23 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
         task = parallel(sch, [n, channel])
         unrolled = y_i
     else:
+        # A full register of columns: 6 output channels x 2 vectors (12 accumulators, each loaded
+        # input vector used 6 times, each broadcast weight twice); a narrower vector (a 4-lane piece of
+        # a 196-pixel map, a pair of columns): 8 channels x 1.
+        full = vector == lanes
         channels = extent(sch, channel)
-        width = next((c for c in _REGULAR_CHANNELS if channels % c == 0), 1)
+        width = next((c for c in (_WIDE_CHANNELS if full else _REGULAR_CHANNELS) if channels % c == 0), 1)
         c_o, c_i = sch.split(channel, factors=[None, width])
-        sch.reorder(n, c_o, y, x_o, *reduce, c_i, *tile_x)
-        task = parallel(sch, [n, c_o, y])
+        rows = [y] if y is not None else []
+        if full and extent(sch, x_o) % _WIDE_VECTORS == 0:
+            x_o, x_v = sch.split(x_o, factors=[None, _WIDE_VECTORS])
+            tile_x = [x_v, *tile_x]
+        sch.reorder(n, c_o, *rows, x_o, *reduce, c_i, *tile_x)
+        task = parallel(sch, [n, c_o, *rows])
         unrolled = c_i
+        if len(tile_x) == 2:
+            sch.unroll(tile_x[0])
+            tile_x = tile_x[1:]
     for producer in producers:
         if _is_copy(sch, producer) and attempt(sch.compute_inline, producer):
             continue  # a pad of nothing (TOPI pads 1x1 convs too): read the input directly
@@ -169,7 +225,10 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
         sch.reverse_compute_at(epilogue, x_o)
         sch.set_scope(conv, 0, "local")
         if vector is not None:
-            sch.vectorize(sch.get_loops(epilogue)[-1])
+            last = sch.get_loops(epilogue)[-1]
+            if extent(sch, last) > vector:
+                last = sch.split(last, factors=[None, vector])[1]
+            sch.vectorize(last)
     sch.unroll(unrolled)
     if vector is not None:
         sch.vectorize(tile_x[0])
