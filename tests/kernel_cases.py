@@ -20,12 +20,13 @@ from testing_support import conv2d_int_reference
 
 def conv_func(isa, shape, out_c, kernel, stride, pad, dilation, pad_value, pixels=False):
     data = te.placeholder(shape, "uint8", "data")
-    blocks_in = -(-shape[1] // 4)
+    group = isa.group
+    blocks_in = -(-shape[1] // group)
     if pixels:
-        packed_shape = (out_c, blocks_in, kernel, kernel, 4)
+        packed_shape = (out_c, blocks_in, kernel, kernel, group)
     else:
-        packed_shape = (-(-out_c // isa.lanes), blocks_in, kernel, kernel, isa.lanes, 4)
-    packed = te.placeholder(packed_shape, "int8", "packed")
+        packed_shape = (-(-out_c // isa.lanes), blocks_in, kernel, kernel, isa.lanes, group)
+    packed = te.placeholder(packed_shape, isa.weight_dtype, "packed")
     bias = te.placeholder((out_c,), "int32", "bias")
     geometry = {
         "kernel": (kernel, kernel),
@@ -116,7 +117,7 @@ def dense_case(isa, shape, columns, seed=1):
     bias = rng.integers(-5000, 5000, columns).astype(np.int32)
     packed, correction = pack_dense_weight(weight, isa)
     x = te.placeholder(shape, "uint8", "x")
-    w = te.placeholder(packed.shape, "int8", "w")
+    w = te.placeholder(packed.shape, isa.weight_dtype, "w")
     b = te.placeholder((columns,), "int32", "b")
     func = te.create_prim_func([x, w, b, dense_dot(x, w, b, isa_name=isa.name, columns=columns)])
     expected = data.astype(np.int64) @ weight.astype(np.int64) + bias

@@ -3,6 +3,8 @@ the Relax rewrite that puts them into a quantized model."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -14,6 +16,7 @@ from ohq_tvm.build.schedules import CPUDefaultRule
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.kernels import (
+    AVX2,
     AVX512_VNNI,
     AVX_VNNI,
     SDOT,
@@ -42,7 +45,9 @@ from testing_support import host_target, run_local
 
 X86_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
 X86_AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})
-X86_NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})
+X86_NO_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "skylake"})  # AVX2
+X86_AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+X86_NO_AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "sandybridge"})  # AVX without AVX2
 ARM_DOTPROD = tvm.target.Target(
     {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 )
@@ -52,12 +57,17 @@ HOST_ISA = dot_product_isa(host_target())
 needs_vnni = pytest.mark.skipif(
     HOST_ISA is None or HOST_ISA.name != "avx512_vnni", reason="this CPU has no AVX-512 VNNI"
 )
+needs_avx2 = pytest.mark.skipif(
+    not tvm.target.codegen.target_has_features("avx2", host_target()), reason="this CPU has no AVX2"
+)
 
 
 def test_isa_detection_from_the_target():
     assert dot_product_isa(X86_VNNI) is AVX512_VNNI
     assert dot_product_isa(X86_AVX_VNNI) is AVX_VNNI
-    assert dot_product_isa(X86_NO_VNNI) is None
+    assert dot_product_isa(X86_NO_VNNI) is AVX2
+    assert dot_product_isa(X86_AVX2) is AVX2
+    assert dot_product_isa(X86_NO_AVX2) is None
     assert dot_product_isa(ARM_DOTPROD) is SDOT
     assert dot_product_isa(ARM_NEON) is None
 
@@ -107,8 +117,46 @@ def test_pixel_form_is_chosen_for_stride_one_rows_the_lanes_divide():
     assert pixel_lanes(56, (1, 1), isas) is AVX_VNNI  # 56 = 7 x 8
     assert pixel_lanes(28, (1, 1), isas) is None
     assert pixel_lanes(112, (2, 2), isas) is None
-    assert usable_isas(X86_NO_VNNI) == []
+    assert usable_isas(X86_NO_VNNI) == [AVX2]
+    assert pixel_lanes(56, (1, 1), [AVX2]) is AVX2
+    assert usable_isas(X86_NO_AVX2) == []
     assert pixel_lanes(28, (1, 1), usable_isas(ARM_DOTPROD)) is SDOT
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("case", "pixels"),
+    [(c, False) for c in CONV_CASES] + [(c, True) for c in PIXEL_CASES],
+    ids=lambda v: "x".join(map(str, v[0])) + f"-o{v[1]}k{v[2]}s{v[3]}" if isinstance(v, tuple) else str(v),
+)
+def test_avx2_conv2d_kernel_is_bit_exact(case, pixels):
+    # vpmaddwd on int16 pairs: exact where uint8 x int8 pairs (vpmaddubsw) would saturate, so the
+    # operands are the extremes: activations up to 255, weights down to -128.
+    data, packed, bias, expected = conv_case(AVX2, *case, pixels=pixels)
+    assert data.max() == 255 and packed.min() == -128
+    sch = schedule_default(conv_func(AVX2, *case, pixels=pixels))
+    lib, out = _run(sch.mod["main"], X86_AVX2, [data, packed, bias], expected.shape)
+    np.testing.assert_array_equal(out, expected)
+    assert re.search(r"vpmaddwd\t[^\n]*%ymm", lib.mod.inspect_source("asm"))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("shape", "columns"), DENSE_CASES, ids=lambda v: str(v))
+def test_avx2_dense_kernel_is_bit_exact(shape, columns):
+    func, arrays, expected = dense_case(AVX2, shape, columns)
+    lib, out = _run(schedule_default(func).mod["main"], X86_AVX2, arrays, expected.shape)
+    np.testing.assert_array_equal(out, expected)
+    assert "vpmaddwd" in lib.mod.inspect_source("asm")
+
+
+def test_avx2_tiles_fit_its_sixteen_registers():
+    assert AVX2.max_tile == 12 and AVX512_VNNI.max_tile == 16 and SDOT.max_tile == 16
+    func = conv_func(AVX2, (1, 64, 14, 14), 64, 3, 1, 1, 1, 0)
+    script = schedule_default(func).mod["main"].script()
+    (tile,) = [line for line in script.splitlines() if "sblock_alloc_buffer" in line and "local" in line]
+    assert "int32" in tile
+    asm = _asm(func, X86_AVX2)
+    assert "zmm" not in asm and "vpmaddwd" in asm
 
 
 def test_sdot_arithmetic_is_exact_before_tensorization():
@@ -180,8 +228,11 @@ def test_pass_rewrites_every_integer_layer_to_its_kernel(int8_tiny_cnn):
     assert _ops(rewritten, "relax.nn.conv2d") == 0
     assert _ops(rewritten, "relax.nn.pad") == 0  # the stem's zero-point pad is folded into its kernel
     assert len(_funcs(rewritten, "depthwise_conv2d_int8")) == 2
+    # AVX2's int16 form takes the same layers.
+    avx2 = UseCPUKernels(X86_NO_VNNI)(mod)
+    assert [n for n in _dot_funcs(avx2) if "avx2" in n] == _dot_funcs(avx2) and len(_dot_funcs(avx2)) == 5
     # Without a dot-product instruction only the depthwise convs change.
-    plain = UseCPUKernels(X86_NO_VNNI)(mod)
+    plain = UseCPUKernels(X86_NO_AVX2)(mod)
     assert _dot_funcs(plain) == [] and len(_funcs(plain, "depthwise_conv2d_int8")) == 2
     assert _ops(plain, "relax.nn.conv2d") == 4
     gpu = tvm.target.Target({"kind": "cuda"})
@@ -288,11 +339,11 @@ def test_requantize_is_fused_into_the_kernel(int8_tiny_cnn):
     assert any("dequantize" in name for name in fused)
 
 
-@needs_vnni
+@pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no dot-product kernel (VNNI, AVX2)")
 def test_model_with_dot_kernels_gives_the_same_outputs(int8_tiny_cnn):
     imported, mod = int8_tiny_cnn
     x = np.random.default_rng(3).standard_normal(imported.inputs[0].shape).astype(np.float32)
-    (with_kernels,) = run_local(mod, x)  # the host has VNNI: the kernels are used
-    vm = relax.VirtualMachine(relax.build(mod, X86_NO_VNNI), tvm.cpu())  # TVM's own int8 conv2d
+    (with_kernels,) = run_local(mod, x)  # the host's kernels (VNNI or AVX2) are used
+    vm = relax.VirtualMachine(relax.build(mod, X86_NO_AVX2), tvm.cpu())  # TVM's own int8 conv2d
     without = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(with_kernels, without)

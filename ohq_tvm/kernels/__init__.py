@@ -13,10 +13,11 @@ from .int8_dot import (
     pack_dense_weight,
     pixel_lanes,
 )
-from .isa import AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa, usable_isas
+from .isa import AVX2, AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa, usable_isas
 from .schedule import has_dot_kernel, schedule_default
 
 __all__ = [
+    "AVX2",
     "AVX512_VNNI",
     "AVX_VNNI",
     "ISAS",

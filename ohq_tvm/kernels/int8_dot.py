@@ -18,7 +18,9 @@ int32 ``bias`` (the caller folds zero-point compensation and the layer's bias in
   multiple of 4 needs a zero-padded copy. The weight is packed to ``[N/L, K/4, L, 4]``.
 
 For ``sdot`` (signed × signed) the first stage also shifts activations to int8 (``x - 128``); the packing
-functions return the matching ``128 · Σw`` correction for the caller to add to ``bias``.
+functions return the matching ``128 · Σw`` correction for the caller to add to ``bias``. For ``avx2``
+(``vpmaddwd``) the groups are 2 wide instead of 4 and hold int16: the first stage widens the activations,
+the weights are packed as int16 (every "4" above reads "2" there).
 
 Blocks carry a ``schedule_rule`` annotation naming the rule in :mod:`.schedule` that schedules them, so
 MetaSchedule tunes them with that rule and the zero-budget schedule uses the same rule with default tiles.
@@ -45,28 +47,30 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def pack_conv2d_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW int8 → ``[O/L, C/4, KH, KW, L, 4]`` (zero-padded), and the per-channel bias correction."""
+    """OIHW int8 → ``[O/L, C/G, KH, KW, L, G]`` (zero-padded, in the ISA's weight type), and the
+    per-channel bias correction."""
     if weight.dtype != np.int8 or weight.ndim != 4:
         raise ValueError(f"expected an OIHW int8 weight, got {weight.dtype} {weight.shape}")
     out_c, in_c, kh, kw = weight.shape
-    lanes = isa.lanes
-    padded = np.zeros((_round_up(out_c, lanes), _round_up(in_c, 4), kh, kw), np.int8)
+    lanes, group = isa.lanes, isa.group
+    padded = np.zeros((_round_up(out_c, lanes), _round_up(in_c, group), kh, kw), isa.weight_dtype)
     padded[:out_c, :in_c] = weight
-    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // 4, 4, kh, kw)
+    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // group, group, kh, kw)
     packed = np.ascontiguousarray(packed.transpose(0, 2, 4, 5, 1, 3))
     correction = isa.activation_offset * weight.reshape(out_c, -1).astype(np.int64).sum(axis=1)
     return packed, correction
 
 
 def pack_conv2d_weight_pixels(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW int8 → ``[O, C/4, KH, KW, 4]`` (channels zero-padded) for :func:`conv2d_dot_pixels`, and the
+    """OIHW int8 → ``[O, C/G, KH, KW, G]`` (channels zero-padded) for :func:`conv2d_dot_pixels`, and the
     per-channel bias correction."""
     if weight.dtype != np.int8 or weight.ndim != 4:
         raise ValueError(f"expected an OIHW int8 weight, got {weight.dtype} {weight.shape}")
     out_c, in_c, kh, kw = weight.shape
-    padded = np.zeros((out_c, _round_up(in_c, 4), kh, kw), np.int8)
+    group = isa.group
+    padded = np.zeros((out_c, _round_up(in_c, group), kh, kw), isa.weight_dtype)
     padded[:, :in_c] = weight
-    packed = np.ascontiguousarray(padded.reshape(out_c, -1, 4, kh, kw).transpose(0, 1, 3, 4, 2))
+    packed = np.ascontiguousarray(padded.reshape(out_c, -1, group, kh, kw).transpose(0, 1, 3, 4, 2))
     correction = isa.activation_offset * weight.reshape(out_c, -1).astype(np.int64).sum(axis=1)
     return packed, correction
 
@@ -80,14 +84,14 @@ def pixel_lanes(out_width: int, strides: tuple[int, int], isas: list[DotProductI
 
 
 def pack_dense_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
-    """``[K, N]`` int8 → ``[N/L, K/4, L, 4]`` (zero-padded), and the per-column bias correction."""
+    """``[K, N]`` int8 → ``[N/L, K/G, L, G]`` (zero-padded), and the per-column bias correction."""
     if weight.dtype != np.int8 or weight.ndim != 2:
         raise ValueError(f"expected a [K, N] int8 weight, got {weight.dtype} {weight.shape}")
     reduction, columns = weight.shape
-    lanes = isa.lanes
-    padded = np.zeros((_round_up(columns, lanes), _round_up(reduction, 4)), np.int8)
+    lanes, group = isa.lanes, isa.group
+    padded = np.zeros((_round_up(columns, lanes), _round_up(reduction, group)), isa.weight_dtype)
     padded[:columns, :reduction] = weight.T
-    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // 4, 4)
+    packed = padded.reshape(padded.shape[0] // lanes, lanes, padded.shape[1] // group, group)
     packed = np.ascontiguousarray(packed.transpose(0, 2, 1, 3))
     correction = isa.activation_offset * weight.astype(np.int64).sum(axis=0)
     return packed, correction
@@ -97,6 +101,8 @@ def _activation(value, isa: DotProductISA):
     """A uint8 activation as the instruction reads it."""
     if isa.activation_dtype == "uint8":
         return value
+    if isa.activation_dtype == "int16":  # widened once here, not per instruction
+        return value.astype("int16")
     return (value.astype("int32") - isa.activation_offset).astype("int8")
 
 
@@ -121,7 +127,7 @@ def _conv_sum(data_packed, packed, shape, *, column, weight, geometry, name, isa
         te.reduce_axis((0, int(packed.shape[1])), "rco"),
         te.reduce_axis((0, kernel[0]), "rkh"),
         te.reduce_axis((0, kernel[1]), "rkw"),
-        te.reduce_axis((0, 4), "rci"),
+        te.reduce_axis((0, isa.group), "rci"),
     )
 
     def accumulate(b, o, y, *last):
@@ -145,13 +151,15 @@ def _pack_conv_input(data, isa, padding, pad_value):
     top, left, bottom, right = padding
     fill = tirx.const(pad_value, "uint8")
 
+    group = isa.group
+
     def pack(b, co, y, x, ci):
-        c = co * 4 + ci
+        c = co * group + ci
         inside = tirx.all(y >= top, y < height + top, x >= left, x < width + left, c < in_c)
         value = data[b, tirx.min(c, in_c - 1), tirx.max(y - top, 0), tirx.max(x - left, 0)]
         return _activation(tirx.if_then_else(inside, value, fill), isa)
 
-    shape = (n, _round_up(in_c, 4) // 4, height + top + bottom, width + left + right, 4)
+    shape = (n, _round_up(in_c, group) // group, height + top + bottom, width + left + right, group)
     return te.compute(shape, pack, name=PACK_BLOCK, attrs=_attrs(isa))
 
 
@@ -236,15 +244,15 @@ def dense_dot(
     isa = ISAS[isa_name]
     *batch, reduction = (int(d) for d in data.shape)
     blocks_k = int(packed.shape[1])
-    lanes = isa.lanes
-    if reduction % 4 or isa.activation_offset:
+    lanes, group = isa.lanes, isa.group
+    if reduction % group or isa.activation_dtype != "uint8":
 
         def pack(*idx):
-            k = idx[-2] * 4 + idx[-1]
+            k = idx[-2] * group + idx[-1]
             value = data[(*idx[:-2], tirx.min(k, reduction - 1))]
             return _activation(tirx.if_then_else(k < reduction, value, tirx.const(0, "uint8")), isa)
 
-        rows = te.compute((*batch, blocks_k, 4), pack, name=PACK_BLOCK, attrs=_attrs(isa))
+        rows = te.compute((*batch, blocks_k, group), pack, name=PACK_BLOCK, attrs=_attrs(isa))
 
         def row_at(idx, ko, ki):
             return rows[(*idx, ko, ki)]
@@ -252,10 +260,10 @@ def dense_dot(
         rows = data
 
         def row_at(idx, ko, ki):
-            return rows[(*idx, ko * 4 + ki)]
+            return rows[(*idx, ko * group + ki)]
 
     rko = te.reduce_axis((0, blocks_k), "rko")
-    rki = te.reduce_axis((0, 4), "rki")
+    rki = te.reduce_axis((0, group), "rki")
     acc = te.compute(
         (*batch, int(packed.shape[0]), lanes),
         lambda *idx: te.sum(

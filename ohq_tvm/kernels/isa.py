@@ -1,8 +1,9 @@
 """Which integer dot-product instruction a target has, and the tensor intrinsic that emits it.
 
-Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` outputs ``i`` and ``k < 4``: four
-8-bit activations (``A``, broadcast to every lane) against a ``lanes × 4`` block of 8-bit weights, summed
-into 32-bit lanes without intermediate saturation (lanes over output channels). The *pixel* form computes
+Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` outputs ``i`` and ``k < G`` (the
+ISA's ``group``: 4 bytes, or 2 16-bit values): ``G`` activations (``A``, broadcast to every lane) against a
+``lanes × G`` block of weights, summed into 32-bit lanes without intermediate saturation (lanes over
+output channels). The *pixel* form computes
 ``C[i] += sum_k A[i, k] * B[k]``: ``lanes`` output pixels' 4 activations each against 4 weights broadcast
 (lanes over output pixels, so a result vector is a contiguous piece of an NCHW output row). The kernels in
 :mod:`.int8_dot` lay data out so that each block an instruction reads is 4·``lanes`` contiguous bytes.
@@ -11,6 +12,10 @@ into 32-bit lanes without intermediate saturation (lanes over output channels). 
 - ``avx_vnni`` (x86 AVX-VNNI or AVX-512 VNNI+VL on 256-bit registers): ``vpdpbusd`` on ymm, 8 lanes.
 - ``sdot`` (AArch64 ``+dotprod``): ``sdot`` on 128-bit registers, int8 × int8, 4 lanes. Activations are
   uint8 in ohq-tvm, so the kernel shifts them to int8 (``x - 128``) and adds ``128 · Σw`` back.
+- ``avx2`` (x86 AVX2 without VNNI, e.g. Zen 3, Haswell to Skylake client): ``vpmaddwd`` on ymm, int16 ×
+  int16 in pairs (``group`` 2), 8 lanes, and a ``vpaddd`` into the accumulator. Activations are widened
+  to int16 once, in the kernel's packing copy, weights offline. Not ``vpmaddubsw`` (uint8 × int8): its
+  int16 pair sums saturate (255·127·2 > 32767), so it is not exact.
 
 LLVM 22 declares ``llvm.x86.avx512.vpdpbusd.*`` over byte vectors (``<64 x i8>``), which TVM's own
 ``dot_16x4_vnni`` intrinsic (written for ``<16 x i32>`` operands) fails LLVM verification with; the
@@ -34,8 +39,12 @@ class DotProductISA:
 
     name: str
     lanes: int
-    activation_dtype: str  # what the instruction multiplies: uint8 (vpdpbusd) or int8 (sdot)
+    activation_dtype: str  # what the instruction multiplies: uint8 (vpdpbusd), int8 (sdot), int16 (avx2)
     intrinsic: str  # registered TensorIntrin name: lanes over output channels (weights vary per lane)
+    instruction: str = "vpdpbusd"  # its assembly mnemonic
+    group: int = 4  # products summed into each 32-bit lane per instruction (4 bytes or 2 int16)
+    weight_dtype: str = "int8"
+    registers: int = 32  # vector registers: the register tile's budget
 
     @property
     def pixel_intrinsic(self) -> str:
@@ -48,11 +57,19 @@ class DotProductISA:
         """What is subtracted from the uint8 activations before the instruction sees them."""
         return 128 if self.activation_dtype == "int8" else 0
 
+    @property
+    def max_tile(self) -> int:
+        """Accumulators a register tile may hold: the registers less those the operands need."""
+        return self.registers // 2 if self.registers >= 32 else self.registers - 4
+
 
 AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx512vnni")
 AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni")
-SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot")
-ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT)}
+SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot", instruction="sdot")
+AVX2 = DotProductISA(
+    "avx2", 8, "int16", "ohq_dot_i16i16_8x2_avx2", "vpmaddwd", group=2, weight_dtype="int16", registers=16
+)
+ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, AVX2)}
 
 
 def _has(feature: str, target: Target) -> bool:
@@ -84,20 +101,24 @@ def dot_product_isa(target: Target) -> DotProductISA | None:
         return AVX512_VNNI
     if _has("avxvnni", target) or (_has("avx512vnni", target) and _has("avx512vl", target)):
         return AVX_VNNI
+    if _has("avx2", target):
+        return AVX2
     return None
 
 
-def _dot_description(lanes: int, dtype: str):
+def _dot_description(isa: DotProductISA):
+    lanes, group, dtype, wdtype = isa.lanes, isa.group, isa.activation_dtype, isa.weight_dtype
+
     @T.prim_func(s_tir=True)
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        A = T.match_buffer(a, (group,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), wdtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
@@ -105,41 +126,53 @@ def _dot_description(lanes: int, dtype: str):
     return description
 
 
-def _dot_implementation(lanes: int, dtype: str, llvm_intrinsic: str):
-    """Broadcast the 4 activation bytes to every 32-bit lane, load the weight block as bytes, call."""
-    bytes_ = lanes * 4
+def _instruction(isa: DotProductISA, accumulator, activations, weights):
+    """The instruction's result: ``accumulator`` plus the ``group``-wise dot products of the two operand
+    vectors (``vpdpbusd`` and ``sdot`` accumulate themselves; ``vpmaddwd`` is followed by an add)."""
+    lanes = isa.lanes
+    intrinsic = T.llvm_lookup_intrinsic_id(_LLVM_INTRINSICS[isa.name])
+    if isa.name == AVX2.name:
+        return accumulator + T.call_llvm_pure_intrin(intrinsic, activations, weights, dtype=f"int32x{lanes}")
+    return T.call_llvm_pure_intrin(intrinsic, accumulator, activations, weights, dtype=f"int32x{lanes}")
+
+
+def _dot_implementation(isa: DotProductISA):
+    """Broadcast the ``group`` activations (32 bits) to every 32-bit lane, load the weight block, call."""
+    lanes, group, dtype, wdtype = isa.lanes, isa.group, isa.activation_dtype, isa.weight_dtype
+    elements = lanes * group
 
     @T.prim_func(s_tir=True)
     def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), dtype, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        A = T.match_buffer(a, (group,), dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, group), wdtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            quad = T.reinterpret(A.vload([0], f"{dtype}x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+            quad = T.reinterpret(A.vload([0], f"{dtype}x{group}"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = _instruction(
+                isa,
                 C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{dtype}x{bytes_}"),
-                B.vload([0, 0], dtype=f"int8x{bytes_}"),
-                dtype=f"int32x{lanes}",
+                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{dtype}x{elements}"),
+                B.vload([0, 0], dtype=f"{wdtype}x{elements}"),
             )
 
     return implementation
 
 
-def _pixel_description(lanes: int, dtype: str):
+def _pixel_description(isa: DotProductISA):
+    lanes, group, dtype, wdtype = isa.lanes, isa.group, isa.activation_dtype, isa.weight_dtype
+
     @T.prim_func(s_tir=True)
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (lanes, 4), dtype, offset_factor=1)
-        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        A = T.match_buffer(a, (lanes, group), dtype, offset_factor=1)
+        B = T.match_buffer(b, (group,), wdtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.reads(C[0:lanes], A[0:lanes, 0:group], B[0:group])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
@@ -147,25 +180,25 @@ def _pixel_description(lanes: int, dtype: str):
     return description
 
 
-def _pixel_implementation(lanes: int, dtype: str, llvm_intrinsic: str):
-    """Load ``lanes`` pixels × 4 activation bytes as one vector, broadcast the 4 weight bytes, call."""
-    bytes_ = lanes * 4
+def _pixel_implementation(isa: DotProductISA):
+    """Load ``lanes`` pixels × ``group`` activations as one vector, broadcast the ``group`` weights, call."""
+    lanes, group, dtype, wdtype = isa.lanes, isa.group, isa.activation_dtype, isa.weight_dtype
+    elements = lanes * group
 
     @T.prim_func(s_tir=True)
     def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (lanes, 4), dtype, offset_factor=1)
-        B = T.match_buffer(b, (4,), "int8", offset_factor=1)
+        A = T.match_buffer(a, (lanes, group), dtype, offset_factor=1)
+        B = T.match_buffer(b, (group,), wdtype, offset_factor=1)
         C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.reads(C[0:lanes], A[0:lanes, 0:group], B[0:group])
             T.writes(C[0:lanes])
-            quad = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_intrinsic),
+            quad = T.reinterpret(B.vload([0], f"{wdtype}x{group}"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, lanes)] = _instruction(
+                isa,
                 C.vload([0], dtype=f"int32x{lanes}"),
-                A.vload([0, 0], dtype=f"{dtype}x{bytes_}"),
-                T.reinterpret(T.broadcast(quad, lanes), dtype=f"int8x{bytes_}"),
-                dtype=f"int32x{lanes}",
+                A.vload([0, 0], dtype=f"{dtype}x{elements}"),
+                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{wdtype}x{elements}"),
             )
 
     return implementation
@@ -175,6 +208,7 @@ _LLVM_INTRINSICS = {
     AVX512_VNNI.name: "llvm.x86.avx512.vpdpbusd.512",
     AVX_VNNI.name: "llvm.x86.avx512.vpdpbusd.256",  # LLVM selects the VEX form on AVX-VNNI CPUs
     SDOT.name: "llvm.aarch64.neon.sdot.v4i32.v16i8",
+    AVX2.name: "llvm.x86.avx2.pmadd.wd",
 }
 
 
@@ -183,17 +217,8 @@ def register_intrinsics() -> None:
     for isa in ISAS.values():
         if TensorIntrin.get(isa.intrinsic, allow_missing=True) is not None:
             continue
-        dtype, llvm_intrinsic = isa.activation_dtype, _LLVM_INTRINSICS[isa.name]
-        TensorIntrin.register(
-            isa.intrinsic,
-            _dot_description(isa.lanes, dtype),
-            _dot_implementation(isa.lanes, dtype, llvm_intrinsic),
-        )
-        TensorIntrin.register(
-            isa.pixel_intrinsic,
-            _pixel_description(isa.lanes, dtype),
-            _pixel_implementation(isa.lanes, dtype, llvm_intrinsic),
-        )
+        TensorIntrin.register(isa.intrinsic, _dot_description(isa), _dot_implementation(isa))
+        TensorIntrin.register(isa.pixel_intrinsic, _pixel_description(isa), _pixel_implementation(isa))
 
 
 register_intrinsics()
