@@ -135,8 +135,10 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # r5: depthwise convs (float too) on the plane kernel, 1x1 convs register-tiled, int8 convs on stride-1
 # rows with lanes over pixels, integer output stages and rounding vectorised; r6: the loopback board's
 # servers run kernels on all physical cores (TVM's default had been half the logical CPUs on x86); r7:
-# timed only while the board runs at its usual speed (the canary of :mod:`.quiet`).
-MEASUREMENT_REVISION = 7
+# timed only while the board runs at its usual speed (the canary of :mod:`.quiet`); r8: vector widths from
+# the target's features (AVX2 had been given AVX-512's 16 lanes), 1x1 convs along one pixel axis, int8
+# layers on AVX2 without VNNI on the vpmaddwd kernels.
+MEASUREMENT_REVISION = 8
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
