@@ -140,15 +140,6 @@ def test_avx2_conv2d_kernel_is_bit_exact(case, pixels):
     assert re.search(r"vpmaddwd\t[^\n]*%ymm", lib.mod.inspect_source("asm"))
 
 
-@needs_avx2
-@pytest.mark.parametrize(("shape", "columns"), DENSE_CASES, ids=lambda v: str(v))
-def test_avx2_dense_kernel_is_bit_exact(shape, columns):
-    func, arrays, expected = dense_case(AVX2, shape, columns)
-    lib, out = _run(schedule_default(func).mod["main"], X86_AVX2, arrays, expected.shape)
-    np.testing.assert_array_equal(out, expected)
-    assert "vpmaddwd" in lib.mod.inspect_source("asm")
-
-
 def test_avx2_tiles_fit_its_sixteen_registers():
     assert AVX2.max_tile == 12 and AVX512_VNNI.max_tile == 16 and SDOT.max_tile == 16
     func = conv_func(AVX2, (1, 64, 14, 14), 64, 3, 1, 1, 1, 0)
@@ -193,13 +184,19 @@ def test_x86_assembly_uses_vpdpbusd_on_zmm_and_ymm():
     assert "vpdpbusd\t%ymm" in _asm(func, X86_AVX_VNNI)
 
 
-@needs_vnni
+@pytest.mark.parametrize(
+    ("isa", "target"),
+    [
+        pytest.param(AVX512_VNNI, X86_VNNI, marks=needs_vnni, id="avx512_vnni"),
+        pytest.param(AVX2, X86_AVX2, marks=needs_avx2, id="avx2"),
+    ],
+)
 @pytest.mark.parametrize(("shape", "columns"), DENSE_CASES, ids=lambda v: str(v))
-def test_dense_kernel_is_bit_exact(shape, columns):
-    func, arrays, expected = dense_case(AVX512_VNNI, shape, columns)
-    lib, out = _run(schedule_default(func).mod["main"], X86_VNNI, arrays, expected.shape)
+def test_dense_kernel_is_bit_exact(isa, target, shape, columns):
+    func, arrays, expected = dense_case(isa, shape, columns)
+    lib, out = _run(schedule_default(func).mod["main"], target, arrays, expected.shape)
     np.testing.assert_array_equal(out, expected)
-    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    assert isa.instruction in lib.mod.inspect_source("asm")
 
 
 @pytest.fixture(scope="module")
