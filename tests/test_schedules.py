@@ -10,7 +10,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from ohq_tvm import models
 from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
-from ohq_tvm.build.conv_schedule import regular_vector
+from ohq_tvm.build.conv_schedule import _depthwise_vector, regular_vector
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.kernels.loops import vector_factor
 
@@ -123,6 +123,14 @@ def test_depthwise_and_stem_convs_get_a_register_tile_with_the_epilogue_inside()
 )
 def test_regular_conv_vectors_divide_the_row(width, lanes, vector):
     assert regular_vector(width, lanes) == vector
+
+
+@pytest.mark.parametrize(
+    ("width", "lanes", "vector"),
+    [(14, 8, 16), (7, 8, 8), (28, 8, 4), (56, 8, 8), (14, 16, 16), (112, 16, 16)],
+)
+def test_depthwise_rows_two_registers_cover_are_one_vector(width, lanes, vector):
+    assert _depthwise_vector(width, lanes) == vector
 
 
 @pytest.mark.parametrize(
