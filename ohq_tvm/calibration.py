@@ -90,7 +90,7 @@ class Calibration:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_json())
+        return write_json(path, self.to_json(), "calibration")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .cli_planning import (
     BUDGET_HELP,
@@ -14,6 +15,8 @@ from .cli_planning import (
     board_arguments,
     board_connection,
     emulation_note,
+    positive_int,
+    precision_list,
     print_plan_table,
     tuning_arguments,
 )
@@ -78,7 +81,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             plan=args.plan,
             budget=args.budget,
             database=args.db,
-            precisions=[p for p in (args.precisions or "").split(",") if p] or None,
+            precisions=args.precisions,
             mqe_batches=args.batches,
             mqe_data=args.mqe_data,
             whole_model=not args.parts_only,
@@ -156,10 +159,16 @@ def _cmd_board_emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors like every other error a user can cause: one ``error:`` line and exit status 2
+    (argparse's own prints the usage first); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ohq-tvm", description="Hardware-aware mixed-precision compilation on Apache TVM."
-    )
+    parser = _Parser(prog="ohq-tvm", description="Hardware-aware mixed-precision compilation on Apache TVM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("targets", help="list the built-in boards").set_defaults(run=_cmd_targets)
@@ -196,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
     quant.add_argument(
-        "--precisions", help="--budget: comma-separated candidates (default: all the board has)"
+        "--precisions",
+        type=precision_list,
+        help="--budget: comma-separated candidates (default: all the board has)",
     )
     quant.add_argument(
-        "--batches", type=int, default=4, help="--budget: synthetic batches for MQE (default: 4)"
+        "--batches", type=positive_int, default=4, help="--budget: synthetic batches for MQE (default: 4)"
     )
     add_mqe_data_argument(quant)
     quant.add_argument(

@@ -5,8 +5,35 @@ from __future__ import annotations
 
 import argparse
 
+from .errors import OHQError
 from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
+from .precision import Precision
 from .progress import StageProgress
+
+
+def positive_int(text: str) -> int:
+    """An argument that counts something (workers, operators, batches): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def precision_list(text: str) -> list[Precision]:
+    """``--precisions``: comma-separated known precision names, none of them empty (an empty list would
+    otherwise read as "all the board has")."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty precision name; give a comma-separated list such as fp32,int8"
+        )
+    try:
+        return [Precision.parse(name) for name in names]
+    except OHQError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _board_options(args: argparse.Namespace) -> dict:
@@ -16,7 +43,7 @@ def _board_options(args: argparse.Namespace) -> dict:
     return {
         "connection": board_connection(args),
         "database": args.db,
-        "precisions": [p for p in (args.precisions or "").split(",") if p] or None,
+        "precisions": args.precisions,
         "input_shapes": parse_input_shapes(args.input_shape or []),
     }
 
@@ -186,7 +213,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     result.sensitivity.save(out.with_name(out.stem + ".sensitivity.json"))
     print_plan_table(result)
     if result.frontier:
-        write_json(out.with_name(out.stem + ".frontier.json"), [p.to_json() for p in result.frontier])
+        frontier = out.with_name(out.stem + ".frontier.json")
+        write_json(frontier, [p.to_json() for p in result.frontier], "frontier")
         print("Pareto frontier (latency vs sensitivity):")
         _print_table(
             [["#", "latency ms", "weights MB", "sensitivity", "precisions"]]
@@ -199,9 +227,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_db(args: argparse.Namespace) -> int:
     import json
 
+    from .jsonfile import write_atomic
     from .oqa import LatencyDatabase
 
-    with LatencyDatabase(args.db) as db:
+    with LatencyDatabase(args.db, create=False) as db:  # reading or clearing it never makes one
         if args.action == "show":
             boards = db.boards()
             if not boards:
@@ -222,8 +251,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
             rows = [m.to_json() for m in db.measurements(args.board)]
             text = json.dumps({"boards": db.boards(), "measurements": rows}, indent=2)
             if args.output:
-                with open(args.output, "w") as stream:
-                    stream.write(text + "\n")
+                write_atomic(args.output, text + "\n", "export file", make_parents=False)
                 print(f"wrote {len(rows)} measurements to {args.output}")
             else:
                 print(text)
@@ -375,7 +403,9 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     board_arguments(meas)
     meas.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
     meas.add_argument(
-        "--precisions", help="comma-separated candidates, e.g. fp32,int8 (default: all the board has)"
+        "--precisions",
+        type=precision_list,
+        help="comma-separated candidates, e.g. fp32,int8 (default: all the board has)",
     )
     meas.add_argument("--repeat", type=int, help="timed repeats per operator (default: $OHQ_TVM_REPEAT or 5)")
     meas.add_argument(
@@ -383,7 +413,9 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="minimum length of one repeat (default: $OHQ_TVM_MIN_REPEAT_MS or 40 ms)",
     )
-    meas.add_argument("--workers", type=int, help="parallel sessions (default: idle servers under the key)")
+    meas.add_argument(
+        "--workers", type=positive_int, help="parallel sessions (default: idle servers under the key)"
+    )
     meas.add_argument(
         "--schedule",
         choices=["default", "none"],
@@ -392,7 +424,8 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     )
     meas.add_argument(
         "--budget",
-        type=int,
+        type=positive_int,
+        metavar="N",
         help="measure at most N operators now, slowest-predicted first; predict the rest",
     )
     tuning_arguments(meas)
@@ -404,13 +437,17 @@ def add_planning_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("model", help="path to an .onnx file")
     board_arguments(plan)
     plan.add_argument("--db", help="measurement database (default: $OHQ_TVM_DB or ~/.cache/ohq-tvm)")
-    plan.add_argument("--precisions", help="comma-separated candidates (default: all the board has)")
+    plan.add_argument(
+        "--precisions", type=precision_list, help="comma-separated candidates (default: all the board has)"
+    )
     budget = plan.add_mutually_exclusive_group()
     budget.add_argument("--latency-ms", type=float, help="latency budget in milliseconds")
     budget.add_argument("--latency-ratio", type=float, help="latency budget as a fraction of the fp32 plan's")
     plan.add_argument("--size-mb", type=float, help="weight size budget in MB")
     plan.add_argument("--budget", metavar="SPEC", help=BUDGET_HELP)
-    plan.add_argument("--batches", type=int, default=4, help="synthetic batches for MQE (default: 4)")
+    plan.add_argument(
+        "--batches", type=positive_int, default=4, help="synthetic batches for MQE (default: 4)"
+    )
     add_mqe_data_argument(plan)
     plan.add_argument(
         "--pareto", type=int, default=0, metavar="N", help="also sweep N budgets for the frontier"

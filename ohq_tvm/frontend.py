@@ -96,6 +96,28 @@ def _dtype(elem_type: int) -> str:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
+def _check_given_shape(vi: onnx.ValueInfoProto, shape: tuple[int, ...], source: str) -> None:
+    """A shape given for input ``vi`` must have its rank and agree with every dimension the file fixes:
+    ``--input-shape`` fills dynamic dimensions, it does not resize a model."""
+    dims = vi.type.tensor_type.shape.dim
+    if len(shape) != len(dims):
+        raise ModelImportError(
+            f"input {vi.name!r} of {source} has rank {len(dims)}, but the given shape "
+            f"{','.join(map(str, shape))} has rank {len(shape)}"
+        )
+    static = [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    if any(size is not None and size != value for size, value in zip(static, shape, strict=True)):
+        in_file = "x".join(
+            str(size) if size is not None else dim.dim_param or "?"
+            for size, dim in zip(static, dims, strict=True)
+        )
+        raise ModelImportError(
+            f"input {vi.name!r} of {source} is {in_file} in the file, but the given shape is "
+            f"{'x'.join(map(str, shape))}: only its dynamic dimensions can be given; drop "
+            f"--input-shape {vi.name}=... or give the file's sizes"
+        )
+
+
 def _resolve_shapes(
     model: onnx.ModelProto, given: Mapping[str, Sequence[int]], source: str
 ) -> list[TensorSpec]:
@@ -111,11 +133,7 @@ def _resolve_shapes(
         dims = vi.type.tensor_type.shape.dim
         if vi.name in given:
             shape = tuple(int(d) for d in given[vi.name])
-            if len(shape) != len(dims):
-                raise ModelImportError(
-                    f"input {vi.name!r} of {source} has rank {len(dims)}, but the given shape "
-                    f"{','.join(map(str, shape))} has rank {len(shape)}"
-                )
+            _check_given_shape(vi, shape, source)
         else:
             shape = ()
             for index, dim in enumerate(dims):
@@ -186,7 +204,8 @@ def load_onnx(
 
     ``input_shapes`` fixes inputs whose shapes are dynamic in the file. Raises :class:`ModelImportError`
     for a missing or corrupt file, an invalid model, a dynamic dimension with no value, an unknown input
-    name, a wrong rank, an unsupported operator (all of them, by node), or a converter failure.
+    name, a wrong rank, a given shape that contradicts a static dimension of the file, an unsupported
+    operator (all of them, by node), or a converter failure.
     """
     from tvm.relax.frontend.onnx import from_onnx
 

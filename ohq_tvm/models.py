@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from .jsonfile import write_atomic
+
 OPSET = 17
 
 
@@ -286,8 +288,6 @@ MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path``, creating parent folders."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(target))
-    return target
+    """Write ``model`` to ``path`` atomically (see :func:`~ohq_tvm.jsonfile.write_atomic`), creating
+    parent folders; :class:`~ohq_tvm.errors.OHQError` naming the path when it cannot be written."""
+    return write_atomic(path, model.SerializeToString(), "ONNX model")

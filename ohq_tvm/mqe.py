@@ -107,7 +107,7 @@ class Sensitivity:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_json())
+        return write_json(path, self.to_json(), "sensitivity estimate")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Sensitivity:

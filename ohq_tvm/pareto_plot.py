@@ -7,10 +7,13 @@ display, no global state), so importing :mod:`ohq_tvm` stays fast.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .jsonfile import write_atomic
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -108,10 +111,9 @@ def plot_pareto(
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png")
-    return target
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return write_atomic(path, png.getvalue(), "Pareto plot")
 
 
 def _loss(plan: Plan) -> float:

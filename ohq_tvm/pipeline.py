@@ -39,7 +39,7 @@ from .calibration import Calibration
 from .errors import BoardError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
 from .interrupts import reraise_interrupt
-from .jsonfile import write_json
+from .jsonfile import make_output_folder, write_json
 from .plan import Plan, PlanError
 from .planner import PlanningResult, default_sensitivity_cache, plan_model
 from .precision import Precision
@@ -159,7 +159,8 @@ def compile_model(
         progress: a :class:`~ohq_tvm.progress.StageProgress` (bars for the long stages) or a callback
             for one-line stage messages.
 
-    Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input,
+    Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input
+    (an ``out_dir`` that is a file or cannot be made or written is one, found before any slow stage),
     unreachable boards (also when candidates must be measured on a board of another architecture and no
     tracker is given), tuning and build failures, and :class:`VerificationError` (after writing the
     outputs, the report and a manifest marked as failed) when the board's outputs disagree with ONNX
@@ -179,12 +180,15 @@ def compile_model(
     wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
     if sum(x is not None for x in (precision, plan, wanted)) > 1:
         raise PlanError("give one of a precision, a plan or a budget")
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)  # an unreadable plan file fails here, before any folder is made
     started = time.perf_counter()
     imported = load_onnx(model, input_shapes)
     stage("import", started)
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
+    make_output_folder(out)  # likewise: a file in its place or no permission, before any measurement
     connection = connection or BoardConnection()
     runs_here = connection.remote or _can_run_locally(board)
     # One board serves measurement, MQE, tuning and verification (a loopback one starts on first use).
@@ -344,7 +348,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
         from .report import plot_pareto, write_report
 
         out = result.out_dir
-        write_json(out / "frontier.json", [p.to_json() for p in planning.frontier])
+        write_json(out / "frontier.json", [p.to_json() for p in planning.frontier], "frontier")
         planning.sensitivity.save(out / "sensitivity.json")
         verdict = result.verification.summary() if result.verification else result.skipped_verification
         others = [f for f in result.failures if result.verification is None or f != verdict]

@@ -53,6 +53,8 @@ class Plan:
         if self.calibration is not None and self.calibration not in CALIBRATION_METHODS:
             methods = ", ".join(CALIBRATION_METHODS)
             raise PlanError(f"unknown calibration method {self.calibration!r}; use one of {methods}")
+        if not isinstance(self.predicted, Mapping):
+            raise PlanError(f"a plan's predicted numbers must map names to numbers, not {self.predicted!r}")
         for key, value in self.predicted.items():
             if not isinstance(value, (int, float)) or value != value:
                 raise PlanError(f"predicted {key!r} must be a number, not {value!r}")
@@ -123,15 +125,22 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plan:
+        """The plan :meth:`to_json` wrote; :class:`PlanError` for anything else (another JSON value, another
+        format or version, no ``assignments``)."""
+        if not isinstance(data, Mapping):
+            kind = {list: "a JSON list", str: "a JSON string"}.get(type(data), f"the JSON value {data!r}")
+            raise PlanError(f"not an ohq-tvm plan ({kind}, not a JSON object)")
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an ohq-tvm plan (format {data.get('format')!r})")
         if data.get("format_version") != PLAN_VERSION:
             raise PlanError(f"plan format version {data.get('format_version')} is not {PLAN_VERSION}")
+        if "assignments" not in data:
+            raise PlanError("the plan has no 'assignments' (a JSON object of layer id to precision)")
         fields = ("model_sha256", "target", "calibration", "source", "predicted", "notes")
-        return cls(dict(data["assignments"]), **{k: data[k] for k in fields if k in data})
+        return cls(data["assignments"], **{k: data[k] for k in fields if k in data})
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_json())
+        return write_json(path, self.to_json(), "plan", PlanError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:

@@ -11,7 +11,6 @@ activations and carry their weights rounded to float16 (ONNX Runtime's CPU has f
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,6 +19,7 @@ from onnx import helper, numpy_helper
 from .calibration import Calibration
 from .errors import OHQError
 from .frontend import ImportedModel
+from .jsonfile import write_atomic
 from .onnx_fold import fold_batch_norms
 from .passes.layer_id import LAYERS_ATTR
 from .plan import Plan
@@ -152,8 +152,7 @@ def export_qdq(
     except onnx.checker.ValidationError as err:
         raise OHQError(f"the QDQ model is invalid: {str(err).splitlines()[0]}") from None
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(path))
+        write_atomic(path, model.SerializeToString(), "QDQ model")
     return model
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .jsonfile import write_atomic
 from .pareto_plot import plot_pareto
 from .precision import Precision
 
@@ -45,7 +46,7 @@ def write_report(
     agreed with float32 on each data source (e.g. ``{"synthetic": {"top1_agreement": 0.97}}``);
     ``verification`` the verification's one-line summary; ``extra_plans`` more plans for the summary
     table (a missing ``predicted`` value shows as ``-``). Whatever is ``None`` is reported as not
-    measured. Raises ``OSError`` if the file cannot be written.
+    measured. Raises :class:`~ohq_tvm.errors.OHQError` if the file cannot be written.
     """
     sections = [
         _header(planning, model_label, board_label, budget),
@@ -56,10 +57,7 @@ def write_report(
         _stages_section(stage_seconds),
         _layers_section(planning),
     ]
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(sections))
-    return target
+    return write_atomic(path, "\n".join(sections), "report")
 
 
 # -- formatting ----------------------------------------------------------------------------------------

@@ -115,10 +115,17 @@ def _emulated_cpu(config: dict[str, Any], explicit: Any, source: str) -> str | N
 
 
 def board_from_mapping(data: dict[str, Any], source: str) -> BoardSpec:
-    """Build a :class:`BoardSpec` from parsed TOML; errors name ``source`` and the offending key."""
+    """Build a :class:`BoardSpec` from parsed TOML; errors name ``source`` and the offending key. Only
+    CPU targets (kind ``llvm``) are accepted: the pipeline's schedules, export and RPC runs are for CPUs."""
     target = data.get("target")
     if not isinstance(target, dict) or "kind" not in target:
         raise TargetError(f'{source}: needs a [target] table with at least kind = "llvm"')
+    if target["kind"] != "llvm":
+        raise TargetError(
+            f"{source}: target kind {target['kind']!r} is not supported: ohq-tvm builds for CPU boards, "
+            'whose modules it runs and measures over RPC, so the kind must be "llvm" (with the board\'s '
+            "mtriple, mcpu and mattr)"
+        )
     config = dict(target)
     if config.get("mcpu") == "auto":
         config["mcpu"] = host_facts.system_cpu()

@@ -8,6 +8,7 @@ import pytest
 
 from ohq_tvm import models
 from ohq_tvm.board.boards import _free_port
+from ohq_tvm.oqa import LatencyDatabase
 
 from testing_support import assert_one_line_error, ohq
 
@@ -224,3 +225,93 @@ def test_compile_with_trials_tunes_on_the_board_then_reuses_the_database(tmp_pat
     assert_one_line_error(
         ohq("compile", str(model), *tune, "--schedule", "none", "-o", str(tmp_path / "c")), "schedule"
     )
+
+
+def test_plan_files_of_the_wrong_shape_are_one_line(tmp_path):
+    model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
+    listed, bare = tmp_path / "listed.json", tmp_path / "bare.json"
+    listed.write_text(json.dumps([{"stem_conv": "int8"}]))
+    bare.write_text(json.dumps({"format": "ohq-tvm/plan", "format_version": 1}))
+    for plan, words in ((listed, ["listed.json", "JSON object"]), (bare, ["bare.json", "'assignments'"])):
+        proc = ohq("compile", str(model), "--plan", str(plan), "--no-verify", "-o", str(tmp_path / "o"))
+        assert_one_line_error(proc, *words)
+
+
+def existing_database(path) -> str:
+    """A measurement database holding one board and nothing measured, as `db export` reads."""
+    with LatencyDatabase(path) as db:
+        db.add_board("fp", "board", {"key": "k"})
+    return str(path)
+
+
+def test_unusable_output_paths_are_one_line(tmp_path):
+    model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the output folder should go")
+    compiled = ohq("compile", str(model), "--no-verify", "-o", str(taken))
+    assert_one_line_error(compiled, str(taken), "not a folder")
+    assert taken.read_text() == "a file where the output folder should go"
+    unwritable = "/proc/nope/out"  # a folder no user, root included, can create
+    assert_one_line_error(ohq("compile", str(model), "--no-verify", "-o", unwritable), unwritable)
+    assert_one_line_error(ohq("example-model", "tiny_cnn", "-o", "/proc/nope/x.onnx"), "/proc/nope/x.onnx")
+    db = existing_database(tmp_path / "m.sqlite")
+    assert_one_line_error(ohq("db", "export", "--db", db, "-o", "/proc/nope.json"), "/proc/nope.json")
+    missing = tmp_path / "missing" / "rows.json"
+    assert_one_line_error(ohq("db", "export", "--db", db, "-o", str(missing)), str(missing.parent))
+    assert not missing.parent.exists()
+    measured = ohq("measure", str(model), "--db", "/proc/nope/x.sqlite")
+    assert_one_line_error(measured, "/proc/nope/x.sqlite", "--db")
+
+
+def test_an_input_shape_contradicting_a_static_dimension_is_refused(tmp_path):
+    model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
+    proc = ohq("compile", str(model), "--input-shape", "input=1,3,64,64", "--no-verify", "-o", str(tmp_path))
+    assert_one_line_error(proc, "'input'", "1x3x32x32", "1x3x64x64")
+    assert not (tmp_path / "model.so").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["measure", "M", "--workers", "-2"], ["--workers", "-2", "positive"]),
+        (["measure", "M", "--workers", "0"], ["--workers", "0", "positive"]),
+        (["measure", "M", "--budget", "-1"], ["--budget", "-1", "positive"]),
+        (["measure", "M", "--precisions", ","], ["--precisions", "','", "fp32,int8"]),
+        (["plan", "M", "--precisions", "", "-o", "p.json"], ["--precisions", "''"]),
+        (["compile", "M", "--precisions", "fp32,,int8", "-o", "o"], ["--precisions", "'fp32,,int8'"]),
+    ],
+)
+def test_non_positive_counts_and_empty_precision_lists_are_refused_when_parsed(tmp_path, args, words):
+    model = tmp_path / "never-read.onnx"  # refused before the model is read
+    proc = ohq(*[str(model) if arg == "M" else arg for arg in args])
+    assert_one_line_error(proc, *words)
+
+
+def test_a_target_that_is_not_a_cpu_is_refused(tmp_path):
+    model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
+    proc = ohq(
+        "compile", str(model), "--target", '{"kind": "cuda"}', "--no-verify", "-o", str(tmp_path / "o")
+    )
+    assert_one_line_error(proc, "'cuda'", '"llvm"')
+    assert not (tmp_path / "o").exists()
+
+
+def test_db_show_of_a_missing_database_creates_nothing(tmp_path):
+    missing = tmp_path / "nowhere" / "m.sqlite"
+    for action in ("show", "export"):
+        assert_one_line_error(ohq("db", action, "--db", str(missing)), str(missing), "does not exist")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_outputs_replace_a_symlink_instead_of_writing_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not to be overwritten")
+    db = existing_database(tmp_path / "m.sqlite")
+    for args in (["db", "export", "--db", db], ["example-model", "tiny_cnn"]):
+        link = tmp_path / f"link-{args[0]}"
+        link.symlink_to(victim)
+        proc = ohq(*args, "-o", str(link))
+        assert proc.returncode == 0, proc.stderr
+        assert victim.read_text() == "not to be overwritten"
+        assert not link.is_symlink() and link.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left

@@ -152,3 +152,14 @@ def test_synthetic_inputs_are_deterministic():
     a, b = synthetic_inputs(specs, seed=3), synthetic_inputs(specs, seed=3)
     np.testing.assert_array_equal(a["input"], b["input"])
     assert a["input"].dtype == np.float32 and abs(float(a["input"].std()) - 1.0) < 0.1
+
+
+def test_a_shape_contradicting_a_static_dimension_is_refused():
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(models.conv_model(size=16), {"input": (1, 3, 64, 64)})
+    message = str(err.value)
+    assert "input 'input'" in message and "1x3x16x16" in message and "1x3x64x64" in message
+    assert load_onnx(models.conv_model(size=16), {"input": (1, 3, 16, 16)}).inputs[0].shape == (1, 3, 16, 16)
+    # Only the dynamic dimension is free: the batch of a dynamic-batch model, not its image size.
+    with pytest.raises(ModelImportError, match=r"batchx3x16x16"):
+        load_onnx(dynamic_batch_model(), {"input": (2, 3, 8, 8)})

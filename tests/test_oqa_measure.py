@@ -16,6 +16,7 @@ from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError, OHQError
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig
 from ohq_tvm.oqa.measure import MIN_REPEAT_ENV, QUIET_WAIT_ENV, REPEAT_ENV, schedule_label
+from ohq_tvm.oqa.run import measure_model
 from ohq_tvm.targets import resolve_target
 
 from testing_support import FAST_TIMING, fp32_int8_workloads
@@ -71,6 +72,36 @@ def test_database_refuses_a_file_that_is_not_one(tmp_path):
         conn.execute("INSERT INTO meta VALUES ('schema', '999')")
     with pytest.raises(OHQError, match="schema 999"):
         LatencyDatabase(tmp_path / "old.sqlite")
+
+
+def test_database_in_a_folder_that_cannot_be_made_is_one_error():
+    with pytest.raises(OHQError, match=r"cannot open measurement database /proc/nope/x\.sqlite.*--db"):
+        LatencyDatabase("/proc/nope/x.sqlite")
+
+
+def test_reading_a_missing_database_creates_nothing(tmp_path):
+    missing = tmp_path / "nowhere" / "m.sqlite"
+    with pytest.raises(OHQError, match=r"m\.sqlite does not exist"):
+        LatencyDatabase(missing, create=False)
+    assert not (tmp_path / "nowhere").exists()
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        db.add_board("fp", "board", {"key": "k"})
+    with LatencyDatabase(tmp_path / "m.sqlite", create=False) as db:
+        assert [b["fingerprint"] for b in db.boards()] == ["fp"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"workers": 0}, "workers must be at least 1, not 0"),
+        ({"budget": -1}, "budget must be at least 1 operator, not -1"),
+        ({"precisions": []}, "no precisions"),
+    ],
+)
+def test_measure_model_refuses_counts_that_measure_nothing(tmp_path, options, message):
+    with pytest.raises(OHQError, match=message):
+        measure_model(tmp_path / "never-read.onnx", HOST, database=tmp_path / "m.sqlite", **options)
+    assert not (tmp_path / "m.sqlite").exists()
 
 
 def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_board, tmp_path):

@@ -109,3 +109,14 @@ def test_assign_parses_the_precision(tiny):
     plan.validate_against(layers, allowed)
     with pytest.raises(Exception, match="unknown precision 'int2'"):
         plan.assign("dw1", "int2")
+
+
+def test_plan_files_that_are_not_plan_objects(tmp_path):
+    (tmp_path / "list.json").write_text('[{"stem_conv": "int8"}]')
+    with pytest.raises(
+        PlanError, match=r"list\.json: not an ohq-tvm plan \(a JSON list, not a JSON object\)"
+    ):
+        Plan.load(tmp_path / "list.json")
+    (tmp_path / "bare.json").write_text('{"format": "ohq-tvm/plan", "format_version": 1}')
+    with pytest.raises(PlanError, match=r"bare\.json: the plan has no 'assignments'"):
+        Plan.load(tmp_path / "bare.json")

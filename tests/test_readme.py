@@ -22,12 +22,22 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def tiny_cnn_of_any_input_size() -> onnx.ModelProto:
+    """tiny_cnn with a dynamic batch, height and width: the snippet's ``load_onnx`` gives them values."""
+    model = models.tiny_cnn()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for index, name in ((0, "batch"), (2, "height"), (3, "width")):
+        dims[index].dim_param = name
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model
+
+
 def test_build_script_snippets_run(tmp_path, monkeypatch):
     blocks = python_blocks()
     build_script = next(block for block in blocks if "load_onnx" in block)
     passes_script = next(block for block in blocks if "AnnotateCandidates" in block)
     rewrite_script = next(block for block in blocks if "ApplyPlan" in block)
-    models.save(models.tiny_cnn(), tmp_path / "model.onnx")
+    models.save(tiny_cnn_of_any_input_size(), tmp_path / "model.onnx")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(build_script, str(README), "exec"), namespace)

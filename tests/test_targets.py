@@ -113,3 +113,13 @@ def test_unknown_name_lists_the_known_boards():
 def test_missing_board_file():
     with pytest.raises(TargetError, match="does not exist"):
         resolve_target("boards/nowhere.toml")
+
+
+@pytest.mark.parametrize("kind", ["cuda", "c", "opencl"])
+def test_targets_other_than_a_cpu_are_refused(tmp_path, kind):
+    with pytest.raises(TargetError, match=rf"json: target kind '{kind}'.*\"llvm\""):
+        resolve_target(f'{{"kind": "{kind}"}}')
+    path = tmp_path / "gpu_board.toml"
+    path.write_text(f'[target]\nkind = "{kind}"\n')
+    with pytest.raises(TargetError, match=rf"gpu_board\.toml: target kind '{kind}'"):
+        resolve_target(str(path))

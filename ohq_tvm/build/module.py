@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from tvm import relax
 from ..errors import BuildError
 from ..frontend import ImportedModel
 from ..interrupts import reraise_interrupt
-from ..jsonfile import plain_json
+from ..jsonfile import make_output_folder, plain_json, write_atomic
 from ..targets import BoardSpec
 from .elf import elf_machine
 from .schedules import cpu_pipeline
@@ -98,7 +100,8 @@ class ExportedModule:
     manifest: dict = field(default_factory=dict)
 
     def write_manifest(self) -> None:
-        self.manifest_path.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.manifest, indent=2, sort_keys=False) + "\n"
+        write_atomic(self.manifest_path, text, "manifest", error=BuildError)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -122,26 +125,38 @@ def export_module(
     """Write ``out_dir/model.so`` linked for the board's triple and ``out_dir/manifest.json``.
 
     The manifest records the target, inputs/outputs, TVM version, the toolchain and the SHA-256 of both
-    the source model and the library. Raises :class:`BuildError` if no toolchain links for the triple.
+    the source model and the library; each file is written whole or not at all. Raises
+    :class:`BuildError` if no toolchain links for the triple, or if ``out_dir`` (created if missing) or
+    its files cannot be written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(out_dir, BuildError)
     toolchain = toolchain or find_toolchain(board.cross_triple)
     library_path = out / library_name
     started = time.perf_counter()
+    # Linked in a private folder, checked, then renamed over the old library: a failed export leaves the
+    # previous one whole, and a symlink at library_path is replaced, not written through.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        executable.export_library(str(library_path), fcompile=toolchain.fcompile())
-    except BuildError:
-        raise
-    except Exception as err:
-        raise BuildError(f"exporting {library_path} for {board.name} failed: {err}") from err
-    machine = elf_machine(library_path)
-    expected = triple_arch(board.cross_triple) if board.cross_triple else host_arch()
-    if machine != expected:
-        raise BuildError(
-            f"{library_path} was linked for {machine}, but {board.name} needs {expected}; "
-            f"check the toolchain ({toolchain.describe()})"
-        )
+        staged = staging / library_name
+        try:
+            executable.export_library(str(staged), fcompile=toolchain.fcompile())
+        except BuildError:
+            raise
+        except Exception as err:
+            raise BuildError(f"exporting {library_path} for {board.name} failed: {err}") from err
+        machine = elf_machine(staged)
+        expected = triple_arch(board.cross_triple) if board.cross_triple else host_arch()
+        if machine != expected:
+            raise BuildError(
+                f"{library_path} was linked for {machine}, but {board.name} needs {expected}; "
+                f"check the toolchain ({toolchain.describe()})"
+            )
+        try:
+            os.replace(staged, library_path)
+        except OSError as err:
+            raise BuildError(f"cannot write {library_path}: {err.strerror or err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     from .. import __version__
 
     manifest = {

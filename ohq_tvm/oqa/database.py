@@ -122,10 +122,20 @@ class Measurement:
 
 
 class LatencyDatabase:
-    """Open (creating if needed) the database at ``path``. Use as a context manager or call :meth:`close`."""
+    """Open the database at ``path`` (default :func:`default_database_path`), creating it and its folders
+    unless ``create`` is false. Use as a context manager or call :meth:`close`.
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    Raises :class:`OHQError` naming the path when it cannot be opened or created (not a database, a newer
+    schema, a folder that cannot be made), or with ``create=False`` when there is no database there.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, create: bool = True) -> None:
         self.path = Path(path) if path is not None else default_database_path()
+        if not create and not self.path.is_file():
+            raise OHQError(
+                f"measurement database {self.path} does not exist; measure a model into it first "
+                f"(`ohq-tvm measure MODEL --db {self.path}`) or give --db an existing database"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
@@ -142,6 +152,11 @@ class LatencyDatabase:
                 )
         except sqlite3.DatabaseError as err:
             raise OHQError(f"cannot open measurement database {self.path}: {err}") from None
+        except OSError as err:  # its folder cannot be made
+            raise OHQError(
+                f"cannot open measurement database {self.path}: {err.strerror or err}; give --db a path "
+                "in a writable folder"
+            ) from None
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import onnx
 from ..board import Board, BoardConnection, open_board
 from ..build.tune import TuningProgress
 from ..build.tuning_database import TuningDatabase
+from ..errors import OHQError
 from ..frontend import ImportedModel, load_onnx
 from ..passes.annotate import AnnotateCandidates
 from ..precision import Precision
@@ -100,15 +101,22 @@ def measure_model(
     measuring. With ``trials`` > 0 the candidates are first tuned with MetaSchedule on the board
     (:func:`tune_candidates`) and every operator is timed as built with those records (measurements are
     stored under the label ``tuned/<database>/r<revision>``, apart from the default-schedule ones).
-    Raises :class:`~ohq_tvm.errors.OHQError` subclasses: bad model or target, unreachable board (with
-    the measurements already stored kept), a database that cannot be opened.
+    Raises :class:`~ohq_tvm.errors.OHQError` subclasses: ``workers`` or ``budget`` below 1 or an empty
+    ``precisions`` (each would measure nothing), bad model or target, a database that cannot be opened
+    (found before a board is opened), unreachable board (with the measurements already stored kept).
     ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open) instead of opening one.
     ``whole_model``: once every part is measured, also build each uniform plan whole and time it on the
     board (stored too), giving the in-model scales of :mod:`.in_model`; ``say`` receives its messages.
     """
+    if workers is not None and workers < 1:
+        raise OHQError(f"workers must be at least 1, not {workers}")
+    if budget is not None and budget < 1:
+        raise OHQError(f"a budget must be at least 1 operator, not {budget}; leave it out to measure all")
+    if precisions is not None and not precisions:
+        raise OHQError("no precisions to measure; give some (e.g. fp32, int8) or none for all the board has")
     spec = target if isinstance(target, BoardSpec) else resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
-    allowed = [Precision.parse(str(p)) for p in (precisions or spec.precisions)]
+    allowed = [Precision.parse(str(p)) for p in (precisions if precisions is not None else spec.precisions)]
     lacking = [p.value for p in allowed if p not in spec.precisions and p is not Precision.FP32]
     if lacking:
         from ..errors import TargetError
@@ -119,9 +127,9 @@ def measure_model(
     workloads = extract_workloads(annotated)
     unique = workloads.unique()
     with contextlib.ExitStack() as stack:
+        db = stack.enter_context(LatencyDatabase(database))  # a bad --db fails before a board starts
         if board is None:
             board = stack.enter_context(open_board(connection, spec))
-        db = stack.enter_context(LatencyDatabase(database))
         tuning = None
         if trials:
             tuning = tune_candidates(imported, spec, board, allowed, trials, tuning_dir, tuning_progress)
