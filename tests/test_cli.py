@@ -107,6 +107,7 @@ def test_compile_int8_verifies_against_the_qdq_export(tmp_path):
     assert counts == {"fp32": 2, "int8": 4, "int4w": 1}
 
 
+@pytest.mark.slow  # 40-45 s on a 2-core host (several CLI runs): `make test-slow`
 def test_bad_plans_are_one_line(tmp_path):
     model = tmp_path / "tiny.onnx"
     assert ohq("example-model", "tiny_cnn", "-o", str(model)).returncode == 0
@@ -244,6 +245,7 @@ def existing_database(path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # 40-45 s on a 2-core host (several CLI runs): `make test-slow`
 def test_unusable_output_paths_are_one_line(tmp_path):
     model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
     taken = tmp_path / "taken"
