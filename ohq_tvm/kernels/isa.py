@@ -5,8 +5,9 @@ ISA's ``group``: 4 bytes, or 2 16-bit values): ``G`` activations (``A``, broadca
 ``lanes × G`` block of weights, summed into 32-bit lanes without intermediate saturation (lanes over
 output channels). The *pixel* form computes
 ``C[i] += sum_k A[i, k] * B[k]``: ``lanes`` output pixels' 4 activations each against 4 weights broadcast
-(lanes over output pixels, so a result vector is a contiguous piece of an NCHW output row). The kernels in
-:mod:`.int8_dot` lay data out so that each block an instruction reads is 4·``lanes`` contiguous bytes.
+(lanes over output pixels, so a result vector is a contiguous piece of an NCHW output row); "4" there reads
+``G``. The kernels in :mod:`.int8_dot` lay data out so that each block an instruction reads is
+``G``·``lanes`` contiguous elements.
 
 - ``avx512_vnni`` (x86 AVX-512 VNNI): ``vpdpbusd`` on 512-bit registers, uint8 × int8, 16 lanes.
 - ``avx_vnni`` (x86 AVX-VNNI or AVX-512 VNNI+VL on 256-bit registers): ``vpdpbusd`` on ymm, 8 lanes.
@@ -45,6 +46,7 @@ class DotProductISA:
     group: int = 4  # products summed into each 32-bit lane per instruction (4 bytes or 2 int16)
     weight_dtype: str = "int8"
     registers: int = 32  # vector registers: the register tile's budget
+    accumulates: bool = True  # the instruction adds into its accumulator (vpmaddwd needs a separate add)
 
     @property
     def pixel_intrinsic(self) -> str:
@@ -67,7 +69,15 @@ AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx51
 AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni")
 SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot", instruction="sdot")
 AVX2 = DotProductISA(
-    "avx2", 8, "int16", "ohq_dot_i16i16_8x2_avx2", "vpmaddwd", group=2, weight_dtype="int16", registers=16
+    "avx2",
+    8,
+    "int16",
+    "ohq_dot_i16i16_8x2_avx2",
+    "vpmaddwd",
+    group=2,
+    weight_dtype="int16",
+    registers=16,
+    accumulates=False,
 )
 ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, AVX2)}
 
@@ -131,9 +141,9 @@ def _instruction(isa: DotProductISA, accumulator, activations, weights):
     vectors (``vpdpbusd`` and ``sdot`` accumulate themselves; ``vpmaddwd`` is followed by an add)."""
     lanes = isa.lanes
     intrinsic = T.llvm_lookup_intrinsic_id(_LLVM_INTRINSICS[isa.name])
-    if isa.name == AVX2.name:
-        return accumulator + T.call_llvm_pure_intrin(intrinsic, activations, weights, dtype=f"int32x{lanes}")
-    return T.call_llvm_pure_intrin(intrinsic, accumulator, activations, weights, dtype=f"int32x{lanes}")
+    if isa.accumulates:
+        return T.call_llvm_pure_intrin(intrinsic, accumulator, activations, weights, dtype=f"int32x{lanes}")
+    return accumulator + T.call_llvm_pure_intrin(intrinsic, activations, weights, dtype=f"int32x{lanes}")
 
 
 def _dot_implementation(isa: DotProductISA):
