@@ -228,6 +228,7 @@ def test_compile_with_trials_tunes_on_the_board_then_reuses_the_database(tmp_pat
     )
 
 
+@pytest.mark.slow  # 16-19 s on a 2-core host (CLI runs): `make test-slow`
 def test_plan_files_of_the_wrong_shape_are_one_line(tmp_path):
     model = models.save(models.tiny_cnn(), tmp_path / "tiny.onnx")
     listed, bare = tmp_path / "listed.json", tmp_path / "bare.json"
@@ -298,6 +299,7 @@ def test_a_target_that_is_not_a_cpu_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # 16-19 s on a 2-core host (CLI runs): `make test-slow`
 def test_db_show_of_a_missing_database_creates_nothing(tmp_path):
     missing = tmp_path / "nowhere" / "m.sqlite"
     for action in ("show", "export"):
@@ -305,6 +307,7 @@ def test_db_show_of_a_missing_database_creates_nothing(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow  # 16-19 s on a 2-core host (CLI runs): `make test-slow`
 def test_outputs_replace_a_symlink_instead_of_writing_through_it(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("not to be overwritten")
