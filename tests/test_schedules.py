@@ -12,7 +12,7 @@ from ohq_tvm import models
 from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
 from ohq_tvm.build.conv_schedule import _depthwise_vector, regular_vector
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
-from ohq_tvm.kernels.loops import vector_factor
+from ohq_tvm.kernels.loops import REGISTER_TILE, vector_factor
 
 from testing_support import every_model_slow_at_full_size, host_target
 
@@ -93,7 +93,7 @@ def testvector_factor(extent, lanes, factor):
 
 def test_depthwise_and_stem_convs_get_a_register_tile_with_the_epilogue_inside():
     funcs = prim_funcs(scheduled(legalized(models.mobilenet_v2(size=64))))
-    tiled = {name: f.script() for name, f in funcs.items() if 'scope="local"' in f.script()}
+    tiled = {name: f.script() for name, f in funcs.items() if REGISTER_TILE in f.script()}
     # mobilenet_v2 has 17 depthwise convs (9 distinct functions here), 1x1 convs (16 distinct) and a
     # 3-channel stem: each keeps its accumulator in registers and computes the bias (+ ReLU6, + residual)
     # epilogue inside the conv's own parallel loop; only the stem has a second parallel stage, its padded
@@ -142,10 +142,23 @@ def test_pointwise_convs_run_along_the_pixels(size, stride, flattened):
     # no vector divides the pixels either (49 for 7x7: each 7-wide row stays one vector).
     model = models.pointwise_conv_model(in_channels=16, out_channels=24, size=size, stride=stride)
     (conv,) = [f.script() for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
-    accumulator = f'T.int64(24), T.int64({size * size})), scope="local"'
+    accumulator = f"T.int64(24), T.int64({size * size})))"
     assert (accumulator in conv) == flattened
-    assert 'scope="local"' in conv
+    assert REGISTER_TILE in conv
     assert_scheduled_equals_unscheduled(model, seed=4)
+
+
+@pytest.mark.parametrize(
+    "model", [models.pointwise_conv_model(16, 24, size=14), models.conv_model(channels=16, size=14)]
+)
+def test_register_tiles_allocate_nothing_per_tile(model):
+    # The accumulator tile is a stack array LLVM keeps in registers, not a workspace allocation (and
+    # free) on every tile, as a ``local`` buffer had been.
+    (conv,) = [f for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
+    conv = conv.with_attr("global_symbol", "main")
+    asm = tvm.compile(tvm.IRModule({"main": conv}), target=host_target()).mod.inspect_source("asm")
+    bodies = [part.split(".Lfunc_end")[0] for part in asm.split(".L__tvm_parallel_lambda")[1:]]
+    assert bodies and not any("AllocWorkspace" in body for body in bodies)
 
 
 @pytest.mark.parametrize("size", [14, 7])
@@ -153,7 +166,7 @@ def test_regular_3x3_convs_with_odd_rows_get_the_register_tile(size):
     # ResNet's 3x3 convs at 14x14 and 7x7: rows no power-of-two vector divides.
     model = models.conv_model(channels=16, size=size)
     (conv,) = [f.script() for n, f in prim_funcs(scheduled(legalized(model))).items() if "conv2d" in n]
-    assert 'scope="local"' in conv and "T.vectorized(" in conv
+    assert REGISTER_TILE in conv and "T.vectorized(" in conv
     assert_scheduled_equals_unscheduled(model, seed=3)
 
 

@@ -1,7 +1,7 @@
 """Zero-budget schedule of an NCHW 2-D convolution (regular or depthwise), with what FuseOps put around it.
 
-The conv block is tiled into a register tile held in a ``local`` accumulator, the reduction loops
-outside the tile, so each loaded input vector is reused across the tile:
+The conv block is tiled into a register tile (:func:`~ohq_tvm.kernels.loops.register_tile`), the reduction
+loops outside the tile, so each loaded input vector is reused across the tile:
 
 - **regular conv** (1×1 included): ``channels × vector`` outputs (8 output channels unrolled × one
   vector of output columns); a padded input is its own parallel, vectorised stage (inlined, every tap
@@ -23,7 +23,15 @@ import itertools
 from tvm import s_tir, tirx
 
 from ..kernels.depthwise import INTERIOR
-from ..kernels.loops import attempt, extent, fold_consumers, inline_other_blocks, parallel, vector_factor
+from ..kernels.loops import (
+    attempt,
+    extent,
+    fold_consumers,
+    inline_other_blocks,
+    parallel,
+    register_tile,
+    vector_factor,
+)
 
 _REGULAR_CHANNELS = (8, 4, 2)
 _WIDE_CHANNELS = (6, 4, 2)
@@ -232,7 +240,7 @@ def schedule_conv(sch: s_tir.Schedule, found: tuple[s_tir.SBlockRV, bool], lanes
             _schedule_producer_stage(sch, producer, lanes)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, x_o)
-        sch.set_scope(conv, 0, "local")
+        register_tile(sch, conv)
         if vector is not None:
             last = sch.get_loops(epilogue)[-1]
             if extent(sch, last) > vector:

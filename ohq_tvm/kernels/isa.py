@@ -20,8 +20,8 @@ output channels). The *pixel* form computes
 
 LLVM 22 declares ``llvm.x86.avx512.vpdpbusd.*`` over byte vectors (``<64 x i8>``), which TVM's own
 ``dot_16x4_vnni`` intrinsic (written for ``<16 x i32>`` operands) fails LLVM verification with; the
-intrinsics here pass byte vectors. The accumulator ``C`` is a ``local`` buffer: the kernels keep their
-register tile there, which LLVM promotes to registers.
+intrinsics here pass byte vectors. The accumulator ``C`` is the kernels' register tile (see
+:func:`.loops.register_tile`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import Target
 from tvm.target.codegen import target_has_features
+
+STACK_BYTES = 1024  # TVM's kMaxStackAlloca: a larger allocation is a TVMBackendAllocWorkspace call
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,11 @@ class DotProductISA:
 
     @property
     def max_tile(self) -> int:
-        """Accumulators a register tile may hold: the registers less those the operands need."""
-        return self.registers // 2 if self.registers >= 32 else self.registers - 4
+        """Accumulators a register tile may hold: the registers less those the operands need, and less
+        than the 1 KiB TVM keeps on the stack (AVX-512: 15 of 64 bytes), since a larger tile becomes a
+        workspace allocation on every tile (see :func:`.loops.register_tile`)."""
+        by_registers = self.registers // 2 if self.registers >= 32 else self.registers - 4
+        return min(by_registers, (STACK_BYTES - 1) // (4 * self.lanes))
 
 
 AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx512vnni")
@@ -123,7 +128,7 @@ def _dot_description(isa: DotProductISA):
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, group), wdtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
@@ -155,15 +160,19 @@ def _dot_implementation(isa: DotProductISA):
     def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (group,), dtype, offset_factor=1)
         B = T.match_buffer(b, (lanes, group), wdtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:group], B[0:lanes, 0:group])
             T.writes(C[0:lanes])
-            quad = T.reinterpret(A.vload([0], f"{dtype}x{group}"), dtype="int32")
+            # Operands inline: a name bound here becomes a one-element ``local`` buffer, which lowers to
+            # a workspace allocation on every call.
             C[T.ramp(T.int32(0), 1, lanes)] = _instruction(
                 isa,
                 C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{dtype}x{elements}"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], f"{dtype}x{group}"), dtype="int32"), lanes),
+                    dtype=f"{dtype}x{elements}",
+                ),
                 B.vload([0, 0], dtype=f"{wdtype}x{elements}"),
             )
 
@@ -177,7 +186,7 @@ def _pixel_description(isa: DotProductISA):
     def description(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (lanes, group), dtype, offset_factor=1)
         B = T.match_buffer(b, (group,), wdtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes, 0:group], B[0:group])
             T.writes(C[0:lanes])
@@ -199,16 +208,18 @@ def _pixel_implementation(isa: DotProductISA):
     def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (lanes, group), dtype, offset_factor=1)
         B = T.match_buffer(b, (group,), wdtype, offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:lanes, 0:group], B[0:group])
             T.writes(C[0:lanes])
-            quad = T.reinterpret(B.vload([0], f"{wdtype}x{group}"), dtype="int32")
             C[T.ramp(T.int32(0), 1, lanes)] = _instruction(
                 isa,
                 C.vload([0], dtype=f"int32x{lanes}"),
                 A.vload([0, 0], dtype=f"{dtype}x{elements}"),
-                T.reinterpret(T.broadcast(quad, lanes), dtype=f"{wdtype}x{elements}"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(B.vload([0], f"{wdtype}x{group}"), dtype="int32"), lanes),
+                    dtype=f"{wdtype}x{elements}",
+                ),
             )
 
     return implementation

@@ -137,8 +137,9 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # servers run kernels on all physical cores (TVM's default had been half the logical CPUs on x86); r7:
 # timed only while the board runs at its usual speed (the canary of :mod:`.quiet`); r8: vector widths from
 # the target's features (AVX2 had been given AVX-512's 16 lanes), 1x1 convs along one pixel axis, int8
-# layers on AVX2 without VNNI on the vpmaddwd kernels.
-MEASUREMENT_REVISION = 8
+# layers on AVX2 without VNNI on the vpmaddwd kernels; r9: register tiles on the stack (they had been a
+# workspace allocation per tile).
+MEASUREMENT_REVISION = 9
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
