@@ -26,7 +26,6 @@ from .passes.layer_id import AssignLayerIds
 _DEFAULT_DOMAINS = {"", "ai.onnx"}
 # Handled by the importer itself rather than through its converter table.
 _DIRECTLY_HANDLED = {"Constant", "If"}
-_SHAPE_FIX = "--input-shape {name}=1,3,224,224"
 
 
 @dataclass(frozen=True)
@@ -135,18 +134,37 @@ def _resolve_shapes(
             shape = tuple(int(d) for d in given[vi.name])
             _check_given_shape(vi, shape, source)
         else:
-            shape = ()
-            for index, dim in enumerate(dims):
-                if dim.HasField("dim_value") and dim.dim_value > 0:
-                    shape += (int(dim.dim_value),)
-                    continue
-                symbol = f" ({dim.dim_param!r})" if dim.dim_param else ""
-                raise ModelImportError(
-                    f"input {vi.name!r} of {source} has a dynamic dimension {index}{symbol}; "
-                    f"give its value with {_SHAPE_FIX.format(name=vi.name)}"
-                )
+            shape = tuple(int(d.dim_value) for d in dims if d.HasField("dim_value") and d.dim_value > 0)
+            if len(shape) < len(dims):
+                raise ModelImportError(_dynamic_dimension_fix(vi, source))
         specs.append(TensorSpec(vi.name, shape, _dtype(vi.type.tensor_type.elem_type)))
     return specs
+
+
+def _dynamic_dimension_fix(vi: onnx.ValueInfoProto, source: str) -> str:
+    """What is missing from input ``vi`` and the ``--input-shape`` that gives it: the file's static sizes
+    kept, a dynamic batch (dimension 0) as 1, any other dynamic dimension as a name to replace."""
+    dims = vi.type.tensor_type.shape.dim
+    missing, suggested, placeholders = [], [], []
+    for index, dim in enumerate(dims):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            suggested.append(str(dim.dim_value))
+            continue
+        missing.append(f"{index} ({dim.dim_param!r})" if dim.dim_param else str(index))
+        if index == 0:
+            suggested.append("1")
+        else:
+            placeholders.append(dim.dim_param.upper() if dim.dim_param.isidentifier() else f"D{index}")
+            suggested.append(placeholders[-1])
+    fix = f"--input-shape {vi.name}={','.join(suggested)}"
+    if len(missing) == 1:
+        what, value = f"a dynamic dimension {missing[0]}", "its value"
+    else:
+        what, value = f"dynamic dimensions {', '.join(missing)}", "their values"
+    message = f"input {vi.name!r} of {source} has {what}; give {value} with {fix}"
+    if placeholders:
+        message += f", replacing {', '.join(placeholders)} by the sizes the model is to run at"
+    return message
 
 
 def _with_static_inputs(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> onnx.ModelProto:

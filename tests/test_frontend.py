@@ -163,3 +163,27 @@ def test_a_shape_contradicting_a_static_dimension_is_refused():
     # Only the dynamic dimension is free: the batch of a dynamic-batch model, not its image size.
     with pytest.raises(ModelImportError, match=r"batchx3x16x16"):
         load_onnx(dynamic_batch_model(), {"input": (2, 3, 8, 8)})
+
+
+def test_dynamic_dimension_hint_keeps_the_static_ones():
+    # An NHWC input as TensorFlow exporters write it: only the batch is missing.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input:0"], ["y"], name="relu")],
+        "nhwc",
+        [helper.make_tensor_value_info("input:0", TensorProto.FLOAT, ["N", 224, 224, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 224, 224, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(model)
+    assert "dimension 0 ('N')" in str(err.value)
+    assert str(err.value).endswith("--input-shape input:0=1,224,224,3")
+    # Several dynamic dimensions: the batch is 1, the others are named for the user to fill in.
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[1].dim_param = "height"
+        vi.type.tensor_type.shape.dim[2].Clear()
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(model)
+    message = str(err.value)
+    assert "dimensions 0 ('N'), 1 ('height'), 2" in message
+    assert "--input-shape input:0=1,HEIGHT,D2,3" in message and "HEIGHT, D2" in message
