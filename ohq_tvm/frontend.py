@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tvm
-from onnx import helper, shape_inference
+from onnx import external_data_helper, helper, shape_inference
 from tvm import relax
 
 from .errors import ModelImportError
@@ -70,9 +70,18 @@ def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _read(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, bytes]:
+def _read(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str, str]:
+    """The model, what to call it in messages, and its SHA-256 (of the file, followed by the external
+    files its weights are in, so that changed weights change the hash)."""
     if isinstance(model, onnx.ModelProto):
-        return model, "<ModelProto>", model.SerializeToString()
+        external = _external_files(model)
+        if external:
+            raise ModelImportError(
+                f"the given ModelProto keeps its weights in external files ({', '.join(external)}) it "
+                f"cannot find; pass the model's path instead, or load it with onnx.load(path)"
+            )
+        raw = model.SerializeToString()
+        return model, "<ModelProto>", hashlib.sha256(raw).hexdigest()
     path = Path(model)
     if not path.is_file():
         raise ModelImportError(f"model file {path} does not exist")
@@ -83,7 +92,31 @@ def _read(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, 
         proto = None
     if proto is None or not proto.graph.node:
         raise ModelImportError(f"{path} is not a valid ONNX model (it could not be parsed, or has no nodes)")
-    return proto, str(path), raw
+    external = _external_files(proto)
+    if not external:
+        return proto, str(path), hashlib.sha256(raw).hexdigest()
+    try:  # exporters name external files relative to the model, not to where ohq-tvm runs
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelImportError(
+            f"{path} keeps its weights in {', '.join(external)} beside it, which could not be read: {first}"
+        ) from None
+    digest = hashlib.sha256(raw)
+    for location in external:
+        digest.update((path.parent / location).read_bytes())
+    return proto, str(path), digest.hexdigest()
+
+
+def _external_files(model: onnx.ModelProto) -> list[str]:
+    """The files ``model``'s initializers name as external storage, in order, each once."""
+    locations = []
+    for init in model.graph.initializer:
+        if external_data_helper.uses_external_data(init):
+            location = next((e.value for e in init.external_data if e.key == "location"), "?")
+            if location not in locations:
+                locations.append(location)
+    return locations
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -220,14 +253,15 @@ def load_onnx(
 ) -> ImportedModel:
     """Import an ONNX model (a path or a ``ModelProto``) into a Relax module with static shapes.
 
-    ``input_shapes`` fixes inputs whose shapes are dynamic in the file. Raises :class:`ModelImportError`
-    for a missing or corrupt file, an invalid model, a dynamic dimension with no value, an unknown input
+    ``input_shapes`` fixes inputs whose shapes are dynamic in the file. Weights in external files are
+    read from beside the model file. Raises :class:`ModelImportError` for a missing or corrupt file,
+    unreadable external weights, an invalid model, a dynamic dimension with no value, an unknown input
     name, a wrong rank, a given shape that contradicts a static dimension of the file, an unsupported
     operator (all of them, by node), or a converter failure.
     """
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto, source, raw = _read(model)
+    proto, source, sha256 = _read(model)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
@@ -261,7 +295,7 @@ def load_onnx(
         outputs=_output_specs(static, mod),
         onnx_model=static,
         source=source,
-        sha256=hashlib.sha256(raw).hexdigest(),
+        sha256=sha256,
     )
 
 

@@ -187,3 +187,27 @@ def test_dynamic_dimension_hint_keeps_the_static_ones():
     message = str(err.value)
     assert "dimensions 0 ('N'), 1 ('height'), 2" in message
     assert "--input-shape input:0=1,HEIGHT,D2,3" in message and "HEIGHT, D2" in message
+
+
+def test_external_weights_are_read_beside_the_model_from_any_folder(tmp_path, monkeypatch):
+    model = models.conv_model()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    saved = models.conv_model()  # onnx.save moves the weights of the proto it saves out of it
+    onnx.save(saved, folder / "conv.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    imported = load_onnx(folder / "conv.onnx")
+    feeds = synthetic_inputs(imported.inputs, seed=2)
+    np.testing.assert_allclose(run_tvm(imported, feeds), run_ort(model, feeds), rtol=1e-4, atol=1e-4)
+    # The hash covers the weights, not only the file naming them.
+    weights = bytearray((folder / "w.bin").read_bytes())
+    weights[0] ^= 0xFF
+    (folder / "w.bin").write_bytes(bytes(weights))
+    assert load_onnx(folder / "conv.onnx").sha256 != imported.sha256
+    with pytest.raises(ModelImportError, match=r"external files \(w\.bin\).*pass the model's path"):
+        load_onnx(onnx.load(folder / "conv.onnx", load_external_data=False))
+    (folder / "w.bin").unlink()
+    with pytest.raises(ModelImportError, match=r"conv\.onnx.*w\.bin"):
+        load_onnx(folder / "conv.onnx")
