@@ -195,6 +195,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         options = _board_options(args)
         imported = load_onnx(args.model, options.pop("input_shapes"))
+        for note in imported.notes:
+            bars.say(note)
         result = plan_model(
             imported,
             args.target,

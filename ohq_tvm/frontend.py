@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import tvm
-from onnx import external_data_helper, helper, shape_inference
+from onnx import external_data_helper, helper, shape_inference, version_converter
 from tvm import relax
 
 from .errors import ModelImportError
@@ -26,6 +26,8 @@ from .passes.layer_id import AssignLayerIds
 _DEFAULT_DOMAINS = {"", "ai.onnx"}
 # Handled by the importer itself rather than through its converter table.
 _DIRECTLY_HANDLED = {"Constant", "If"}
+# The QDQ export quantizes weights per channel, which ONNX has from opset 13 on: older models are upgraded.
+MIN_OPSET = 13
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class ImportedModel:
     onnx_model: onnx.ModelProto
     source: str
     sha256: str
+    # What the import changed in the model that its user should know (e.g. an upgraded opset).
+    notes: tuple[str, ...] = ()
 
 
 def parse_input_shapes(items: Iterable[str]) -> dict[str, tuple[int, ...]]:
@@ -117,6 +121,29 @@ def _external_files(model: onnx.ModelProto) -> list[str]:
             if location not in locations:
                 locations.append(location)
     return locations
+
+
+def _upgrade_opset(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """``model`` at opset :data:`MIN_OPSET` at least, and a note when it was upgraded; raises
+    :class:`ModelImportError` when ``onnx.version_converter`` cannot upgrade it."""
+    opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), MIN_OPSET)
+    if opset >= MIN_OPSET:
+        return model, ()
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        # The converter's assertions read "<file>:<line>: operator(): Assertion `...` failed: <reason>".
+        reason = lines[0].rsplit(" failed: ", 1)[-1] if lines else type(err).__name__
+        raise ModelImportError(
+            f"{source} uses ONNX opset {opset}, and onnx.version_converter could not upgrade it to "
+            f"{MIN_OPSET} (the QDQ export needs per-channel quantization): {reason}; export it again with "
+            f"opset {MIN_OPSET} or later (e.g. torch.onnx.export(..., opset_version=17))"
+        ) from None
+    return upgraded, (
+        f"upgraded {source} from ONNX opset {opset} to {MIN_OPSET} with onnx.version_converter",
+    )
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -254,10 +281,11 @@ def load_onnx(
     """Import an ONNX model (a path or a ``ModelProto``) into a Relax module with static shapes.
 
     ``input_shapes`` fixes inputs whose shapes are dynamic in the file. Weights in external files are
-    read from beside the model file. Raises :class:`ModelImportError` for a missing or corrupt file,
-    unreadable external weights, an invalid model, a dynamic dimension with no value, an unknown input
-    name, a wrong rank, a given shape that contradicts a static dimension of the file, an unsupported
-    operator (all of them, by node), or a converter failure.
+    read from beside the model file. A model below opset :data:`MIN_OPSET` is upgraded with
+    ``onnx.version_converter`` (said in ``notes``). Raises :class:`ModelImportError` for a missing or
+    corrupt file, unreadable external weights, an invalid model, an opset that cannot be upgraded, a
+    dynamic dimension with no value, an unknown input name, a wrong rank, a given shape that contradicts a
+    static dimension of the file, an unsupported operator (all of them, by node), or a converter failure.
     """
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -267,6 +295,8 @@ def load_onnx(
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise ModelImportError(f"{source} is not a valid ONNX model: {first}") from None
+    # Fail here, not in the QDQ export after a whole pipeline.
+    proto, notes = _upgrade_opset(proto, source)
     specs = _resolve_shapes(proto, input_shapes or {}, source)
     _check_operators(proto, source)
     static = _with_static_inputs(proto, specs)
@@ -296,6 +326,7 @@ def load_onnx(
         onnx_model=static,
         source=source,
         sha256=sha256,
+        notes=notes,
     )
 
 

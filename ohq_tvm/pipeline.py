@@ -186,6 +186,8 @@ def compile_model(
     imported = load_onnx(model, input_shapes)
     stage("import", started)
     say(f"imported {imported.source}: {len(imported.inputs)} input(s), {len(imported.outputs)} output(s)")
+    for note in imported.notes:
+        say(note)
 
     toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
     make_output_folder(out)  # likewise: a file in its place or no permission, before any measurement

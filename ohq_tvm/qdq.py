@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .calibration import Calibration
 from .errors import OHQError
-from .frontend import ImportedModel
+from .frontend import MIN_OPSET, ImportedModel
 from .jsonfile import write_atomic
 from .onnx_fold import fold_batch_norms
 from .passes.layer_id import LAYERS_ATTR
@@ -49,8 +49,10 @@ def export_qdq(
     or the model's opset is below 13 (per-channel QDQ).
     """
     opset = next((o.version for o in imported.onnx_model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise OHQError(f"QDQ export needs ONNX opset >= 13 (per-channel quantization); the model has {opset}")
+    if opset < MIN_OPSET:  # load_onnx upgrades older models; this one was imported some other way
+        raise OHQError(
+            f"QDQ export needs ONNX opset >= {MIN_OPSET} (per-channel quantization); the model has {opset}"
+        )
     func = imported.mod["main"]
     layer_nodes = {str(k): str(v) for k, v in func.attrs[LAYERS_ATTR].items()}
     by_node = {node: layer for layer, node in layer_nodes.items() if node}

@@ -7,12 +7,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
-from ohq_tvm import models
+from ohq_tvm import Precision, models
+from ohq_tvm.calibration import Calibration
 from ohq_tvm.errors import ModelImportError
 from ohq_tvm.frontend import load_onnx, parse_input_shapes, synthetic_inputs
+from ohq_tvm.layers import quantizable_layers
+from ohq_tvm.plan import Plan
+from ohq_tvm.qdq import export_qdq
 
 from testing_support import every_model_slow_at_full_size, host_target
 
@@ -211,3 +215,43 @@ def test_external_weights_are_read_beside_the_model_from_any_folder(tmp_path, mo
     (folder / "w.bin").unlink()
     with pytest.raises(ModelImportError, match=r"conv\.onnx.*w\.bin"):
         load_onnx(folder / "conv.onnx")
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    del old.opset_import[:]
+    old.opset_import.append(helper.make_opsetid("", version))
+    return old
+
+
+def test_an_old_opset_is_upgraded_at_import_so_the_qdq_export_works():
+    old = _with_opset(models.conv_model(), 11)
+    onnx.checker.check_model(old)
+    imported = load_onnx(old)
+    assert [(o.domain, o.version) for o in imported.onnx_model.opset_import] == [("", 13)]
+    assert imported.notes == ("upgraded <ModelProto> from ONNX opset 11 to 13 with onnx.version_converter",)
+    feeds = synthetic_inputs(imported.inputs, seed=4)
+    np.testing.assert_array_equal(run_ort(imported.onnx_model, feeds), run_ort(old, feeds))
+    layers = quantizable_layers(imported.mod)
+    calibration = Calibration("minmax", "test", 1, {layer.layer_id: (-3.0, 3.0) for layer in layers})
+    qdq = export_qdq(imported, Plan.uniform(layers, Precision.INT8), calibration)
+    assert sum(node.op_type == "DequantizeLinear" for node in qdq.graph.node) >= 2
+    assert load_onnx(models.conv_model()).notes == ()  # opset 17: nothing to say
+
+
+def test_an_opset_that_cannot_be_upgraded_fails_at_import():
+    # BatchNormalization with spatial=0 (opset 7) has no form in later opsets.
+    channels = numpy_helper.from_array(np.ones(3, np.float32), "c")
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "c", "c", "c", "c"], ["y"], spatial=0, name="bn")],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [channels],
+    )
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)]))
+    message = str(err.value)
+    assert "opset 7" in message and "onnx.version_converter" in message and "spatial" in message
+    assert "opset_version" in message  # the fix: export again
