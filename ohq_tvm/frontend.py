@@ -1,12 +1,16 @@
 """ONNX → Relax with static input shapes, and every way that can go wrong as one clear line.
 
-Errors raise :class:`ModelImportError` naming the file, the input or the node, and the fix.
+Models are taken as users' exporters write them: weights in external files beside the model, opsets
+below 13 (upgraded, as the QDQ export needs 13), shapes computed at run time from static input shapes
+(folded to constants). Errors raise :class:`ModelImportError` naming the file, the input or the node, and
+the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from onnx import external_data_helper, helper, shape_inference, version_converte
 from tvm import relax
 
 from .errors import ModelImportError
-from .onnx_fold import fold_batch_norms, fold_pads_into_convs
+from .onnx_fold import fold_batch_norms, fold_constants, fold_pads_into_convs
 from .passes.canonicalize_clip import CanonicalizeClip
 from .passes.layer_id import AssignLayerIds
 
@@ -28,6 +32,8 @@ _DEFAULT_DOMAINS = {"", "ai.onnx"}
 _DIRECTLY_HANDLED = {"Constant", "If"}
 # The QDQ export quantizes weights per channel, which ONNX has from opset 13 on: older models are upgraded.
 MIN_OPSET = 13
+# Operators whose output size depends on the input values: a static-shape build cannot hold their result.
+_DATA_DEPENDENT_SHAPES = {"NonMaxSuppression", "NonZero", "Unique", "Compress"}
 
 
 @dataclass(frozen=True)
@@ -245,20 +251,45 @@ def _with_static_inputs(model: onnx.ModelProto, specs: Sequence[TensorSpec]) -> 
 
 
 def _check_operators(model: onnx.ModelProto, source: str) -> None:
+    """Raise :class:`ModelImportError` naming every node TVM's importer has no converter for, or else
+    every node whose output size depends on the input values."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     supported = _get_convert_map()
-    missing = []
+    missing, data_dependent = [], []
     for node in model.graph.node:
         op = node.op_type
         foreign = node.domain not in _DEFAULT_DOMAINS
         if foreign or (op not in supported and op not in _DIRECTLY_HANDLED):
             label = f"{node.domain}::{op}" if foreign else op
             missing.append(f"{node.name or '<unnamed>'} ({label})")
+        elif op in _DATA_DEPENDENT_SHAPES:
+            data_dependent.append(f"{node.name or '<unnamed>'} ({op})")
     if missing:
         raise ModelImportError(
             f"{source} uses operators TVM's ONNX importer does not support: {', '.join(missing)}"
         )
+    if data_dependent:
+        raise ModelImportError(
+            f"{source} uses operators whose output size depends on the input values, which a build with "
+            f"static shapes cannot hold: {', '.join(data_dependent)}; export the model without them (e.g. "
+            f"up to the box scores, with NonMaxSuppression run after it)"
+        )
+
+
+def _failing_node(err: BaseException) -> onnx.NodeProto | None:
+    """The ONNX node TVM's importer was converting when it raised ``err``, if its traceback shows one
+    (the importer itself names only the operator)."""
+    node = None
+    traceback = err.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == "_construct_nodes" and isinstance(
+            frame.f_locals.get("node"), onnx.NodeProto
+        ):
+            node = frame.f_locals["node"]
+        traceback = traceback.tb_next
+    return node
 
 
 def _output_specs(model: onnx.ModelProto, mod: tvm.IRModule) -> list[TensorSpec]:
@@ -269,8 +300,13 @@ def _output_specs(model: onnx.ModelProto, mod: tvm.IRModule) -> list[TensorSpec]
         raise ModelImportError(f"the imported module returns {len(fields)} values for {len(names)} outputs")
     specs = []
     for name, info in zip(names, fields, strict=True):
-        shape = tuple(int(d) for d in info.shape)
-        specs.append(TensorSpec(name, shape, str(info.dtype)))
+        shape = getattr(info, "shape", None)
+        if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+            raise ModelImportError(
+                f"output {name!r} of the imported model has no static shape ({shape}); ohq-tvm builds "
+                f"static shapes only: give every dynamic input dimension with --input-shape"
+            )
+        specs.append(TensorSpec(name, tuple(int(d) for d in shape), str(info.dtype)))
     return specs
 
 
@@ -282,10 +318,12 @@ def load_onnx(
 
     ``input_shapes`` fixes inputs whose shapes are dynamic in the file. Weights in external files are
     read from beside the model file. A model below opset :data:`MIN_OPSET` is upgraded with
-    ``onnx.version_converter`` (said in ``notes``). Raises :class:`ModelImportError` for a missing or
-    corrupt file, unreadable external weights, an invalid model, an opset that cannot be upgraded, a
-    dynamic dimension with no value, an unknown input name, a wrong rank, a given shape that contradicts a
-    static dimension of the file, an unsupported operator (all of them, by node), or a converter failure.
+    ``onnx.version_converter`` (said in ``notes``). Shapes computed at run time from the static input
+    shapes are folded to constants first. Raises :class:`ModelImportError` for a missing or corrupt file,
+    unreadable external weights, an invalid model, an opset that cannot be upgraded, a dynamic dimension
+    with no value, an unknown input name, a wrong rank, a given shape that contradicts a static dimension
+    of the file, an unsupported operator or one whose output size depends on the data (all of them, by
+    node), or a converter failure (naming the node).
     """
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -298,20 +336,28 @@ def load_onnx(
     # Fail here, not in the QDQ export after a whole pipeline.
     proto, notes = _upgrade_opset(proto, source)
     specs = _resolve_shapes(proto, input_shapes or {}, source)
-    _check_operators(proto, source)
     static = _with_static_inputs(proto, specs)
     with contextlib.suppress(Exception):  # a convenience; the converter computes shapes itself
         static = shape_inference.infer_shapes(static)
+    # Exporters compute pads and reshapes from Shape at run time; TVM's importer needs them as constants.
+    folded, _ = fold_constants(static)
+    _check_operators(folded, source)
     # BN folded in ONNX, not Relax: each Relax conv weight is then an ONNX initializer (ids match by weight).
-    folded, _ = fold_batch_norms(static)
+    folded, _ = fold_batch_norms(folded)
     # Explicit zero pads ("SAME" padding) become the conv's own padding: no float op between int layers.
     folded, _ = fold_pads_into_convs(folded)
     try:
-        mod = from_onnx(folded, shape_dict={s.name: list(s.shape) for s in specs}, keep_params_in_input=False)
+        # The importer prints the failing operator to stdout; the error below names its node instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            mod = from_onnx(
+                folded, shape_dict={s.name: list(s.shape) for s in specs}, keep_params_in_input=False
+            )
     except Exception as err:
         lines = str(err).strip().splitlines()
+        node = _failing_node(err)
+        where = f" at node {node.name or '<unnamed>'} ({node.op_type})" if node is not None else ""
         raise ModelImportError(
-            f"converting {source} to Relax failed: {lines[-1] if lines else type(err).__name__}"
+            f"converting {source} to Relax failed{where}: {lines[-1] if lines else type(err).__name__}"
         ) from err
     # Constant bias reshapes and Gemm weight transposes become constants, as layers and rewrites expect.
     mod = relax.transform.FoldConstant()(mod)

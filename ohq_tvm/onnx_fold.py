@@ -1,19 +1,150 @@
-"""Fold inference-mode BatchNormalization into the Conv that feeds it, and zero Pads into the Convs they
-feed, in the ONNX graph.
+"""Fold, in the ONNX graph: subgraphs whose values are known before the model runs into initializers,
+inference-mode BatchNormalization into the Conv that feeds it, and zero Pads into the Convs they feed.
 
-Done before import so that each conv's weight in Relax is exactly an ONNX initializer: layer ids are found
-by matching weights to ONNX nodes, and quantization must see the weight the layer really multiplies by
-(quantizing a conv and then scaling by a BN would quantize the wrong tensor). Relax's own
-``FoldBatchnormToConv2D`` would do the arithmetic but drops the bindings that carry layer ids.
+Exporters compute shapes at run time (``Shape`` → ``Gather`` → arithmetic → ``Concat`` feeding ``Pad`` or
+``Reshape``) even where every input shape is static; TVM's importer needs those values as constants, so
+they are evaluated here with ONNX's reference implementation. The other two folds are done before import
+so that each conv's weight in Relax is exactly an ONNX initializer: layer ids are found by matching
+weights to ONNX nodes, and quantization must see the weight the layer really multiplies by (quantizing a
+conv and then scaling by a BN would quantize the wrong tensor). Relax's own ``FoldBatchnormToConv2D``
+would do the arithmetic but drops the bindings that carry layer ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+# Never evaluated at import: random operators (a new value on every run), operators holding subgraphs, and
+# the quantization operators a QDQ model keeps as its structure.
+_NOT_FOLDED = {
+    "Bernoulli",
+    "Multinomial",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "If",
+    "Loop",
+    "Scan",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
+# A folded value may be as large as the constants it is computed from, or this many elements: a
+# ConstantOfShape or Expand is cheaper to compute at run time than to store.
+_MAX_GROWN_ELEMENTS = 4096
+
+
+def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every node whose outputs are known before it runs replaced by initializers
+    of those outputs; and how many nodes were replaced.
+
+    A node's outputs are known when its inputs are constants (initializers, ``Constant`` nodes, outputs
+    folded before it), or when it is a ``Shape`` or ``Size`` of a tensor whose shape the graph states
+    statically (graph inputs, and ``value_info`` from shape inference: run it first). Folding repeats,
+    with shape inference in between, until nothing more folds. Left alone: nodes outside the default
+    domain, random and control-flow operators, Quantize/DequantizeLinear, nodes producing graph outputs,
+    values that would grow beyond both their inputs' size and 4096 elements, and any node ONNX's
+    reference implementation cannot evaluate (TVM's importer then sees it as it was).
+    """
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    version = next((o.version for o in folded.opset_import if o.domain in _DEFAULT_DOMAINS), None)
+    opsets = {"": version} if version is not None else None
+    total = 0
+    while True:
+        count = _fold_known_nodes(folded.graph, opsets)
+        if not count:
+            return folded, total
+        total += count
+        with contextlib.suppress(Exception):  # more static shapes let more Shape nodes fold
+            folded = shape_inference.infer_shapes(folded, data_prop=True)
+
+
+def _fold_known_nodes(graph: onnx.GraphProto, opsets: dict[str, int] | None) -> int:
+    """One pass of :func:`fold_constants` over ``graph``, in place; how many nodes it replaced."""
+    known = graph_constants(graph)
+    shapes = _static_shapes(graph)
+    graph_outputs = {output.name for output in graph.output}
+    replaced: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == "Constant" or node.domain not in _DEFAULT_DOMAINS or node.op_type in _NOT_FOLDED:
+            continue
+        if any(name in graph_outputs for name in node.output):
+            continue
+        values = _shape_of(node, shapes, known)
+        if values is None and all(not name or name in known for name in node.input):
+            values = _evaluate(node, known, opsets)
+        if values is None:
+            continue
+        for name, value in zip(node.output, values, strict=True):
+            if name:
+                known[name] = value
+                graph.initializer.append(numpy_helper.from_array(value, name))
+        replaced.append(node)
+    for node in replaced:
+        graph.node.remove(node)
+    folded_names = {name for node in replaced for name in node.output}
+    for vi in [vi for vi in graph.value_info if vi.name in folded_names]:
+        graph.value_info.remove(vi)
+    _drop_unread_constants(graph, {name for node in replaced for name in node.input if name})
+    return len(replaced)
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """The shapes the graph states with every dimension a number, by tensor name."""
+    shapes = {}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = vi.type.tensor_type
+        if tensor.HasField("shape") and all(dim.HasField("dim_value") for dim in tensor.shape.dim):
+            shapes[vi.name] = tuple(int(dim.dim_value) for dim in tensor.shape.dim)
+    return shapes
+
+
+def _shape_of(
+    node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], known: dict[str, np.ndarray]
+) -> list[np.ndarray] | None:
+    """The output of a ``Shape`` or ``Size`` node whose input has a static shape, else None."""
+    if node.op_type not in ("Shape", "Size") or not node.input:
+        return None
+    source = node.input[0]
+    shape = known[source].shape if source in known else shapes.get(source)
+    if shape is None:
+        return None
+    if node.op_type == "Size":
+        return [np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    start, end = attributes.get("start", 0), attributes.get("end")
+    return [np.array(shape[start:end], dtype=np.int64)]
+
+
+def _evaluate(
+    node: onnx.NodeProto, known: dict[str, np.ndarray], opsets: dict[str, int] | None
+) -> list[np.ndarray] | None:
+    """``node``'s outputs computed from the constants it reads, or None when it cannot (or should not)
+    be folded: the reference implementation fails, returns something other than tensors, or the result
+    outgrows the size limit."""
+    feeds = {name: known[name] for name in node.input if name}
+    try:
+        values = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+    except Exception:  # an operator the reference implementation lacks or rejects: left to TVM
+        return None
+    values = [np.asarray(value) if isinstance(value, np.ndarray | np.generic) else value for value in values]
+    if len(values) != len(node.output) or not all(
+        isinstance(value, np.ndarray) and value.dtype != object for value in values
+    ):
+        return None
+    limit = max(sum(value.size for value in feeds.values()), _MAX_GROWN_ELEMENTS)
+    if any(value.size > limit for value in values):
+        return None
+    return values
 
 
 def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

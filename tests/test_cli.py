@@ -10,7 +10,7 @@ from ohq_tvm import models
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.oqa import LatencyDatabase
 
-from testing_support import assert_one_line_error, ohq
+from testing_support import assert_one_line_error, nms_model, ohq
 
 
 def test_targets_lists_the_builtin_boards():
@@ -271,6 +271,13 @@ def test_an_input_shape_contradicting_a_static_dimension_is_refused(tmp_path):
     proc = ohq("compile", str(model), "--input-shape", "input=1,3,64,64", "--no-verify", "-o", str(tmp_path))
     assert_one_line_error(proc, "'input'", "1x3x32x32", "1x3x64x64")
     assert not (tmp_path / "model.so").exists()
+
+
+def test_an_operator_the_build_cannot_hold_is_named_in_one_line(tmp_path):
+    model = models.save(nms_model(), tmp_path / "nms.onnx")
+    proc = ohq("compile", str(model), "--no-verify", "-o", str(tmp_path / "o"))
+    assert_one_line_error(proc, "nms.onnx", "nms (NonMaxSuppression)")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.plan import Plan
 from ohq_tvm.qdq import export_qdq
 
-from testing_support import every_model_slow_at_full_size, host_target
+from testing_support import every_model_slow_at_full_size, host_target, nms_model, same_padded_conv_model
 
 
 def run_tvm(imported, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -255,3 +255,37 @@ def test_an_opset_that_cannot_be_upgraded_fails_at_import():
     message = str(err.value)
     assert "opset 7" in message and "onnx.version_converter" in message and "spatial" in message
     assert "opset_version" in message  # the fix: export again
+
+
+def test_shape_arithmetic_as_exporters_write_it_imports_and_matches_onnx_runtime():
+    model = same_padded_conv_model(height=15, width=16)
+    imported = load_onnx(model)
+    assert imported.outputs[0].shape == (1, 4 * 8 * 8)
+    script = imported.mod.script()
+    # The computed SAME pads became the conv's own (top, left, bottom, right) padding.
+    assert "nn.pad" not in script and "padding=[1, 0, 1, 1]" in script
+    feeds = synthetic_inputs(imported.inputs, seed=5)
+    np.testing.assert_allclose(run_tvm(imported, feeds), run_ort(model, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_a_node_the_converter_fails_on_is_named(capsys):
+    # Pads that only the input data decides cannot be made constant.
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], name="data_pad")],
+        "dynamic_pad",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("pads", TensorProto.INT64, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["h", "w"])],
+    )
+    with pytest.raises(ModelImportError, match=r"at node data_pad \(Pad\): Dynamic pads"):
+        load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert capsys.readouterr().out == ""  # the error is the one line: nothing printed besides
+
+
+def test_operators_whose_output_size_depends_on_the_data_are_named():
+    with pytest.raises(ModelImportError) as err:
+        load_onnx(nms_model())
+    message = str(err.value)
+    assert "nms (NonMaxSuppression)" in message and "depends on the input values" in message

@@ -1,15 +1,18 @@
-"""BatchNormalization and zero Pads folded into Conv in the ONNX graph: same outputs, layer ids kept."""
+"""Constant subgraphs folded, BatchNormalization and zero Pads folded into Conv in the ONNX graph: same
+outputs, layer ids kept."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from ohq_tvm import models
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
-from ohq_tvm.onnx_fold import fold_batch_norms, fold_pads_into_convs
+from ohq_tvm.onnx_fold import fold_batch_norms, fold_constants, fold_pads_into_convs, graph_constants
+
+from testing_support import same_padded_conv_model
 
 
 def _run(model, x):
@@ -126,3 +129,41 @@ def test_pads_that_are_not_zero_constants_or_feed_other_ops_stay():
     ):
         folded, count = fold_pads_into_convs(model)
         assert count == 0 and sum(n.op_type == "Pad" for n in folded.graph.node) == 1
+
+
+def test_shape_arithmetic_folds_into_constant_pads_and_shapes():
+    model = shape_inference.infer_shapes(same_padded_conv_model(height=15, width=16))
+    folded, count = fold_constants(model)
+    assert [n.op_type for n in folded.graph.node] == ["Pad", "Conv", "Reshape"]
+    assert count == len(model.graph.node) - 3
+    pad, _, reshape = folded.graph.node
+    constants = graph_constants(folded.graph)
+    # SAME padding of a stride-2 3x3 conv: 15 rows need 1 + 1, 16 columns 0 + 1.
+    assert constants[pad.input[1]].tolist() == [0, 0, 1, 0, 0, 0, 1, 1]
+    assert constants[reshape.input[1]].tolist() == [1, -1]
+    # Nothing is left that the three nodes do not read.
+    read = {name for node in folded.graph.node for name in node.input}
+    produced = {name for node in folded.graph.node for name in node.output}
+    assert {init.name for init in folded.graph.initializer} == read - produced - {"input"}
+    x = np.random.default_rng(3).standard_normal((1, 3, 15, 16)).astype(np.float32)
+    np.testing.assert_array_equal(_run(folded, x), _run(model, x))
+
+
+def test_values_that_change_each_run_or_would_grow_are_not_folded():
+    shape = numpy_helper.from_array(np.array([1, 8, 32, 32], np.int64), "shape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["filled"], name="big"),  # 8192 elements from 4
+        helper.make_node("RandomUniformLike", ["input"], ["noise"], name="noise"),
+        helper.make_node("Add", ["input", "filled"], ["sum"], name="add"),
+        helper.make_node("Add", ["sum", "noise"], ["output"], name="add_noise"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unfoldable",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 8, 32, 32])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folded, count = fold_constants(model)
+    assert count == 0 and [n.name for n in folded.graph.node] == ["big", "noise", "add", "add_noise"]

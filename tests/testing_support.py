@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import psutil
 import pytest
 import tvm
+from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from ohq_tvm import Precision, models
@@ -170,3 +172,90 @@ def every_model_slow_at_full_size() -> list:
         pytest.param(name, marks=pytest.mark.slow) if name in ("mobilenet_v2", "efficientnet_lite0") else name
         for name in sorted(models.MODELS)
     ]
+
+
+def same_padded_conv_model(height: int = 15, width: int = 16, channels: int = 4) -> onnx.ModelProto:
+    """A stride-2 3x3 conv with TensorFlow's "SAME" padding and a flatten, written the way
+    ``torch.onnx.export(..., dynamo=False)`` writes them: the pads computed from ``Shape`` → ``Gather`` →
+    arithmetic → ``Concat`` into ``Pad``, the flattened shape from ``Shape`` → ``Gather`` → ``Unsqueeze`` →
+    ``Concat`` into ``Reshape``. Input ``input`` [1, 3, height, width]; with 15 x 16 the pads are
+    (top 1, left 0, bottom 1, right 1)."""
+    rng = np.random.default_rng(0)
+    nodes: list[onnx.NodeProto] = []
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32), "conv.weight"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array(2, np.int64), "two"),
+        numpy_helper.from_array(np.array(3, np.int64), "kernel"),
+        numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+        numpy_helper.from_array(np.array([0, 0], np.int64), "no_pads"),
+        numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+    ]
+
+    def node(op: str, inputs: list[str], name: str, **attributes) -> str:
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
+        return name
+
+    shape = node("Shape", ["input"], "in_shape")
+    before, after = {}, {}
+    for axis, side in ((2, "h"), (3, "w")):
+        size = node("Gather", [shape, f"{side}_axis"], f"{side}_size", axis=0)
+        initializers.append(numpy_helper.from_array(np.array(axis, np.int64), f"{side}_axis"))
+        out = node("Div", [node("Add", [size, "one"], f"{side}_plus1"), "two"], f"{side}_out")
+        span = node(
+            "Add",
+            [node("Mul", [node("Sub", [out, "one"], f"{side}_m1"), "two"], f"{side}_x2"), "kernel"],
+            f"{side}_span",
+        )
+        total = node("Max", [node("Sub", [span, size], f"{side}_excess"), "zero"], f"{side}_total")
+        first = node("Div", [total, "two"], f"{side}_before")
+        before[side] = node("Unsqueeze", [first, "axes0"], f"{side}_before1d")
+        after[side] = node(
+            "Unsqueeze", [node("Sub", [total, first], f"{side}_after"), "axes0"], f"{side}_after1d"
+        )
+    pads = node(
+        "Concat", ["no_pads", before["h"], before["w"], "no_pads", after["h"], after["w"]], "pads", axis=0
+    )
+    padded = node("Pad", ["input", pads], "same_pad")
+    conv = node("Conv", [padded, "conv.weight"], "conv", kernel_shape=[3, 3], strides=[2, 2])
+    batch = node(
+        "Unsqueeze",
+        [node("Gather", [node("Shape", [conv], "conv_shape"), "zero"], "batch", axis=0), "axes0"],
+        "batch1d",
+    )
+    flat_shape = node("Concat", [batch, "rest"], "flat_shape", axis=0)
+    node("Reshape", [conv, flat_shape], "output")
+    out_size = channels * ((height + 1) // 2) * ((width + 1) // 2)
+    graph = helper.make_graph(
+        nodes,
+        "same_padded_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, out_size])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def nms_model(boxes: int = 8) -> onnx.ModelProto:
+    """One ``NonMaxSuppression`` node ``nms``: how many boxes it keeps depends on the input values."""
+    constants = [
+        numpy_helper.from_array(np.array([5], np.int64), "max_boxes"),
+        numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+        numpy_helper.from_array(np.array([0.1], np.float32), "min_score"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "NonMaxSuppression", ["boxes", "scores", *(c.name for c in constants)], ["kept"], name="nms"
+            )
+        ],
+        "nms",
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, boxes, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, boxes]),
+        ],
+        [helper.make_tensor_value_info("kept", TensorProto.INT64, ["kept", 3])],
+        constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
