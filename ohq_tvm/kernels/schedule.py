@@ -11,8 +11,8 @@ parallel; the activation-packing stage is parallel over its outer loops.
 
 - :func:`schedule_default` applies fixed tiles (zero tuning budget) within the ISA's ``max_tile``
   accumulators (16; 15 of AVX-512's 64 bytes; 12 on AVX2's 16 registers): the channel form's ``rows``
-  the largest divisor of the row extent up to 8, ``cols`` the largest divisor of the channel blocks up
-  to 4 that fits; the pixel form's ``vectors`` × ``rows`` up to 4, then as many output channels as fit.
+  (a divisor of the row extent up to 8) and ``cols`` (of the channel blocks, up to 4), the pixel form's
+  ``vectors`` × ``rows`` up to 4, then as many output channels as fit (see :func:`_default_choice`).
 - The MetaSchedule rule ``s_tir.meta_schedule.cpu.ohq_dot`` (registered on import) samples the same
   factors from the divisors instead, so tuning searches the tile over measured candidates.
 """
@@ -95,7 +95,7 @@ def _tile(
     sch: s_tir.Schedule,
     compute: s_tir.SBlockRV,
     output: s_tir.SBlockRV,
-    choose: Callable[[str, list[int]], object],
+    choose: Callable[..., object],
 ) -> None:
     """Tile, parallelise and tensorize the accumulator block; compute the output stage per tile."""
     block = sch.get(compute)
@@ -112,9 +112,9 @@ def _tile(
         else:
             major, minor, row = [], [], None
     row_extent = _extent(sch, row) if row is not None else 1
-    rows = choose("rows", _divisors(row_extent, _MAX_ROWS))
-    col_extent = _extent(sch, col)
-    cols = choose("cols", _divisors(col_extent, _MAX_COLS))
+    col_candidates = _divisors(_extent(sch, col), _MAX_COLS)
+    rows = choose("rows", _divisors(row_extent, _MAX_ROWS), [col_candidates])
+    cols = choose("cols", col_candidates)
     col_o, col_i = sch.split(col, factors=[None, cols])
     tile = [col_i]
     outer = [*major, col_o, *minor]
@@ -183,18 +183,30 @@ def _pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV) -> None:
     sch.unroll(loops[-1])
 
 
-def _default_choice(name: str, candidates: list[int], state: dict) -> int:
-    """Fixed tiles: the largest candidate for the first choices, then what keeps the tile within the
-    ISA's ``max_tile`` accumulators (the channel form: ``rows`` then ``cols``; the pixel form:
-    ``vectors``, ``rows`` up to :data:`_MAX_VECTORS` vectors together, then ``channels``). Filling the
-    channel form's tile instead (4 rows x 3 column blocks rather than 8 x 1 on AVX2) measured 4-8% slower
-    on a Zen 3."""
+def _filled(following: list[list[int]], budget: int) -> int:
+    """The most accumulators the ``following`` choices can add within ``budget`` (a product of one
+    candidate of each)."""
+    if not following:
+        return 1
+    return max((c * _filled(following[1:], budget // c) for c in following[0] if c <= budget), default=1)
+
+
+def _default_choice(name: str, candidates: list[int], state: dict, following: list[list[int]]) -> int:
+    """Fixed tiles within the ISA's ``max_tile`` accumulators: the channel form's ``rows`` then ``cols``,
+    the pixel form's ``vectors``, ``rows`` (up to :data:`_MAX_VECTORS` vectors together), ``channels``;
+    each the largest candidate that fits, or, for an instruction that accumulates in place, the one that
+    with the ``following`` choices fills the most of the tile (AVX-512's 15: 7 rows x 2 column blocks
+    rather than 8 x 1). Not for AVX2: ``vpmaddwd``'s product takes a register of its own, and a filled
+    channel tile (4 x 3 rather than 8 x 1) measured 4-8% slower on a Zen 3."""
     used = state.get("used", 1)
     limit = _MAX_VECTORS if name == "rows" and "vectors" in state else state.get("tile", _DEFAULT_TILE)
     fitting = [c for c in candidates if c * used <= limit] or [1]
-    state[name] = fitting[-1]
-    state["used"] = used * fitting[-1]
-    return fitting[-1]
+    chosen = fitting[-1]
+    if state.get("fill"):
+        chosen = max(fitting, key=lambda c: (c * _filled(following, limit // (c * used)), c))
+    state[name] = chosen
+    state["used"] = used * chosen
+    return chosen
 
 
 def schedule_default(func: tirx.PrimFunc) -> s_tir.Schedule:
@@ -202,17 +214,20 @@ def schedule_default(func: tirx.PrimFunc) -> s_tir.Schedule:
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
     compute = blocks.get(PIXEL_CONV_BLOCK) or blocks.get(CONV_BLOCK) or blocks.get(DENSE_BLOCK)
-    # 16 accumulators with 32 vector registers; with AVX2's 16 ymm, 12 (a few spill, since vpmaddwd needs a
-    # temporary, but 8 or 9 without spills were measured 10-25% slower on a Zen 3)
-    state: dict = {"tile": ISAS[str(sch.get(compute).annotations[ISA_ATTR])].max_tile}
+    # Up to 16 accumulators with 32 vector registers (15 of AVX-512's); with AVX2's 16 ymm, 12 (a few
+    # spill, since vpmaddwd needs a temporary, but 8 or 9 without spills measured 10-25% slower on a Zen 3)
+    isa = ISAS[str(sch.get(compute).annotations[ISA_ATTR])]
+    state: dict = {"tile": isa.max_tile, "fill": isa.accumulates}
+
+    def choose(name: str, candidates: list[int], following=()) -> int:
+        return _default_choice(name, candidates, state, list(following))
+
     _absorb_fused_ops(sch)
     if PIXEL_CONV_BLOCK in blocks:
-        _tile_pixels(
-            sch, blocks[PIXEL_CONV_BLOCK], blocks[OUTPUT_BLOCK], lambda n, c: _default_choice(n, c, state)
-        )
+        _tile_pixels(sch, blocks[PIXEL_CONV_BLOCK], blocks[OUTPUT_BLOCK], choose)
     else:
         compute = blocks.get(CONV_BLOCK) or blocks.get(DENSE_BLOCK)
-        _tile(sch, compute, blocks[OUTPUT_BLOCK], lambda n, c: _default_choice(n, c, state))
+        _tile(sch, compute, blocks[OUTPUT_BLOCK], choose)
     if PACK_BLOCK in blocks:
         _pack(sch, blocks[PACK_BLOCK])
     return sch
@@ -223,7 +238,7 @@ def _tuning_rule(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> list[s_tir.Sched
     name = sch.get(block).name_hint
     if name in (CONV_BLOCK, PIXEL_CONV_BLOCK, DENSE_BLOCK):
 
-        def sample(_name: str, candidates: list[int]):
+        def sample(_name: str, candidates: list[int], _following=()):
             return sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
 
         _absorb_fused_ops(sch)
