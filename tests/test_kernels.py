@@ -143,6 +143,7 @@ def test_avx2_conv2d_kernel_is_bit_exact(case, pixels):
 
 def test_avx2_tiles_fit_its_sixteen_registers():
     assert AVX2.max_tile == 12 and AVX512_VNNI.max_tile == 15 and SDOT.max_tile == 16
+    assert AVX_VNNI.max_tile == 12  # 16 ymm without AVX-512
     func = conv_func(AVX2, (1, 64, 14, 14), 64, 3, 1, 1, 1, 0)
     assert REGISTER_TILE in schedule_default(func).mod["main"].script()
     asm = _asm(func, X86_AVX2)

@@ -71,7 +71,8 @@ class DotProductISA:
 
 
 AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx512vnni")
-AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni")
+# Chosen only without AVX-512BW (dot_product_isa), so on 16 ymm registers (Alder Lake and later cores).
+AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni", registers=16)
 SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot", instruction="sdot")
 AVX2 = DotProductISA(
     "avx2",
