@@ -18,9 +18,13 @@ from testing_support import every_model_slow_at_full_size, host_target
 
 
 def legalized(model) -> tvm.IRModule:
+    return legalized_module(load_onnx(model).mod)
+
+
+def legalized_module(mod: tvm.IRModule) -> tvm.IRModule:
     target = host_target()
     with target:
-        return tvm.transform.Sequential(cpu_pipeline.legalize_passes(target))(load_onnx(model).mod)
+        return tvm.transform.Sequential(cpu_pipeline.legalize_passes(target))(mod)
 
 
 def scheduled(mod: tvm.IRModule) -> tvm.IRModule:
@@ -189,3 +193,24 @@ def test_batch_statistics_and_scalar_results_build_and_match_numpy():
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
     expected = (data.mean(axis=(0, 2, 3)) * data.std(axis=(0, 2, 3))).sum()
     assert got.shape == () and float(got) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize(("size", "flat"), [(14, True), (7, True), (28, False), (56, False)])
+def test_element_wise_ops_over_planes_no_vector_divides_run_as_one_flat_loop(size, flat):
+    # A dequantize-like chain over [1, 96, size, size]: 14x14 rows end in masked vectors, so the whole
+    # tensor is one flat loop of full vectors; 28x28 keeps rows (4-lane vectors) and 56x56 full-width rows.
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 96, size, size), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            shifted = bb.emit(relax.op.subtract(relax.op.astype(x, "float32"), relax.const(128.0)))
+            out = bb.emit_output(relax.op.multiply(shifted, relax.const(0.05)))
+        bb.emit_func_output(out)
+    (func,) = prim_funcs(scheduled(legalized_module(bb.get()))).values()
+    text = func.script()
+    assert (f"T.parallel(T.int64({96 * size * size // 8}))" in text) == flat
+    assert "T.vectorized(" in text and "T.where" not in text
+    data = np.random.default_rng(5).integers(0, 256, (1, 96, size, size)).astype(np.uint8)
+    executable = build_scheduled(bb.get(), host_target())
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_array_equal(got, (data.astype(np.float32) - 128.0) * np.float32(0.05))
