@@ -138,7 +138,7 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # timed only while the board runs at its usual speed (the canary of :mod:`.quiet`); r8: vector widths from
 # the target's features (AVX2 had been given AVX-512's 16 lanes), 1x1 convs along one pixel axis, int8
 # layers on AVX2 without VNNI on the vpmaddwd kernels; r9: register tiles on the stack (they had been a
-# workspace allocation per tile).
+# workspace allocation per tile), element-wise ops over 14x14 planes as one flat loop.
 MEASUREMENT_REVISION = 9
 
 
