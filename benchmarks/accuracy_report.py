@@ -41,21 +41,6 @@ def metrics(logits: np.ndarray, fp32: np.ndarray, labelled_centre: list[tuple[in
     }
 
 
-def cpu_facts() -> dict:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = (part.strip() for part in line.partition(":"))
-                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
-                    fields[key] = value
-    except OSError:
-        return {}
-    flags = fields.pop("flags", "").split()
-    fields["int8_dot_product"] = [f for f in ("avx512_vnni", "avx_vnni", "asimddp") if f in flags]
-    return fields
-
-
 def ohq_tvm_source() -> dict:
     """The ohq_tvm that runs: where it is imported from, the HEAD of the repository this script is in, and
     which of HEAD's package files the imported copy differs from (an installed copy can be stale, and
@@ -86,7 +71,6 @@ def ohq_tvm_source() -> dict:
 
 def record_header(target, source: dict, settings: dict, results: list[dict], seconds: float) -> dict:
     record = machine_record(target)
-    record["machine"]["cpu_model"] = cpu_facts()
     for package in ("torch", "onnx", "pillow", "scikit-image", "foolbox"):
         try:
             record["versions"][package] = importlib.metadata.version(package)

@@ -2,13 +2,17 @@
 
 Usage: python benchmarks/headline.py [--models mobilenet_v2,efficientnet_lite0,resnet18] [--trials 0]
        [--budget latency=1.1*int8] [--more-budgets latency=1.0*int8] [--repeats 15] [--out benchmarks/results]
-(needs `make models`: torch and the pretrained weights; scikit-image for the photos)
+       [--quiet-wait 30]
+(needs `make peers`: torch, the pretrained weights, LiteRT with its converter and quantizer; scikit-image
+for the photos)
 
 Per model (MobileNetV2 and EfficientNet-Lite0 with real ImageNet weights; ResNet-18's architecture with
 seeded random weights), everything built in this run:
 
-- ONNX Runtime fp32, and ONNX Runtime int8 (``quantize_static``: QDQ, per-channel int8 weights, as shipped
-  otherwise, minmax) calibrated on the held-out photos;
+- the peers of ``peer_engines``, as ``peers.py`` builds them: ``litert fp32`` / ``litert int8`` (LiteRT
+  with XNNPACK, converted from the torch model), ``ort fp32``, ``ort int8 u8s8 qdq`` / ``ort int8 u8s8
+  qoperator`` and ``ort int8 s8s8 qdq`` (ORT's default ``quantize_static``), calibrated on the held-out
+  photos;
 - ohq-tvm fp32 and uniform int8 (``--trials`` MetaSchedule trials per build; 0 = the default schedule);
 - the OHQ plan: ``compile_model(budget=...)`` — every candidate operator timed on the loopback host board
   into a fresh database, MQE on synthetic data, the ILP — calibrated on the same held-out photos;
@@ -17,53 +21,55 @@ seeded random weights), everything built in this run:
 - the OHQ plan at each of ``--more-budgets`` (other points of the same frontier: the databases are warm,
   so each is a re-solve and a build), timed and evaluated like the rest.
 
-Latency: every engine timed in the same interleaved rounds on this machine (TVM's runtime and ONNX
-Runtime both on all cores). Accuracy: top-1 agreement with ohq-tvm's fp32 over 120 views of 24 photos,
-top-1 on foolbox's 20 labelled photos (not meaningful for the random-weight ResNet-18). Size: weight bytes
-(as the plan stores them) and the file on disk. Pipeline time: the OHQ ``compile_model`` call from a cold
-start (fresh measurement database, tuning database and sensitivity cache) and again warm (same budget,
-same databases, new output folder).
+Latency: every engine timed in the same interleaved rounds on this machine (TVM, ONNX Runtime and LiteRT
+on the same threads: TVM's, every physical core). Accuracy: top-1 agreement with ohq-tvm's fp32 over 120
+views of 24 photos, top-1 on foolbox's 20 labelled photos (not meaningful for the random-weight
+ResNet-18). Size: weight bytes (as the plan stores them) and the file on disk. Pipeline time: the OHQ
+``compile_model`` call from a cold start (fresh measurement database, tuning database and sensitivity
+cache) and again warm (same budget, same databases, new output folder).
 
-Writes results/headline.json (machine, settings, raw numbers) and results/headline.md.
+Writes results/headline.json (machine, settings, raw numbers) and results/headline.md: per model, the
+fastest engine, and ohq-tvm's int8, fp32 and OHQ plan against the fastest peer int8 and fp32 (issue #25's
+targets).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pretrained
 import torch
 import tvm
 from accuracy import MODELS as PRETRAINED
 from accuracy_report import metrics
-from ort_static import ort_session, ort_static_int8
-from photos import SKIMAGE_CALIBRATION, Preprocessing, photo_set
+from peer_engines import (
+    PEER_INT8,
+    build_peers,
+    fastest,
+    peer_settings,
+    real_model,
+    target_lines,
+    tvm_engine,
+)
+from photos import Preprocessing
 
-from ohq_tvm.board import host_vm, sigterm_as_exit
+from ohq_tvm.board import sigterm_as_exit, use_host_threads
+from ohq_tvm.oqa.quiet import QuietGate
 from ohq_tvm.pipeline import CompileResult, compile_model
 from ohq_tvm.targets import resolve_target
 
-from timing import interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
+from timing import BenchmarkRun, Rounds, conditions, interleaved, parse_args
 
 MODELS = {**PRETRAINED, "resnet18": (pretrained.load_resnet18, Preprocessing(256, "imagenet"))}
-ORT_SCOPE, ORT_METHOD = "all ops, ORT defaults", "minmax"
-ENGINES = ("ort fp32", "ort int8", "tvm fp32", "tvm int8", "bops-proxy plan", "ohq plan")
+OURS = ("ohq-tvm fp32", "ohq-tvm int8", "bops-proxy plan", "ohq plan")
 
 
 def budget_engine(budget: str) -> str:
     return f"ohq plan at {budget}"
-
-
-def _library_runner(path: Path):
-    """The exported library as a local Relax VM: one [1, 3, 224, 224] input -> logits."""
-    vm = host_vm(tvm.runtime.load_module(str(path)))
-    return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
 def _weights_bytes(result: CompileResult) -> float | None:
@@ -71,19 +77,18 @@ def _weights_bytes(result: CompileResult) -> float | None:
 
 
 def bench(
-    name: str, scratch: Path, trials: int, budget: str, more_budgets: list[str], repeats: int, say
+    name: str,
+    scratch: Path,
+    trials: int,
+    budget: str,
+    more_budgets: list[str],
+    rounds: Rounds,
+    say,
 ) -> dict:
     started = time.perf_counter()
-    load, preprocessing = MODELS[name]
-    model = load()
-    shape = (1, 3, 224, 224)
-    with_bn = Path(
-        pretrained.export_onnx(model, shape, str(scratch / f"{name}.bn.onnx"), keep_batchnorm=True)
-    )
-    fused = Path(pretrained.export_onnx(model, shape, str(scratch / f"{name}.onnx")))
-    photos = photo_set(preprocessing, scratch / f"{name}-calibration")
-    views, labelled, calibration = photos.views, photos.labelled, photos.calibration
-
+    model = real_model(MODELS[name], scratch / name)
+    with_bn, photos = model.with_bn, model.photos
+    views, labelled = photos.views, photos.labelled
     db, tuning = scratch / f"{name}-oqa.sqlite", scratch / f"{name}-tuning"
     common = {
         "calibration_samples": photos.calibration_dir,
@@ -111,39 +116,23 @@ def bench(
         )
         for i, b in enumerate(more_budgets)
     }
-    engines = (*ENGINES, *others)
-    ort_int8 = ort_static_int8(fused, calibration, ORT_METHOD, ORT_SCOPE, scratch)
-    ort_int8_path = scratch / f"{name}.ort-int8.onnx"
+    x = views[0]  # views are [count, 1, 3, 224, 224]
+    engines = build_peers(model, scratch / name, rounds.threads)
     say(f"[{name}] built everything in {time.perf_counter() - started:.0f} s; timing")
 
-    built = {"tvm fp32": fp32, "tvm int8": int8, "bops-proxy plan": bops, "ohq plan": ohq, **others}
-    runners, timers = {}, {}
-    x = views[0]  # views are [count, 1, 3, 224, 224]
-    for engine, result in built.items():
-        runners[engine] = _library_runner(result.library_path)
-        timers[engine] = tvm_timer(tvm.runtime.load_module(str(result.library_path)), [tvm.runtime.tensor(x)])
-    threads = os.cpu_count() or 1
-    for engine, source in (("ort fp32", fused), ("ort int8", ort_int8)):
-        proto = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
-        timers[engine] = ort_timer(proto, {"input": x}, threads)
-        session = ort_session(source)
-        runners[engine] = lambda v, session=session: session.run(None, {"input": v})[0]
-    medians, raw = interleaved({e: timers[e] for e in engines}, repeats)
+    built = {"ohq-tvm fp32": fp32, "ohq-tvm int8": int8, "bops-proxy plan": bops, "ohq plan": ohq, **others}
+    engines |= {engine: tvm_engine(result.library_path, x) for engine, result in built.items()}
+    timers = {e: engine.timer for e, engine in engines.items()}
+    medians, raw = interleaved(timers, rounds.repeats, rounds.gate)
 
-    logits = {engine: np.concatenate([runners[engine](v) for v in views]) for engine in engines}
-    reference = logits["tvm fp32"]
-    accuracy = {engine: metrics(logits[engine], reference, labelled) for engine in engines}
-    sizes = {
-        "ort fp32": {"file_bytes": fused.stat().st_size},
-        "ort int8": {"file_bytes": ort_int8_path.stat().st_size},
-    }
+    logits = {e: np.concatenate([engine.run(v) for v in views]) for e, engine in engines.items()}
+    reference = logits["ohq-tvm fp32"]
+    accuracy = {e: metrics(logits[e], reference, labelled) for e in engines}
+    sizes = {e: {"file_bytes": engine.path.stat().st_size} for e, engine in engines.items()}
     for engine, result in built.items():
-        sizes[engine] = {
-            "weights_bytes": _weights_bytes(result),
-            "file_bytes": result.library_path.stat().st_size,
-        }
-    sizes["tvm fp32"]["weights_bytes"] = planning.baselines["fp32"].predicted["size_bytes"]
-    sizes["tvm int8"]["weights_bytes"] = planning.baselines["int8"].predicted["size_bytes"]
+        sizes[engine]["weights_bytes"] = _weights_bytes(result)
+    sizes["ohq-tvm fp32"]["weights_bytes"] = planning.baselines["fp32"].predicted["size_bytes"]
+    sizes["ohq-tvm int8"]["weights_bytes"] = planning.baselines["int8"].predicted["size_bytes"]
     summary = planning.measurement.summary
     return {
         "model": name,
@@ -179,43 +168,26 @@ def bench(
     }
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _gate_text(record: dict) -> str:
-    gate = record.get("interleaved_timing_gate") or {}
-    if gate.get("canary_best_ms") is None:
-        return "gate not used"
-    return (
-        f"fastest canary {gate['canary_best_ms']:.3f} ms, {gate['timings_that_waited']} timings waited, "
-        f"{gate['waited_s']:.0f} s in all"
-    )
-
-
 def markdown(record: dict) -> list[str]:
-    settings = record["settings"]
+    settings, machine = record["settings"], record["machine"]
     lines = [
-        "# Headline: OHQ plan vs ONNX Runtime and the other plans",
+        "# Headline: the OHQ plan against the runtimes a user could deploy instead, and the other plans",
         "",
-        f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores; TVM {tvm.__version__} "
-        f"({record['machine']['tvm_threads']} threads), ONNX Runtime {ort.__version__}. "
-        f"Budget `{settings['budget']}` (more: {', '.join(settings.get('more_budgets', [])) or 'none'}), "
-        f"{settings['trials']} MetaSchedule "
-        f"trials per build (0 = ohq-tvm's default schedule), median of {settings['repeats']} interleaved "
-        f"rounds; load average {settings['load_average_1_5_15_min']['start'][0]:.2f} at the start, "
-        f"{settings['load_average_1_5_15_min']['end'][0]:.2f} at the end. Every timing started once the "
-        "canary of `ohq_tvm.oqa.quiet` ran at the machine's usual speed (redone when it slowed "
-        f"meanwhile): {_gate_text(record)}.",
+        f"Machine: {machine['cpu_model'].get('model name', '?')} ({machine['cpu']}), {machine['cores']} "
+        f"cores, every engine on {settings['threads']} threads; TVM {tvm.__version__}, ONNX Runtime "
+        f"{ort.__version__}, LiteRT {settings['peers']['litert']}. Budget `{settings['budget']}` (more: "
+        f"{', '.join(settings.get('more_budgets', [])) or 'none'}), {settings['trials']} MetaSchedule "
+        f"trials per build (0 = ohq-tvm's default schedule). {conditions(record)} Top-1 agreement with "
+        "ohq-tvm fp32 over the same views.",
         "",
-        "| model | engine | latency ms | vs ORT int8 | top-1 agreement with fp32 | foolbox top-1 "
+        "| model | engine | latency ms | vs fastest peer int8 | top-1 agreement with fp32 | foolbox top-1 "
         "| weights MB | file MB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in record["models"]:
-        ort_int8 = row["median_ms"]["ort int8"]
-        for engine in row["median_ms"]:
-            ms = row["median_ms"][engine]
+        m = row["median_ms"]
+        best = m[fastest(m, PEER_INT8)]
+        for engine in sorted(m, key=m.__getitem__):
             acc = row["accuracy"][engine]
             size = row["sizes"][engine].get("weights_bytes")
             foolbox = (
@@ -224,26 +196,28 @@ def markdown(record: dict) -> list[str]:
                 else f"{acc['foolbox_top1_correct']}/{acc['foolbox_labelled']}"
             )
             lines.append(
-                f"| {row['model']} | {engine} | {ms:.2f} | {ms / ort_int8:.2f}x | "
+                f"| {row['model']} | {engine} | {m[engine]:.2f} | {m[engine] / best:.2f}x | "
                 f"{acc['top1_agreeing_views']}/{row['views']} | {foolbox} | "
                 f"{'-' if size is None else f'{size / 1e6:.2f}'} | "
                 f"{row['sizes'][engine]['file_bytes'] / 1e6:.2f} |"
             )
-    lines += ["", "Targets:", ""]
+    lines += ["", "Fastest engines, and ohq-tvm against them (targets of issue #25):", ""]
+    lines += target_lines(record["models"])
+    lines += ["", "The OHQ plan's other targets:", ""]
     for row in record["models"]:
         m = row["median_ms"]
         agree = row["accuracy"]["ohq plan"]["top1_agreement"]
         pipe = row["pipeline"]
         lines.append(
-            f"- {row['model']}: OHQ plan / ORT int8 = {m['ohq plan'] / m['ort int8']:.2f} (target ≤ 0.8) at "
-            f"top-1 agreement {agree:.3f} (target ≥ 0.98); BOPs-proxy / OHQ = "
+            f"- {row['model']}: OHQ plan at top-1 agreement {agree:.3f} (target ≥ 0.98); BOPs-proxy / OHQ = "
             f"{m['bops-proxy plan'] / m['ohq plan']:.2f}x (target ≥ 1.15); pipeline "
             f"{pipe['cold_s']:.0f} s cold (target ≤ 1800), {pipe['warm_s']:.0f} s warm (target ≤ 60); "
             f"plan {row['plans']['ohq']['counts']}"
         )
+        best = fastest(m, PEER_INT8)
         for engine in [e for e in m if e.startswith("ohq plan at ")]:
             lines.append(
-                f"  - {engine}: / ORT int8 = {m[engine] / m['ort int8']:.2f} at top-1 agreement "
+                f"  - {engine}: / {best} = {m[engine] / m[best]:.2f} at top-1 agreement "
                 f"{row['accuracy'][engine]['top1_agreement']:.3f}; plan {row['plans'][engine]['counts']}"
             )
     return lines
@@ -258,39 +232,32 @@ def main() -> None:
             "--trials": "0",
             "--budget": "latency=1.1*int8",
             "--more-budgets": "latency=1.0*int8",
+            "--quiet-wait": "30",
         },
     )
     torch.set_num_threads(1)
-    target = resolve_target("host").tvm_target()
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-
-    def say(message: str) -> None:
-        print(f"  [{time.perf_counter() - started:6.0f}s] {message}", flush=True)
-
+    # How long a timing waits for the canary at its usual speed (as peers.py: 3 s on a host whose canary
+    # never settles).
+    gate = QuietGate(max_wait_s=float(args.quiet_wait))
+    rounds = Rounds(args.repeats, use_host_threads(), gate)  # the peers on TVM's threads
+    run = BenchmarkRun("headline", resolve_target("host").tvm_target(), gate)
     more_budgets = [b for b in args.more_budgets.split(",") if b]
     rows = []
     with tempfile.TemporaryDirectory(prefix="ohq-headline-") as scratch:
         for name in [n for n in args.models.split(",") if n]:
             rows.append(
-                bench(name, Path(scratch), int(args.trials), args.budget, more_budgets, args.repeats, say)
+                bench(name, Path(scratch), int(args.trials), args.budget, more_budgets, rounds, run.say)
             )
-    record = {
-        "benchmark": "headline",
-        **machine_record(target),
-        "settings": {
-            "budget": args.budget,
-            "more_budgets": more_budgets,
-            "trials": int(args.trials),
-            "repeats": args.repeats,
-            "onnxruntime_int8": f"quantize_static QDQ per-channel, {ORT_SCOPE}, {ORT_METHOD}",
-            "calibration": f"held-out photos {list(SKIMAGE_CALIBRATION)} (5 views each)",
-            "wall_s": round(time.perf_counter() - started, 1),
-            "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
-        },
-        "models": rows,
+    settings = {
+        "budget": args.budget,
+        "more_budgets": more_budgets,
+        "trials": int(args.trials),
+        "repeats": args.repeats,
+        "threads": rounds.threads,
+        "peers": peer_settings(),
+        "ohq_tvm_calibration": "the same held-out photos, minmax",
     }
-    write_results(args.out, "headline", record, markdown(record))
+    run.write(args.out, settings, markdown, models=rows)
 
 
 if __name__ == "__main__":

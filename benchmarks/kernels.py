@@ -1,4 +1,4 @@
-"""Kernels: fp32 vs int8 per operator at the same trial budget, and whole models against ONNX Runtime.
+"""Kernels: fp32 vs int8 per operator at the same trial budget, and whole models against the peers.
 
 Per operator (MobileNet/EfficientNet shapes: conv 3x3, 1x1, depthwise, dense 1024x1024), each in fp32 and in
 int8 exactly as a plan runs it (uint8 in, int8 weights, int32 accumulation, requantize to uint8 out):
@@ -8,13 +8,19 @@ int8 exactly as a plan runs it (uint8 in, int8 weights, int32 accumulation, requ
 - ``tuned``: MetaSchedule with ``--trials`` measured candidates per operator and precision, tuned over
   the loopback host board (RPC) into a fresh database, built with the records.
 
-Whole models (generated MobileNetV2 and EfficientNet-Lite0 architectures, random weights: latency does
-not depend on the values): TVM's own unscheduled build, the default schedule and (with
-``--model-trials``) a tuned build, fp32 and uniform int8, against ONNX Runtime fp32 and ONNX Runtime
-int8 on the same plan's QDQ export (static, per-channel weights). Every timing of a table is taken in
-the same interleaved rounds, in this process, on this machine.
+Whole models (MobileNetV2 and EfficientNet-Lite0 with their real ImageNet weights, as ``peers.py`` builds
+them; the peers need the torch model and calibration photos): ``tvm fp32 unscheduled`` (TVM's own build),
+``ohq-tvm fp32`` / ``ohq-tvm int8`` (the default schedule; uniform int8 calibrated minmax on the held-out
+crops) and, with ``--model-trials``, ``ohq-tvm fp32 tuned`` / ``ohq-tvm int8 tuned``, against the peers
+of ``peer_engines`` (``litert fp32`` / ``int8``, ``ort fp32``, ``ort int8 u8s8 qdq`` / ``qoperator``,
+``ort int8 s8s8 qdq``) and ``ort int8 ohq-tvm qdq`` (ONNX Runtime on the uniform int8 plan's own QDQ
+export). Every timing of a table is taken in the same interleaved rounds, in this process, on this
+machine, every engine on TVM's threads.
 
     python benchmarks/kernels.py [--trials 64] [--model-trials 0] [--repeats 7] [--models a,b]
+                                 [--quiet-wait 30]
+
+(needs `make peers`: torch, the pretrained weights and photos, LiteRT with its converter and quantizer)
 
 ``--trials -1`` skips the operators and ``--models ""`` the models (results then go to
 ``kernels_models`` / ``kernels_ops`` instead of ``kernels``), so the two halves can run apart.
@@ -22,27 +28,39 @@ the same interleaved rounds, in this process, on this machine.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
+from pathlib import Path
 
 import onnxruntime as ort
+import torch
 import tvm
+from accuracy import MODELS as PRETRAINED
+from peer_engines import build_peers, peer_settings, real_model, target_lines
 
-from ohq_tvm import Precision, models
-from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
+from ohq_tvm import Precision
+from ohq_tvm.board import LoopbackBoard, sigterm_as_exit, use_host_threads
 from ohq_tvm.build import build_executable, tune_module
 from ohq_tvm.calibration import calibrate
-from ohq_tvm.frontend import load_onnx, synthetic_inputs
+from ohq_tvm.frontend import load_onnx
 from ohq_tvm.kernels import dot_product_isa
 from ohq_tvm.layers import quantizable_layers
+from ohq_tvm.oqa.quiet import QuietGate
 from ohq_tvm.oqa.workloads import Workload
 from ohq_tvm.passes import ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.qdq import export_qdq
 from ohq_tvm.targets import resolve_target
 
-from timing import interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
+from timing import (
+    BenchmarkRun,
+    Rounds,
+    conditions,
+    interleaved,
+    ort_timer,
+    parse_args,
+    tvm_timer,
+)
 
 
 def _conv(name, cin, cout, size, kernel, stride, groups=1, act="clip:0:6"):
@@ -95,7 +113,7 @@ def _tune(mod, spec, board, trials, tuning_dir):
     }
 
 
-def bench_ops(spec, board, trials: int, repeats: int, tuning_dir: str) -> list[dict]:
+def bench_ops(spec, board, trials: int, rounds: Rounds, tuning_dir: str) -> list[dict]:
     rows = []
     for name, shape in OPS:
         timers, tuning = {}, {}
@@ -107,34 +125,37 @@ def bench_ops(spec, board, trials: int, repeats: int, tuning_dir: str) -> list[d
             if trials:
                 executable, tuning[str(precision)] = _tune(mod, spec, board, trials, tuning_dir)
                 timers[f"{precision}_tuned"] = tvm_timer(executable, args)
-        median, raw = interleaved(timers, repeats)
+        median, raw = interleaved(timers, rounds.repeats, rounds.gate)
         rows.append({"op": name, "macs": workload.macs, "median_ms": median, "raw_ms": raw, "tuning": tuning})
         print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in median.items()), flush=True)
     return rows
 
 
-def bench_model(name: str, spec, board, trials: int, repeats: int, tuning_dir: str) -> dict:
-    imported = load_onnx(models.MODELS[name]())
+def bench_model(name: str, spec, board, trials: int, rounds: Rounds, tuning_dir: str, scratch: Path) -> dict:
+    model = real_model(PRETRAINED[name], scratch / name)
+    x = model.photos.views[0]
+    imported = load_onnx(model.with_bn)
     (input_spec,) = imported.inputs
-    feeds = synthetic_inputs(imported.inputs, seed=3)
-    args = [tvm.runtime.tensor(feeds[input_spec.name])]
-    calibration = calibrate(imported, "minmax", num_samples=8)
+    samples = [{input_spec.name: crop} for crop in model.photos.calibration]
+    calibration = calibrate(imported, "minmax", samples=samples)
     plan = Plan.uniform(quantizable_layers(imported.mod), Precision.INT8)
     int8 = ApplyPlan(plan, calibration)(imported.mod)
-    qdq = export_qdq(imported, plan, calibration)
+    args = [tvm.runtime.tensor(x)]
     timers = {
-        "onnxruntime_fp32": ort_timer(imported.onnx_model, feeds, spec.num_cores),
-        "onnxruntime_int8": ort_timer(qdq, feeds, spec.num_cores),
-        "tvm_fp32_unscheduled": tvm_timer(build_executable(imported.mod, spec, schedule="none"), args),
-        "tvm_fp32_default": tvm_timer(build_executable(imported.mod, spec), args),
-        "tvm_int8_default": tvm_timer(build_executable(int8, spec), args),
+        "tvm fp32 unscheduled": tvm_timer(build_executable(imported.mod, spec, schedule="none"), args),
+        "ohq-tvm fp32": tvm_timer(build_executable(imported.mod, spec), args),
+        "ohq-tvm int8": tvm_timer(build_executable(int8, spec), args),
     }
     tuning = {}
     if trials:
         for label, mod in (("fp32", imported.mod), ("int8", int8)):
             executable, tuning[label] = _tune(mod, spec, board, trials, tuning_dir)
-            timers[f"tvm_{label}_tuned"] = tvm_timer(executable, args)
-    median, raw = interleaved(timers, repeats)
+            timers[f"ohq-tvm {label} tuned"] = tvm_timer(executable, args)
+    qdq = export_qdq(imported, plan, calibration)
+    timers["ort int8 ohq-tvm qdq"] = ort_timer(qdq, {input_spec.name: x}, rounds.threads)
+    peers = build_peers(model, scratch / name, rounds.threads)
+    timers |= {engine: peer.timer for engine, peer in peers.items()}
+    median, raw = interleaved(timers, rounds.repeats, rounds.gate)
     print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in median.items()), flush=True)
     return {"model": name, "median_ms": median, "raw_ms": raw, "tuning": tuning}
 
@@ -147,45 +168,17 @@ def _ms(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
 
-def main() -> None:
-    extra = {"--trials": "64", "--model-trials": "0", "--tuning-dir": "", "--models": ",".join(MODELS)}
-    args = parse_args(__doc__, repeats=7, extra=extra)
-    trials, model_trials = int(args.trials), int(args.model_trials)
-    spec = resolve_target("host")
-    target = spec.tvm_target()
-    isa = dot_product_isa(target)
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="ohq-kernels-tuning-") as fresh, LoopbackBoard() as board:
-        tuning_dir = args.tuning_dir or fresh
-        ops = bench_ops(spec, board, trials, args.repeats, tuning_dir) if trials >= 0 else []
-        names = [name for name in args.models.split(",") if name]
-        whole = [bench_model(name, spec, board, model_trials, args.repeats, tuning_dir) for name in names]
-    record = {
-        "benchmark": "kernels",
-        **machine_record(target),
-        "settings": {
-            "repeats": args.repeats,
-            "trials_per_op_and_precision": trials,
-            "trials_per_model": model_trials,
-            "dot_product_instruction": isa.name if isa else None,
-            "onnxruntime_threads": spec.num_cores,
-            "tuning_database": "fresh per run" if not args.tuning_dir else args.tuning_dir,
-            "weights": "random (synthetic workloads and generated model architectures)",
-            "wall_s": round(time.perf_counter() - started, 1),
-            "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
-        },
-        "ops": ops,
-        "models": whole,
-    }
+def markdown(record: dict) -> list[str]:
+    settings, machine = record["settings"], record["machine"]
+    ops, whole, trials = record["ops"], record["models"], settings["trials_per_op_and_precision"]
     lines = [
-        "# Kernels: fp32 vs int8 per operator, and whole models vs ONNX Runtime",
+        "# Kernels: fp32 vs int8 per operator, and whole models against the peers",
         "",
-        f"Machine: {record['machine']['cpu']}, {record['machine']['cores']} cores, dot-product instruction: "
-        f"{isa.name if isa else 'none'}; TVM {tvm.__version__} ({record['machine']['tvm_threads']} threads), "
-        f"ONNX Runtime {ort.__version__} ({spec.num_cores} threads); median of {args.repeats} interleaved "
-        "rounds. Tuned = MetaSchedule on "
-        "the loopback host board, fresh database.",
+        f"Machine: {machine['cpu_model'].get('model name', '?')} ({machine['cpu']}), {machine['cores']} "
+        f"cores, dot-product instruction: {settings['dot_product_instruction'] or 'none'}; every engine on "
+        f"{settings['threads']} threads; TVM {tvm.__version__}, ONNX Runtime {ort.__version__}"
+        + (f", LiteRT {settings['peers']['litert']}" if "peers" in settings else "")
+        + f". {conditions(record)} Tuned = MetaSchedule on the loopback host board, fresh database.",
     ]
     if ops:
         lines += [
@@ -203,30 +196,66 @@ def main() -> None:
             f"{_ratio(m['fp32_default'], m['int8_default'])} | {_ms(m.get('fp32_tuned'))} | "
             f"{_ms(m.get('int8_tuned'))} | {_ratio(m.get('fp32_tuned'), m.get('int8_tuned'))} |"
         )
-    if whole:
-        lines += [
-            "",
-            f"Whole models (tuned: {model_trials} trials per model and precision"
-            + ("; not run" if not model_trials else "")
-            + ").",
-            "",
-            "| model | ORT fp32 | ORT int8 | TVM fp32 unscheduled | TVM fp32 default | TVM int8 default "
-            "| TVM fp32 tuned | TVM int8 tuned | default vs unscheduled (fp32) | best TVM int8 / ORT int8 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
+    if not whole:
+        return lines
+    model_trials = settings["trials_per_model"]
+    tuned = f"{model_trials} trials per model and precision" if model_trials else "not run"
+    lines += [
+        "",
+        f"Whole models, ms (tuned: {tuned}; default = ohq-tvm's zero-budget schedule):",
+        "",
+        "| model | engine | latency ms | vs fastest engine |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for row in whole:
         m = row["median_ms"]
-        best_int8 = min(v for k, v in m.items() if k.startswith("tvm_int8"))
-        lines.append(
-            f"| {row['model']} | {_ms(m['onnxruntime_fp32'])} | {_ms(m['onnxruntime_int8'])} | "
-            f"{_ms(m['tvm_fp32_unscheduled'])} | {_ms(m['tvm_fp32_default'])} | "
-            f"{_ms(m['tvm_int8_default'])} | "
-            f"{_ms(m.get('tvm_fp32_tuned'))} | {_ms(m.get('tvm_int8_tuned'))} | "
-            f"{_ratio(m['tvm_fp32_unscheduled'], m['tvm_fp32_default'])} faster | "
-            f"{best_int8 / m['onnxruntime_int8']:.2f} |"
-        )
+        best = min(m.values())
+        for engine in sorted(m, key=m.__getitem__):
+            lines.append(f"| {row['model']} | {engine} | {_ms(m[engine])} | {m[engine] / best:.2f}x |")
+    lines += ["", "Fastest engines, and ohq-tvm (default or tuned, the faster) against them (issue #25):", ""]
+    lines += target_lines(
+        whole, ("ohq-tvm int8", "ohq-tvm int8 tuned"), ("ohq-tvm fp32", "ohq-tvm fp32 tuned")
+    )
+    lines += ["", "ohq-tvm's default schedule against TVM's unscheduled build (fp32):", ""]
+    for row in whole:
+        m = row["median_ms"]
+        lines.append(f"- {row['model']}: {_ratio(m['tvm fp32 unscheduled'], m['ohq-tvm fp32'])} faster")
+    return lines
+
+
+def main() -> None:
+    extra = {"--trials": "64", "--model-trials": "0", "--tuning-dir": "", "--models": ",".join(MODELS)}
+    args = parse_args(__doc__, repeats=7, extra=extra | {"--quiet-wait": "30"})
+    trials, model_trials = int(args.trials), int(args.model_trials)
+    spec = resolve_target("host")
+    isa = dot_product_isa(spec.tvm_target())
+    # How long a timing waits for the canary at its usual speed (as peers.py: 3 s on a host whose canary
+    # never settles).
+    gate = QuietGate(max_wait_s=float(args.quiet_wait))
+    rounds = Rounds(args.repeats, use_host_threads(), gate)  # the peers on TVM's threads
+    torch.set_num_threads(rounds.threads)
+    run = BenchmarkRun("kernels", spec.tvm_target(), gate)
+    with (
+        tempfile.TemporaryDirectory(prefix="ohq-kernels-") as fresh,
+        LoopbackBoard() as board,
+    ):
+        tuning_dir = args.tuning_dir or fresh
+        ops = bench_ops(spec, board, trials, rounds, tuning_dir) if trials >= 0 else []
+        names = [name for name in args.models.split(",") if name]
+        scratch = Path(fresh) / "models"
+        whole = [bench_model(n, spec, board, model_trials, rounds, tuning_dir, scratch) for n in names]
+    settings = {
+        "repeats": args.repeats,
+        "trials_per_op_and_precision": trials,
+        "trials_per_model": model_trials,
+        "dot_product_instruction": isa.name if isa else None,
+        "threads": rounds.threads,
+        "tuning_database": "fresh per run" if not args.tuning_dir else args.tuning_dir,
+        "weights": "ops: random (synthetic workloads); models: pretrained ImageNet (peers.py's models)",
+        **({"peers": peer_settings()} if whole else {}),
+    }
     part = "kernels" if ops and whole else "kernels_ops" if ops else "kernels_models"
-    write_results(args.out, part, record, lines)
+    run.write(args.out, settings, markdown, part, ops=ops, models=whole)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -39,20 +38,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pretrained
 import torch
 import tvm
 from accuracy import MODELS
-from accuracy_report import cpu_facts
-from peers import ort_models
-from photos import photo_set
+from peer_engines import ort_models, real_model
 
 from ohq_tvm.board import host_vm, sigterm_as_exit, use_host_threads
 from ohq_tvm.oqa.quiet import QuietGate
 from ohq_tvm.pipeline import compile_model
 from ohq_tvm.targets import resolve_target
 
-from timing import SETTLE_S, interleaved, machine_record, ort_timer, parse_args, tvm_timer, write_results
+from timing import SETTLE_S, BenchmarkRun, interleaved, ort_timer, parse_args, tvm_timer
 
 WARMUP_RUNS, BLOCKS, BLOCK_RUNS = 5, 6, 5  # profiled runs: BLOCKS x BLOCK_RUNS
 CONVS = ("stem conv", "depthwise conv", "expansion 1x1", "projection 1x1", "other conv")
@@ -324,13 +320,9 @@ def summary(calls: list[Call], plain_ms: list, profiled_ms: list, whole: tuple, 
 
 def bench(name: str, scratch: Path, repeats: int, threads: int, gate: QuietGate, peaks: dict, say) -> dict:
     started = time.perf_counter()
-    load, preprocessing = MODELS[name]
-    model = load().eval()
     folder = scratch / name
-    folder.mkdir()
-    fp32_onnx = Path(pretrained.export_onnx(model, (1, 3, 224, 224), str(folder / "fp32.onnx")))
-    with_bn = pretrained.export_onnx(model, (1, 3, 224, 224), str(folder / "bn.onnx"), keep_batchnorm=True)
-    photos = photo_set(preprocessing, folder / "calibration")
+    model = real_model(MODELS[name], folder)
+    photos, fp32_onnx, with_bn = model.photos, model.fp32_onnx, model.with_bn
     paths = {e: p for e, p in ort_models(fp32_onnx, photos.calibration, folder).items() if e in ORT_ENGINES}
     # As `ohq-tvm compile` builds them (peers.py checks their agreement with ONNX Runtime)
     int8 = {"precision": "int8", "calibration_samples": photos.calibration_dir}
@@ -437,35 +429,21 @@ def main() -> None:
     gate = QuietGate(max_wait_s=float(args.quiet_wait))
     threads = use_host_threads()
     torch.set_num_threads(threads)
-    target = resolve_target("host").tvm_target()
-    peaks, started, load_before = peak(threads), time.perf_counter(), os.getloadavg()
-
-    def say(message: str) -> None:
-        print(f"  [{time.perf_counter() - started:6.0f}s] {message}", flush=True)
-
+    peaks = peak(threads)
+    run = BenchmarkRun("layers", resolve_target("host").tvm_target(), gate)
     with tempfile.TemporaryDirectory(prefix="ohq-layers-") as scratch:
         models = [n for n in args.models.split(",") if n]
-        rows = [bench(n, Path(scratch), args.repeats, threads, gate, peaks, say) for n in models]
-    record = {
-        "benchmark": "layers",
-        **machine_record(target),
-        "peak": peaks,
-        "settings": {
-            "repeats": args.repeats,
-            "profiled_runs": BLOCKS * BLOCK_RUNS,
-            "warmup_runs": WARMUP_RUNS,
-            "threads": threads,
-            "quiet_gate": gate.to_json() | {"max_wait_s": gate.max_wait_s},
-            "torch": torch.__version__,
-            "ohq_tvm": "default schedule, no tuning; int8: every layer, minmax on the held-out crops",
-            "ort": "per-channel int8 weights, minmax, after quant_pre_process (peers.ort_models)",
-            "wall_s": round(time.perf_counter() - started, 1),
-            "load_average_1_5_15_min": {"start": load_before, "end": os.getloadavg()},
-        },
-        "models": rows,
+        rows = [bench(n, Path(scratch), args.repeats, threads, gate, peaks, run.say) for n in models]
+    settings = {
+        "repeats": args.repeats,
+        "profiled_runs": BLOCKS * BLOCK_RUNS,
+        "warmup_runs": WARMUP_RUNS,
+        "threads": threads,
+        "torch": torch.__version__,
+        "ohq_tvm": "default schedule, no tuning; int8: every layer, minmax on the held-out crops",
+        "ort": "per-channel int8 weights, minmax, after quant_pre_process (peer_engines.ort_models)",
     }
-    record["machine"]["cpu_model"] = cpu_facts()
-    write_results(args.out, "layers", record, markdown(record))
+    run.write(args.out, settings, markdown, peak=peaks, models=rows)
 
 
 if __name__ == "__main__":

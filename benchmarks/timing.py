@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,16 @@ def host_canary() -> Timer:
 GATE = QuietGate(max_wait_s=30.0)
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """How a benchmark times its engines: ``repeats`` interleaved rounds (:func:`interleaved`), every
+    engine on ``threads`` threads, each timing through ``gate``."""
+
+    repeats: int
+    threads: int
+    gate: QuietGate = GATE
+
+
 def interleaved(
     timers: dict[str, Timer], repeats: int, gate: QuietGate | None = GATE
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -123,15 +134,87 @@ def write_results(out_dir: str, name: str, record: dict, lines: list[str]) -> No
     print("\n".join(lines))
 
 
-def machine_record(target) -> dict:
+def cpu_facts() -> dict:
+    """The CPU's model name, family and model from /proc/cpuinfo, and its int8 dot-product flags."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value
+    except OSError:
+        return {}
+    flags = fields.pop("flags", "").split()
+    fields["int8_dot_product"] = [f for f in ("avx512_vnni", "avx_vnni", "asimddp") if f in flags]
+    return fields
+
+
+def machine_record(target, gate: QuietGate = GATE) -> dict:
+    """The machine (TVM's CPU name, cores, threads, /proc/cpuinfo's facts), versions, the quiet ``gate``
+    this process's interleaved timings went through, and the time."""
     return {
         "machine": {
             "cpu": str(target.attrs["mcpu"]),
             "cores": os.cpu_count(),
             "tvm_threads": use_host_threads(),  # in this process; the loopback board's servers alike
             "platform": platform.platform(),
+            "cpu_model": cpu_facts(),
         },
         "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__},
-        "interleaved_timing_gate": GATE.to_json(),  # this process's in-process timings (see interleaved)
+        "interleaved_timing_gate": gate.to_json() | {"max_wait_s": gate.max_wait_s},
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+class BenchmarkRun:
+    """One benchmark process from its start: progress lines stamped with the seconds since, and the result
+    record's header (:func:`machine_record`, and the settings with the wall time and the load average at
+    the start and at the end: the machine is shared, and other work skews every timing)."""
+
+    def __init__(self, name: str, target, gate: QuietGate = GATE) -> None:
+        self.name, self.target, self.gate = name, target, gate
+        self.started_s = time.perf_counter()
+        self.load_before = os.getloadavg()
+
+    def say(self, message: str) -> None:
+        print(f"  [{time.perf_counter() - self.started_s:6.0f}s] {message}", flush=True)
+
+    def record(self, settings: dict, **sections) -> dict:
+        """``{"benchmark": name, machine..., "settings": settings + wall_s + load averages, **sections}``."""
+        load = {"start": self.load_before, "end": os.getloadavg()}
+        settings = settings | {
+            "wall_s": round(time.perf_counter() - self.started_s, 1),
+            "load_average_1_5_15_min": load,
+        }
+        return {
+            "benchmark": self.name,
+            **machine_record(self.target, self.gate),
+            "settings": settings,
+            **sections,
+        }
+
+    def write(
+        self, out_dir: str, settings: dict, markdown: Callable[[dict], list[str]], file: str = "", **sections
+    ) -> None:
+        """The :meth:`record` and its ``markdown`` written as ``<file>.json`` / ``.md`` (default: the
+        benchmark's name) in ``out_dir`` (:func:`write_results`)."""
+        record = self.record(settings, **sections)
+        write_results(out_dir, file or self.name, record, markdown(record))
+
+
+def conditions(record: dict) -> str:
+    """A markdown sentence on how a record's timings ran: rounds, the quiet gate, the load average."""
+    settings, gate = record["settings"], record["interleaved_timing_gate"]
+    load = settings["load_average_1_5_15_min"]
+    waited = (
+        f"after waiting up to {gate['max_wait_s']:.0f} s for the canary of `ohq_tvm.oqa.quiet` at its usual "
+        f"speed ({gate['timings_that_waited']} timings waited, {gate['waited_s']:.0f} s in all)"
+        if gate.get("canary_best_ms") is not None
+        else "quiet gate not used"
+    )
+    return (
+        f"Median of {settings['repeats']} interleaved rounds (each timing averages runs over at least "
+        f"100 ms, {waited}); load average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at "
+        "the end."
+    )
