@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .board import sigterm_as_exit
+    from .board import Stopped, sigterm_as_exit
     from .interrupts import watch_interrupts
 
     args = build_parser().parse_args(argv)
@@ -301,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Stopped as stop:  # SIGTERM, SIGHUP: every board and temporary folder is gone by now
+        print(f"stopped by {stop.signal_name}", file=sys.stderr)
+        return int(stop.code)
 
 
 if __name__ == "__main__":

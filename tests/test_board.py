@@ -56,6 +56,33 @@ def test_loopback_board_leaves_no_process_behind(add_library):
     assert not new_tvm_exec_processes(before)
 
 
+def _tracker_argv() -> list[str]:
+    port = _free_port("127.0.0.1")
+    ports = ["--port", str(port), "--port-end", str(port + 1)]
+    return [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", *ports, "--silent"]
+
+
+def test_the_leak_check_counts_only_this_process_s_boards():
+    # Another run's RPC tracker, started after the check's snapshot, is none of this test's business; a
+    # group this process started and did not stop is a leak.
+    before = tvm_exec_processes()
+    others = subprocess.Popen(_tracker_argv())
+    ours = ProcessGroup(_tracker_argv(), label="leak").start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(new_tvm_exec_processes(before)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leaked = new_tvm_exec_processes(before)
+        assert others.poll() is None and ours.alive()  # both trackers run
+        assert others.pid not in leaked
+        assert ours.pid in leaked and len(leaked) == 2, leaked  # the owner watch and the tracker it runs
+    finally:
+        ours.stop(grace_s=1.0)
+        others.kill()
+        others.wait()
+    assert not new_tvm_exec_processes(before)
+
+
 def test_loopback_board_cleans_up_when_the_block_raises():
     with pytest.raises(ZeroDivisionError), LoopbackBoard(key="raises") as board:
         owned = _process_tree(board.pids())
@@ -65,14 +92,15 @@ def test_loopback_board_cleans_up_when_the_block_raises():
 
 def test_stopping_a_group_waits_for_members_that_ignore_sigterm():
     # The child ignores SIGTERM and is orphaned when its shell dies: stop() must SIGKILL it and return
-    # only once it is no longer running (zombies awaiting init count as gone).
+    # only once it is no longer running (zombies awaiting init count as gone). The group: the owner
+    # watch, the shell and its sleep.
     script = "trap '' TERM; sleep 60 & echo $!; wait"
     group = ProcessGroup(["sh", "-c", script], label="stubborn").start()
     pgid = group.pid
     deadline = time.monotonic() + 5
-    while len(_live_group_members(pgid)) < 2 and time.monotonic() < deadline:
+    while len(_live_group_members(pgid)) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(_live_group_members(pgid)) == 2
+    assert len(_live_group_members(pgid)) == 3
     started = time.monotonic()
     group.stop(grace_s=0.5)
     assert _live_group_members(pgid) == []

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
 
+import psutil
 import pytest
 
 from ohq_tvm import models
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.oqa import LatencyDatabase
 
-from testing_support import assert_one_line_error, nms_model, ohq
+from testing_support import OHQ_TVM, assert_one_line_error, gone, nms_model, ohq, owned_processes
 
 
 def test_targets_lists_the_builtin_boards():
@@ -62,6 +68,46 @@ def test_unreachable_tracker_is_one_line(tmp_path):
         timeout=60,
     )
     assert_one_line_error(proc, f"127.0.0.1:{port}", "tracker")
+
+
+@pytest.mark.slow  # 15-16 s each on a 2-core host, most of it the command's and the board's start
+@pytest.mark.parametrize("stop", [signal.SIGHUP, signal.SIGKILL], ids=["SIGHUP", "SIGKILL"])
+def test_a_hung_up_or_killed_run_leaves_no_server_behind(tmp_path, stop):
+    # A dropped ssh session (SIGHUP) stops a run as SIGTERM does: its tracker, servers, their workers and
+    # temporary folders go. SIGKILL leaves no time to clean up: the servers die with the run anyway.
+    model, scratch = tmp_path / "m.onnx", tmp_path / "tmp"
+    models.save(models.tiny_cnn(), model)
+    scratch.mkdir()
+    run = subprocess.Popen(
+        [str(OHQ_TVM), "measure", str(model), "--db", str(tmp_path / "m.sqlite")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "TMPDIR": str(scratch)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("ohq-tvm-oqa-*")):  # measuring has begun: the board is up
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        # the tracker, the server and its popen_workers (and the owner watches of tracker and server)
+        started = [child.pid for child in psutil.Process(run.pid).children(recursive=True)]
+        assert len(started) >= 4 and set(owned_processes(run.pid)) <= set(started), started
+        run.send_signal(stop)
+        _, stderr = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    deadline = time.monotonic() + 5
+    while not all(gone(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in started if not gone(pid)] == []
+    assert not owned_processes(run.pid)
+    if stop == signal.SIGHUP:
+        assert run.returncode == 128 + signal.SIGHUP and "stopped by SIGHUP" in stderr.splitlines(), stderr
+        assert not list(scratch.glob("ohq-tvm-*"))  # the board's ohq-tvm-rpc-*, measuring's ohq-tvm-oqa-*
+    else:
+        assert run.returncode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("bad", ["input", "input=1,x,3", "=1,2"])

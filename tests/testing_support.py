@@ -19,34 +19,41 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from ohq_tvm import Precision, models
+from ohq_tvm.board.owner_watch import OWNER_ENV
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import TimingConfig, extract_workloads
 from ohq_tvm.passes import AnnotateCandidates
 
 
-def tvm_exec_processes() -> set[int]:
-    """PIDs of live (non-zombie) `python -m tvm.exec.*` processes on this machine."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "tvm.exec." in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.add(proc.info["pid"])
-    return found
-
-
-def new_tvm_exec_processes(before: set[int]) -> dict[int, str]:
-    """``tvm.exec`` processes running now that are not in ``before``, described for a failure message."""
+def owned_processes(owner: int | None = None) -> dict[int, str]:
+    """Live (non-zombie) processes the boards of process ``owner`` (default: this one) started, described
+    for a failure message: those whose environment names ``owner`` in ``$OHQ_TVM_OWNER_PID`` (set by
+    ``ProcessGroup`` and inherited by the servers' own children). Other runs' processes are not counted."""
+    owner = os.getpid() if owner is None else owner
     described = {}
-    for pid in tvm_exec_processes() - before:
+    for proc in psutil.process_iter(["pid", "status"]):
         try:
-            proc = psutil.Process(pid)
-            described[pid] = (
-                f"ppid={proc.ppid()} pgid={os.getpgid(pid)} status={proc.status()} "
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.environ().get(OWNER_ENV) != str(owner):
+                continue
+            described[proc.pid] = (
+                f"ppid={proc.ppid()} pgid={os.getpgid(proc.pid)} status={proc.status()} "
                 f"age={time.time() - proc.create_time():.1f}s cmd={' '.join(proc.cmdline())}"
             )
-        except (psutil.NoSuchProcess, ProcessLookupError):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
     return described
+
+
+def tvm_exec_processes(owner: int | None = None) -> set[int]:
+    """PIDs of the `python -m tvm.exec.*` processes of :func:`owned_processes`."""
+    return {pid for pid, text in owned_processes(owner).items() if "tvm.exec." in text}
+
+
+def new_tvm_exec_processes(before: set[int], owner: int | None = None) -> dict[int, str]:
+    """``tvm.exec`` processes of ``owner``'s boards running now that are not in ``before``, described."""
+    return {
+        pid: text for pid, text in owned_processes(owner).items() if "tvm.exec." in text and pid not in before
+    }
 
 
 def gone(pid: int) -> bool:

@@ -3,7 +3,7 @@
 from .boards import Board, LoopbackBoard, ServerBoard, TrackerBoard, parse_address
 from .connection import BoardConnection, open_board
 from .emulated import NOT_THE_BOARDS, EmulatedBoard, find_arm_runtime
-from .processes import ProcessGroup, sigterm_as_exit
+from .processes import ProcessGroup, Stopped, sigterm_as_exit
 from .session import BoardSession, LatencyStats, RemoteVM
 from .threads import default_threads, host_cores, host_vm, use_host_threads
 
@@ -18,6 +18,7 @@ __all__ = [
     "ProcessGroup",
     "RemoteVM",
     "ServerBoard",
+    "Stopped",
     "TrackerBoard",
     "default_threads",
     "find_arm_runtime",

@@ -3,6 +3,11 @@
 TVM's ``rpc_server`` forks ``popen_worker`` children that keep running (and holding pipes) when only the
 server process is terminated. Each process started here therefore leads a new session (process group), and
 stopping it signals the whole group: SIGTERM first, SIGKILL for whatever is still alive after a grace period.
+A group also ends when this process dies without stopping it (SIGKILL, a crash): its leader is
+:mod:`.owner_watch`, which runs the command and kills the group once its owner is gone.
+
+SIGTERM and SIGHUP (a closed terminal or a dropped ssh session) raise :class:`Stopped` under
+:func:`sigterm_as_exit`, so the ``with`` blocks owning the groups unwind as on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from ..interrupts import signal_handled
+from ..interrupts import interrupt, signal_handled
+from .owner_watch import OWNER_ENV
+
+_OWNER_WATCH = str(Path(__file__).with_name("owner_watch.py"))
 
 _LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
 
 
 class ProcessGroup:
-    """One command running as the leader of its own process group.
+    """One command running in a process group of its own, led by :mod:`.owner_watch`.
 
     Use as a context manager; :meth:`stop` is idempotent and also runs at interpreter exit as a
     safety net for callers that never leave the ``with`` block normally.
@@ -46,6 +56,7 @@ class ProcessGroup:
 
     @property
     def pid(self) -> int:
+        """The group's id: the pid of its leader, the watch that runs the command."""
         if self._proc is None:
             raise RuntimeError(f"{self.label} is not running")
         return self._proc.pid
@@ -54,12 +65,12 @@ class ProcessGroup:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                self.argv,
+                [sys.executable, _OWNER_WATCH, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env=self.env,
+                env={**(os.environ if self.env is None else self.env), OWNER_ENV: str(os.getpid())},
                 cwd=self.cwd,
             )
         finally:
@@ -72,6 +83,7 @@ class ProcessGroup:
         return self._proc is not None and self._proc.poll() is None
 
     def exit_code(self) -> int | None:
+        """The command's exit status (128 + N when signal N ended it); None while it runs."""
         return None if self._proc is None else self._proc.poll()
 
     def stop(self, grace_s: float = 3.0) -> None:
@@ -153,16 +165,26 @@ def _stop_all() -> None:
         group.stop(grace_s=1.0)
 
 
-def _raise_system_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+class Stopped(SystemExit):
+    """SIGTERM or SIGHUP arrived under :func:`sigterm_as_exit`; exits with status 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    interrupt(Stopped(signum))
 
 
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``SystemExit`` so every ``with`` block (trackers, servers) unwinds.
+    """Within the block, SIGTERM and SIGHUP raise :class:`Stopped` (a ``SystemExit``) so every ``with``
+    block (trackers, servers, temporary folders) unwinds.
 
-    Python's default SIGTERM action kills the interpreter without running cleanup; this makes ``kill``
-    behave like Ctrl-C. Only the main thread may install signal handlers; elsewhere this is a no-op.
+    Python's default action for either kills the interpreter without running cleanup; this makes ``kill``
+    and a closed terminal behave like Ctrl-C. Only the main thread may install signal handlers; elsewhere
+    this is a no-op.
     """
-    with signal_handled(signal.SIGTERM, _raise_system_exit):
+    with signal_handled(signal.SIGTERM, _raise_stopped), signal_handled(signal.SIGHUP, _raise_stopped):
         yield
