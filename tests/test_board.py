@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from ohq_tvm.board import (
+    ANSWER_TIMEOUT_ENV,
     BoardConnection,
     LoopbackBoard,
     ProcessGroup,
@@ -27,7 +29,7 @@ from ohq_tvm.board.processes import _live_group_members
 from ohq_tvm.errors import BoardError
 from ohq_tvm.targets import resolve_target
 
-from testing_support import gone, new_tvm_exec_processes, tvm_exec_processes
+from testing_support import gone, new_tvm_exec_processes, silent_peer, tvm_exec_processes
 
 
 def _process_tree(pids: list[int]) -> set[int]:
@@ -174,6 +176,44 @@ def test_unreachable_tracker_fails_within_seconds():
     with pytest.raises(BoardError, match=rf"cannot reach the RPC tracker at 127\.0\.0\.1:{port}"):
         TrackerBoard("127.0.0.1", port, "rpi4b").connect()
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("make_board", [TrackerBoard, ServerBoard], ids=["tracker", "server"])
+def test_a_peer_that_never_answers_is_an_error_within_the_answer_timeout(monkeypatch, make_board):
+    monkeypatch.setenv(ANSWER_TIMEOUT_ENV, "1.5")
+    with silent_peer() as port:
+        board = make_board("127.0.0.1", port, "host")
+        started = time.monotonic()
+        with pytest.raises(BoardError, match=rf"127\.0\.0\.1:{port}.*no answer within 2 s"):
+            board.connect()
+        assert time.monotonic() - started < 5
+
+
+def test_a_board_that_stops_answering_mid_session_is_an_error_within_the_answer_timeout(
+    loopback_board, add_library
+):
+    host, port = parse_address(loopback_board.tracker_address, "tracker")
+    board = TrackerBoard(host, port, loopback_board.key, answer_timeout_s=1.5)
+    vm = board.connect().load_vm(add_library)
+    groups = [server.pid for server in loopback_board.server_processes]
+    for group in groups:
+        os.killpg(group, signal.SIGSTOP)  # its kernel still accepts connections; nothing answers
+
+    def wake() -> None:
+        for group in groups:
+            os.killpg(group, signal.SIGCONT)
+
+    # Woken after 8 s whatever happens, so that a call without a deadline fails the test, not hangs it.
+    timer = threading.Timer(8.0, wake)
+    timer.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BoardError, match=rf"board host@{host}:{port}: .*no answer within 2 s"):
+            vm.run([np.ones((4, 4), "float32")])
+        assert time.monotonic() - started < 5
+    finally:
+        timer.cancel()
+        wake()
 
 
 def test_missing_key_names_the_keys_that_exist(loopback_board):

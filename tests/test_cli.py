@@ -13,10 +13,19 @@ import psutil
 import pytest
 
 from ohq_tvm import models
+from ohq_tvm.board import ANSWER_TIMEOUT_ENV
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.oqa import LatencyDatabase
 
-from testing_support import OHQ_TVM, assert_one_line_error, gone, nms_model, ohq, owned_processes
+from testing_support import (
+    OHQ_TVM,
+    assert_one_line_error,
+    gone,
+    nms_model,
+    ohq,
+    owned_processes,
+    silent_peer,
+)
 
 
 def test_targets_lists_the_builtin_boards():
@@ -68,6 +77,20 @@ def test_unreachable_tracker_is_one_line(tmp_path):
         timeout=60,
     )
     assert_one_line_error(proc, f"127.0.0.1:{port}", "tracker")
+
+
+def test_a_tracker_that_never_answers_is_one_line_within_the_answer_timeout(tmp_path):
+    model = tmp_path / "m.onnx"
+    models.save(models.MODELS["conv"](), model)
+    with silent_peer() as port:
+        started = time.monotonic()
+        args = ("measure", str(model), "--tracker", f"127.0.0.1:{port}", "--db", str(tmp_path / "m.sqlite"))
+        proc = ohq(*args, env={ANSWER_TIMEOUT_ENV: "2"}, timeout=120)
+        elapsed = time.monotonic() - started
+    assert_one_line_error(
+        proc, f"RPC tracker at 127.0.0.1:{port}", "no answer within 2 s", ANSWER_TIMEOUT_ENV
+    )
+    assert elapsed < 30  # the command's start (TVM's import) and the 2 s
 
 
 @pytest.mark.slow  # 15-16 s each on a 2-core host, most of it the command's and the board's start

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -185,6 +187,44 @@ def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_p
             measurer.run(workloads, kill)
         kept = db.latencies(measurer.fingerprint, measurer.schedule)
     assert 1 <= len(kept) < len(workloads)
+
+
+def test_a_tracker_killed_mid_run_stops_it_within_seconds_keeping_what_was_measured(tmp_path):
+    # After the first result the test holds the only server, so the worker waits at the tracker for a
+    # free one when the tracker is killed: its query fails (BrokenPipeError, OSError), which once killed
+    # the worker thread, and the run waited for ever for someone to measure the third workload.
+    workloads = fp32_int8_workloads()[:3]
+    held, outcome = [], {}
+    with LoopbackBoard(key="tracker-dies") as board, LatencyDatabase(tmp_path / "m.sqlite") as db:
+        tracker = board.tracker_process.pid
+        killed = []
+
+        def kill_tracker() -> None:
+            os.killpg(tracker, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+        def on_event(event) -> None:
+            if event.status == "ok" and not held:
+                held.append(board.connect())
+                threading.Timer(1.0, kill_tracker).start()
+
+        measurer = Measurer(board, HOST, db, timing=FAST_TIMING, workers=1)
+
+        def run() -> None:
+            try:
+                outcome["summary"] = measurer.run(workloads, on_event)
+            except Exception as err:
+                outcome["error"] = err
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive(), "the run still waits, 60 s on"
+        assert killed and time.monotonic() - killed[0] < 15
+        assert isinstance(outcome.get("error"), BoardError), outcome
+        assert "RPC tracker" in str(outcome["error"]) and "rerun to measure the rest" in str(outcome["error"])
+        kept = db.latencies(measurer.fingerprint, measurer.schedule)
+    assert len(kept) == 1
 
 
 def test_an_unreachable_tracker_fails_fast(tmp_path):

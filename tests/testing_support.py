@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,26 @@ def new_tvm_exec_processes(before: set[int], owner: int | None = None) -> dict[i
     return {
         pid: text for pid, text in owned_processes(owner).items() if "tvm.exec." in text and pid not in before
     }
+
+
+@contextlib.contextmanager
+def silent_peer() -> Iterator[int]:
+    """A process on 127.0.0.1 that accepts every TCP connection and never answers (a hung server, or
+    something that is not an RPC server); yields its port."""
+    script = (
+        "import socket\n"
+        "listener = socket.create_server(('127.0.0.1', 0))\n"
+        "print(listener.getsockname()[1], flush=True)\n"
+        "held = []\n"
+        "while True:\n"
+        "    held.append(listener.accept()[0])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def gone(pid: int) -> bool:
@@ -122,9 +144,15 @@ def conv2d_int_reference(data, weight, strides=(1, 1), padding=(0, 0, 0, 0), gro
 OHQ_TVM = Path(sys.executable).parent / "ohq-tvm"
 
 
-def ohq(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def ohq(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the console script with ``args`` (and ``env`` on top of this process's environment)."""
     return subprocess.run(
-        [str(OHQ_TVM), *args], capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir()
+        [str(OHQ_TVM), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -2,12 +2,15 @@
 
 from .boards import Board, LoopbackBoard, ServerBoard, TrackerBoard, parse_address
 from .connection import BoardConnection, open_board
+from .deadlines import ANSWER_TIMEOUT_ENV, DEFAULT_ANSWER_TIMEOUT_S
 from .emulated import NOT_THE_BOARDS, EmulatedBoard, find_arm_runtime
 from .processes import ProcessGroup, Stopped, sigterm_as_exit
 from .session import BoardSession, LatencyStats, RemoteVM
 from .threads import default_threads, host_cores, host_vm, use_host_threads
 
 __all__ = [
+    "ANSWER_TIMEOUT_ENV",
+    "DEFAULT_ANSWER_TIMEOUT_S",
     "NOT_THE_BOARDS",
     "Board",
     "BoardConnection",

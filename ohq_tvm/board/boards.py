@@ -17,25 +17,19 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from tvm import rpc
 
 from ..errors import BoardError
+from .deadlines import resolve_answer_timeout, within
 from .processes import ProcessGroup
 from .session import BoardSession
 from .threads import default_threads, thread_environment
 
 _TRACKER_CONNECT_TIMEOUT_S = 5.0
-# How long the RPC handshake with a server (and a tracker's answer) may take: a peer that accepts the
-# TCP connection but never answers would otherwise hang the caller for good.
-ANSWER_TIMEOUT_S = 60.0
-T = TypeVar("T")
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
@@ -62,33 +56,6 @@ def whole_seconds(timeout_s: float) -> int:
     return max(0, math.ceil(timeout_s))
 
 
-def within(deadline_s: float, what: str, action: Callable[[], T]) -> T:
-    """Run ``action`` (a blocking RPC call with no deadline of its own) for at most ``deadline_s``.
-
-    Past it, :class:`BoardError` naming ``what``; the call is left to finish on a daemon thread (TVM offers
-    no way to cancel it). Exceptions of ``action`` are raised here as they are.
-    """
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = action()
-        except BaseException as err:  # handed to the caller's thread
-            outcome["error"] = err
-
-    worker = threading.Thread(target=run, daemon=True, name=f"ohq-tvm {what}")
-    worker.start()
-    worker.join(deadline_s)
-    if worker.is_alive():
-        raise BoardError(
-            f"{what}: no answer within {deadline_s:.0f} s (the peer accepted the connection but never "
-            "replied: is it stopped, hung, or not a TVM RPC server?)"
-        )
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
-
-
 class Board(ABC):
     """A device that runs compiled modules, reached over TVM RPC."""
 
@@ -96,6 +63,8 @@ class Board(ABC):
     # What emulates the board, when it is emulated (e.g. "qemu-aarch64 -cpu cortex-a76"): its latencies
     # are then not the real board's, and its measurements are stored apart. None for a real board.
     emulation: str | None = None
+    # How long an answer of the board (or its tracker) is awaited at most (see .deadlines); None: no limit.
+    answer_timeout_s: float | None = None
 
     @abstractmethod
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
@@ -138,21 +107,25 @@ class Board(ABC):
 
 
 class TrackerBoard(Board):
-    """Servers registered under ``key`` at the tracker ``host:port``."""
+    """Servers registered under ``key`` at the tracker ``host:port``.
+
+    Every answer of the tracker and of a server is awaited at most ``answer_timeout_s`` (default
+    :func:`~.deadlines.resolve_answer_timeout`), and a free server ``wait_for_server_s`` (default the same).
+    """
 
     def __init__(
         self,
         host: str,
         port: int,
         key: str,
-        wait_for_server_s: float = 30.0,
+        wait_for_server_s: float | None = None,
         emulation: str | None = None,
-        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+        answer_timeout_s: float | None = None,
     ) -> None:
         self.host, self.port, self.key = host, port, key
-        self.wait_for_server_s = wait_for_server_s
+        self.answer_timeout_s = resolve_answer_timeout(answer_timeout_s)
+        self.wait_for_server_s = self.answer_timeout_s if wait_for_server_s is None else wait_for_server_s
         self.emulation = emulation
-        self.answer_timeout_s = answer_timeout_s
         self.label = f"{key}@{host}:{port}" + (" (emulated)" if emulation else "")
 
     def _tracker(self) -> rpc.TrackerSession:
@@ -167,9 +140,20 @@ class TrackerBoard(Board):
         except (RuntimeError, OSError) as err:
             raise BoardError(f"RPC tracker at {self.host}:{self.port} failed: {err}") from None
 
+    def _queue(self, tracker: rpc.TrackerSession) -> dict:
+        """The tracker's servers by key; a tracker that died or went silent is a :class:`BoardError`."""
+        try:
+            summary = within(
+                self.answer_timeout_s, f"RPC tracker at {self.host}:{self.port}", tracker.summary
+            )
+        except (RuntimeError, OSError) as err:  # e.g. BrokenPipeError: the tracker was killed
+            reason = str(err).strip() or type(err).__name__
+            raise BoardError(f"RPC tracker at {self.host}:{self.port} failed: {reason}") from None
+        return summary.get("queue_info", {})
+
     def free_servers(self) -> int:
         """How many servers under this board's key are idle right now."""
-        queue = self._tracker().summary().get("queue_info", {})
+        queue = self._queue(self._tracker())
         return int(queue.get(self.key, {}).get("free", 0))
 
     def capacity(self) -> int:
@@ -181,7 +165,7 @@ class TrackerBoard(Board):
         tracker = self._tracker()
         deadline = time.monotonic() + self.wait_for_server_s
         while True:
-            queue = tracker.summary().get("queue_info", {})
+            queue = self._queue(tracker)
             if queue.get(self.key, {}).get("free", 0) > 0:
                 return
             if time.monotonic() > deadline:
@@ -212,7 +196,7 @@ class TrackerBoard(Board):
             )
         except (RuntimeError, OSError) as err:
             raise BoardError(f"board {self.label}: session request failed: {err}") from None
-        return BoardSession(remote, self.label, self.explain_failure)
+        return BoardSession(remote, self.label, self.explain_failure, call_timeout_s=self.answer_timeout_s)
 
 
 class ServerBoard(Board):
@@ -224,11 +208,11 @@ class ServerBoard(Board):
         port: int,
         key: str = "",
         emulation: str | None = None,
-        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+        answer_timeout_s: float | None = None,
     ) -> None:
         self.host, self.port, self.key = host, port, key
         self.emulation = emulation
-        self.answer_timeout_s = answer_timeout_s
+        self.answer_timeout_s = resolve_answer_timeout(answer_timeout_s)
         self.label = f"{host}:{port}" + (" (emulated)" if emulation else "")
 
     def connect(self, session_timeout_s: float = 0) -> BoardSession:
@@ -243,7 +227,7 @@ class ServerBoard(Board):
             )
         except (RuntimeError, OSError) as err:
             raise BoardError(f"RPC server at {self.label} refused the session: {err}") from None
-        return BoardSession(remote, self.label)
+        return BoardSession(remote, self.label, call_timeout_s=self.answer_timeout_s)
 
 
 def _free_port(host: str) -> int:
@@ -257,7 +241,9 @@ class LoopbackBoard(Board):
     each running kernels on ``threads`` threads (default: :func:`.threads.default_threads`).
 
     With ``tracker`` (``"HOST:PORT"``) the servers register at that tracker instead of a private one, so
-    several boards (the host and emulated ones) can share a tracker under their own keys.
+    several boards (the host and emulated ones) can share a tracker under their own keys. Once started, it
+    waits for answers and free servers as a :class:`TrackerBoard` does (``answer_timeout_s``,
+    ``wait_for_server_s``: default :func:`~.deadlines.resolve_answer_timeout`).
 
     The processes run until :meth:`close` (or the end of the ``with`` block, an exception, or interpreter
     exit); each is its own process group, so the servers' forked workers go with them.
@@ -268,13 +254,15 @@ class LoopbackBoard(Board):
         key: str = "host",
         num_servers: int = 1,
         host: str = "127.0.0.1",
-        wait_for_server_s: float = 30.0,
+        wait_for_server_s: float | None = None,
         threads: int | None = None,
         tracker: str | None = None,
+        answer_timeout_s: float | None = None,
     ) -> None:
         self.key = key
         self.threads = threads or default_threads()  # TVM's own: half the cores on x86 (see .threads)
-        self.wait_for_server_s = wait_for_server_s
+        self.answer_timeout_s = resolve_answer_timeout(answer_timeout_s)
+        self.wait_for_server_s = self.answer_timeout_s if wait_for_server_s is None else wait_for_server_s
         self.host = host
         self.num_servers = num_servers
         self.log_dir = Path(tempfile.mkdtemp(prefix="ohq-tvm-rpc-"))  # tracker/server logs, for errors
@@ -308,6 +296,7 @@ class LoopbackBoard(Board):
                 self.key,
                 max(30.0, self.wait_for_server_s),
                 emulation=self.emulation,
+                answer_timeout_s=self.answer_timeout_s,
             )
             self._wait_for_servers(board)
             board.wait_for_server_s = self.wait_for_server_s

@@ -1,7 +1,8 @@
 """An open RPC session on a board: upload a compiled module, run it, time it.
 
 Every RPC failure (the board died, the connection dropped, the module would not load) surfaces as a
-:class:`BoardError` naming the board and the step, never as a bare TVM error.
+:class:`BoardError` naming the board and the step, never as a bare TVM error; so does a board that does
+not answer a step within the session's deadline (:mod:`.deadlines`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tvm import relax
 
 from ..errors import BoardError
 from ..interrupts import reraise_interrupt
+from .deadlines import within
 from .threads import remote_threads
 
 T = TypeVar("T")
@@ -52,23 +54,33 @@ class LatencyStats:
 
 
 class BoardSession:
-    """An RPC session on one board (wraps ``tvm.rpc.RPCSession``)."""
+    """An RPC session on one board (wraps ``tvm.rpc.RPCSession``).
+
+    Each step on the board may take ``call_timeout_s`` (plus the time a step is expected to run, for
+    timings and uploads); ``None``: no limit.
+    """
 
     def __init__(
         self,
         remote: tvm.rpc.RPCSession,
         label: str,
         explain: Callable[[], str | None] | None = None,
+        call_timeout_s: float | None = None,
     ) -> None:
         self.remote = remote
         self.label = label
         # Asked after a failed step for what the board knows of its cause (e.g. an emulated board's
         # server that died of an illegal instruction, which the RPC error cannot tell).
         self.explain = explain
+        self.call_timeout_s = call_timeout_s
 
-    def _guard(self, step: str, action: Callable[[], T]) -> T:
+    def _guard(self, step: str, action: Callable[[], T], expected_s: float = 0.0) -> T:
+        """``action`` (one or a few RPC calls), its failure a :class:`BoardError` naming ``step``; past
+        the deadline (``call_timeout_s`` + ``expected_s``) too."""
         try:
-            return action()
+            if self.call_timeout_s is None:
+                return action()
+            return within(self.call_timeout_s + expected_s, f"board {self.label}: {step}", action)
         except (RuntimeError, OSError, ValueError) as err:
             reraise_interrupt()
             message = str(err).strip().splitlines()
@@ -101,7 +113,9 @@ class BoardSession:
     def load_library(self, library_path: str | os.PathLike) -> tvm.runtime.Module:
         """Upload a library exported with ``export_library`` and load it on the board."""
         name = os.path.basename(os.fspath(library_path))
-        self._guard(f"upload of {name}", lambda: self.remote.upload(os.fspath(library_path)))
+        # At least 1 MB/s on the slowest link a board is on.
+        upload_s = os.path.getsize(library_path) / 1e6
+        self._guard(f"upload of {name}", lambda: self.remote.upload(os.fspath(library_path)), upload_s)
         return self._guard(f"loading {name}", lambda: self.remote.load_module(name))
 
     def load_vm(self, library_path: str | os.PathLike) -> RemoteVM:
@@ -165,7 +179,9 @@ class RemoteVM:
         )
         for _ in range(warmup):
             self.session._guard(f"warming up {self.name}", lambda: self.vm[function](*args))
-        report = self.session._guard(f"timing {self.name}", lambda: evaluator(*args))
+        # Each repeat runs at least min_repeat_ms, and twice that while a run's count is being settled.
+        expected_s = repeat * 2 * min_repeat_ms / 1e3
+        report = self.session._guard(f"timing {self.name}", lambda: evaluator(*args), expected_s)
         return LatencyStats(tuple(float(r) * 1e3 for r in report.results))
 
 

@@ -170,7 +170,9 @@ def _time_call(
         return float(np.mean(timer(*args).results)) * 1e3
 
     runs = _runs_per_repeat(guard(step, lambda: mean_ms(_ESTIMATE_RUNS)), min_repeat_ms)
-    return np.array([guard(step, lambda: mean_ms(runs)) for _ in range(repeat)])
+    # One repeat runs about min_repeat_ms (twice that, for an estimate that came out low).
+    expected_s = 2 * min_repeat_ms / 1e3
+    return np.array([guard(step, lambda: mean_ms(runs), expected_s) for _ in range(repeat)])
 
 
 def _runs_per_repeat(estimate_ms: float, min_repeat_ms: float) -> int:

@@ -12,8 +12,11 @@ while the canary was slower than the run's fastest allows are timed once more.
 Faults: a session that fails (the board died, the connection dropped, the timeout fired) puts the workload
 back in the queue, for any worker, up to ``max_attempts`` times; then it is stored as failed with the
 reason. A session that cannot even be opened does not count against the workload; when that happens
-``max_attempts`` times in a row (each connection waits for a server to register first) the run stops with
-a :class:`BoardError`; everything measured until then is already in the database.
+``max_attempts`` times in a row (each connection waits for a server to register first), or for longer
+than the board's answer timeout (:mod:`ohq_tvm.board.deadlines`), the run stops with a
+:class:`BoardError`; everything measured until then is already in the database. So does any other error
+in a worker thread: it reaches the caller as one :class:`~ohq_tvm.errors.OHQError`, never a thread that
+died and left the run waiting for it.
 """
 
 from __future__ import annotations
@@ -259,17 +262,17 @@ class Measurer:
                         if run.aborted is not None:
                             break
                     if not overlap or run.aborted is not None:
-                        run.queue.join()
+                        run.wait(threads)
                     reraise_interrupt()
                     if run.aborted is not None:
                         break
-                run.queue.join()
+                run.wait(threads)
                 # Once, again: what was timed before the gate had seen the board at its usual speed.
                 suspects = run.suspects() if run.aborted is None else []
                 summary.retimed = len(suspects)
                 for workload in suspects:  # the row keeps the attempts its first timing took
                     run.queue.put((workload, run.paths[workload.key], run.attempts[workload.key]))
-                run.queue.join()
+                run.wait(threads)
             finally:
                 run.stop(len(threads))
                 for thread in threads:
@@ -279,7 +282,7 @@ class Measurer:
             raise BoardError(
                 f"{run.aborted}; {summary.measured} new measurement(s) of {len(pending)} are stored in "
                 f"{self.database.path}; rerun to measure the rest"
-            )
+            ) from run.error
         return summary
 
 
@@ -300,7 +303,9 @@ class _Run:
         self.lock = threading.Lock()
         self.done = 0
         self.unreachable = 0  # consecutive sessions that could not even be opened
-        self.aborted: str | None = None
+        self.unreachable_since = 0.0  # when the first of them began (time.monotonic())
+        self.aborted: str | None = None  # why the run stops; workers skip what is left
+        self.error: BaseException | None = None  # the error it stops on
         self.gate = measurer.gate
         self.canary: dict[str, float | None] = {}  # by workload key: the canary after its timing
         self.attempts: dict[str, int] = {}  # by workload key: the attempt its first timing succeeded at
@@ -351,6 +356,24 @@ class _Run:
         for _ in range(workers):
             self.queue.put(None)
 
+    def wait(self, threads: Sequence[threading.Thread]) -> None:
+        """Until the workers have taken everything queued, or the run is aborted.
+
+        Polls instead of ``queue.join()``: the main thread stays responsive to Ctrl-C and SIGTERM (a
+        signal raised inside a condition's wait can leave its lock released twice), and a worker that
+        died anyway cannot leave it waiting for good.
+        """
+        while self.queue.unfinished_tasks and self.aborted is None:
+            if not any(thread.is_alive() for thread in threads):
+                self._abort(f"board {self.m.board.label}: every measuring thread stopped", None)
+                return
+            time.sleep(0.05)
+
+    def _abort(self, reason: str, error: BaseException | None) -> None:
+        with self.lock:
+            if self.aborted is None:
+                self.aborted, self.error = reason, error
+
     def worker(self, name: str) -> None:
         timing = self.m.timing
         while True:
@@ -363,18 +386,30 @@ class _Run:
                 if self.aborted is not None:
                     continue
                 self._measure(name, workload, path, attempt, timing)
+            except Exception as err:  # handed to the main thread, which stops the run with it
+                if isinstance(err, OHQError):
+                    self._abort(str(err), err)
+                else:
+                    detail = str(err).strip().splitlines()
+                    reason = f"{type(err).__name__}: {detail[-1]}" if detail else type(err).__name__
+                    self._abort(f"board {self.m.board.label}: measuring {workload.key} failed: {reason}", err)
             finally:
                 self.queue.task_done()
 
     def _measure(self, name: str, workload: Workload, path: Path, attempt: int, timing: TimingConfig) -> None:
+        started = time.monotonic()
         try:
             session = self.m.board.connect(session_timeout_s=timing.workload_timeout_s)
         except BoardError as err:
             # Says nothing about the workload: put it back with the same attempt count.
             with self.lock:
+                if self.unreachable == 0:
+                    self.unreachable_since = started
                 self.unreachable += 1
-                if self.unreachable >= timing.max_attempts:
-                    self.aborted = f"board {self.m.board.label} unreachable: {err}"
+                deadline_s = self.m.board.answer_timeout_s
+                too_long = deadline_s is not None and time.monotonic() - self.unreachable_since >= deadline_s
+                if (self.unreachable >= timing.max_attempts or too_long) and self.aborted is None:
+                    self.aborted, self.error = f"board {self.m.board.label} unreachable: {err}", err
             if self.aborted is None:
                 self._event(workload, "retry", name, error=str(err))
                 time.sleep(1.0)
