@@ -32,6 +32,10 @@ from ohq_tvm.targets import resolve_target
 from testing_support import gone, new_tvm_exec_processes, silent_peer, tvm_exec_processes
 
 
+def _children(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
 def _process_tree(pids: list[int]) -> set[int]:
     tree = set(pids)
     for pid in pids:
@@ -195,13 +199,14 @@ def test_a_board_that_stops_answering_mid_session_is_an_error_within_the_answer_
     host, port = parse_address(loopback_board.tracker_address, "tracker")
     board = TrackerBoard(host, port, loopback_board.key, answer_timeout_s=1.5)
     vm = board.connect().load_vm(add_library)
-    groups = [server.pid for server in loopback_board.server_processes]
-    for group in groups:
-        os.killpg(group, signal.SIGSTOP)  # its kernel still accepts connections; nothing answers
+    # The servers and their popen_workers, not their owner watches (which kill them should this test die).
+    serving = [child for server in loopback_board.server_processes for child in _children(server.pid)]
+    for process in serving:
+        process.send_signal(signal.SIGSTOP)  # its kernel still accepts connections; nothing answers
 
     def wake() -> None:
-        for group in groups:
-            os.killpg(group, signal.SIGCONT)
+        for process in serving:
+            process.send_signal(signal.SIGCONT)
 
     # Woken after 8 s whatever happens, so that a call without a deadline fails the test, not hangs it.
     timer = threading.Timer(8.0, wake)

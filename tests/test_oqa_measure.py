@@ -9,6 +9,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from ohq_tvm import models
@@ -225,6 +226,55 @@ def test_a_tracker_killed_mid_run_stops_it_within_seconds_keeping_what_was_measu
         assert "RPC tracker" in str(outcome["error"]) and "rerun to measure the rest" in str(outcome["error"])
         kept = db.latencies(measurer.fingerprint, measurer.schedule)
     assert len(kept) == 1
+
+
+@pytest.mark.slow  # 14-22 s on a 2-core host
+def test_a_board_that_stops_answering_mid_run_stops_it_within_twice_the_answer_timeout(tmp_path):
+    # The server is SIGSTOPped half a second after the first result, likely while the next workload is
+    # timed: the call gets no answer (3 s and the timing's own), then no session opens on it (3 s more).
+    workloads = fp32_int8_workloads()[:3]
+    timing = TimingConfig(repeat=2, min_repeat_ms=300, warmup=0)
+    stopped, outcome = [], {}
+    with (
+        LoopbackBoard(key="stops", answer_timeout_s=3) as board,
+        LatencyDatabase(tmp_path / "m.sqlite") as db,
+    ):
+        # The server and its popen_workers, not their owner watch (which kills them should this test die).
+        (watch,) = [server.pid for server in board.server_processes]
+        serving = psutil.Process(watch).children(recursive=True)
+
+        def signal_server(number: signal.Signals) -> None:
+            for process in serving:
+                process.send_signal(number)
+
+        def stop_server() -> None:
+            signal_server(signal.SIGSTOP)
+            stopped.append(time.monotonic())
+
+        def on_event(event) -> None:
+            if event.status == "ok" and not stopped:
+                threading.Timer(0.5, stop_server).start()
+
+        measurer = Measurer(board, HOST, db, timing=timing, workers=1)
+
+        def run() -> None:
+            try:
+                outcome["summary"] = measurer.run(workloads, on_event)
+            except Exception as err:
+                outcome["error"] = err
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        try:
+            runner.join(60)
+        finally:
+            signal_server(signal.SIGCONT)
+        assert not runner.is_alive(), "the run still waits, 60 s on"
+        assert stopped and time.monotonic() - stopped[0] < 2 * 3 + 5
+        assert isinstance(outcome.get("error"), BoardError), outcome
+        assert "rerun to measure the rest" in str(outcome["error"])
+        kept = db.latencies(measurer.fingerprint, measurer.schedule)
+    assert 1 <= len(kept) < len(workloads)
 
 
 def test_an_unreachable_tracker_fails_fast(tmp_path):

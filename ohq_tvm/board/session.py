@@ -80,7 +80,8 @@ class BoardSession:
         try:
             if self.call_timeout_s is None:
                 return action()
-            return within(self.call_timeout_s + expected_s, f"board {self.label}: {step}", action)
+            deadline_s = self.call_timeout_s + expected_s
+            return within(deadline_s, f"board {self.label}: {step}", action, holding=self.remote)
         except (RuntimeError, OSError, ValueError) as err:
             reraise_interrupt()
             message = str(err).strip().splitlines()
