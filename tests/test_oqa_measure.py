@@ -190,6 +190,20 @@ def test_a_board_that_stays_dead_stops_the_run_and_keeps_what_was_measured(tmp_p
     assert 1 <= len(kept) < len(workloads)
 
 
+def run_in_background(measurer, workloads, on_event, outcome: dict) -> threading.Thread:
+    """``measurer.run`` on a daemon thread; its summary, or the exception it raised, lands in ``outcome``."""
+
+    def run() -> None:
+        try:
+            outcome["summary"] = measurer.run(workloads, on_event)
+        except Exception as err:
+            outcome["error"] = err
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    return runner
+
+
 def test_a_tracker_killed_mid_run_stops_it_within_seconds_keeping_what_was_measured(tmp_path):
     # After the first result the test holds the only server, so the worker waits at the tracker for a
     # free one when the tracker is killed: its query fails (BrokenPipeError, OSError), which once killed
@@ -210,15 +224,7 @@ def test_a_tracker_killed_mid_run_stops_it_within_seconds_keeping_what_was_measu
                 threading.Timer(1.0, kill_tracker).start()
 
         measurer = Measurer(board, HOST, db, timing=FAST_TIMING, workers=1)
-
-        def run() -> None:
-            try:
-                outcome["summary"] = measurer.run(workloads, on_event)
-            except Exception as err:
-                outcome["error"] = err
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
+        runner = run_in_background(measurer, workloads, on_event, outcome)
         runner.join(60)
         assert not runner.is_alive(), "the run still waits, 60 s on"
         assert killed and time.monotonic() - killed[0] < 15
@@ -256,15 +262,7 @@ def test_a_board_that_stops_answering_mid_run_stops_it_within_twice_the_answer_t
                 threading.Timer(0.5, stop_server).start()
 
         measurer = Measurer(board, HOST, db, timing=timing, workers=1)
-
-        def run() -> None:
-            try:
-                outcome["summary"] = measurer.run(workloads, on_event)
-            except Exception as err:
-                outcome["error"] = err
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
+        runner = run_in_background(measurer, workloads, on_event, outcome)
         try:
             runner.join(60)
         finally:
