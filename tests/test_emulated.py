@@ -253,6 +253,7 @@ def test_an_rk3588_module_on_an_emulated_cortex_a72_fails_with_an_illegal_instru
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.slow  # 33 s on a 2-core host
 @needs_arm
 def test_a_stopped_server_is_an_error_within_the_timeout(rk3588_board):
     (server,) = rk3588_board.server_processes
