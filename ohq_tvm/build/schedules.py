@@ -20,6 +20,8 @@ Functions the rules cannot analyse are left to the default (still correct, just 
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -69,9 +71,7 @@ class CPUDefaultRule(ScheduleRule):
             return
         row = extent(sch, loops[-1]) if len(loops) > 1 else None
         plane = (row or 0) * (extent(sch, loops[-2]) or 0) if len(loops) > 2 else 0
-        total = plane
-        for loop in loops[:-2]:
-            total *= extent(sch, loop) or 0
+        total = plane * math.prod(extent(sch, loop) or 0 for loop in loops[:-2])
         if plane % lanes and total % lanes == 0 and _element_wise(sch, block.block_rv):
             # Every operand read where the result is written (a quantize, a dequantize, an add) over
             # planes no vector divides (14x14): one flat loop of full vectors, not rows ending in masked
@@ -149,12 +149,10 @@ def _element_wise(sch: s_tir.Schedule, block_rv) -> bool:
     shape = [int(d) for d in write.source.shape]
     written = [str(r.min) for r in write.region]
     for read in block.reads:
-        size = 1
-        for d in read.source.shape:
-            size *= int(d)
-        if size == 1:
+        read_shape = [int(d) for d in read.source.shape]
+        if math.prod(read_shape) == 1:
             continue
-        if [int(d) for d in read.source.shape] != shape or [str(r.min) for r in read.region] != written:
+        if read_shape != shape or [str(r.min) for r in read.region] != written:
             return False
     return True
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 
@@ -39,7 +40,6 @@ from .loops import fold_consumers, inline_other_blocks, parallel, register_tile
 _MAX_ROWS = 8
 _MAX_COLS = 4
 _MAX_VECTORS = 4  # the pixel form: lane-wide pieces of one output row, and output rows, in a tile
-_BYTES = {"uint8": 1, "int8": 1, "int16": 2}
 _DEFAULT_TILE = 16  # accumulators in the default register tile (x86 and AArch64 both have 32 vector regs)
 
 
@@ -158,8 +158,8 @@ def _tile_pixels(
     n, channel, y, x_o, lanes, *reduce, inner = sch.get_loops(compute)
     vectors = choose("vectors", _divisors(_extent(sch, x_o), _MAX_VECTORS))
     rows = choose("rows", _divisors(_extent(sch, y), _MAX_VECTORS))
-    channels = choose("channels", _divisors(_extent(sch, channel), _DEFAULT_TILE))
     out_channels = _extent(sch, channel)
+    channels = choose("channels", _divisors(out_channels, _DEFAULT_TILE))
     c_o, c_i = sch.split(channel, factors=[None, channels])
     y_o, y_i = sch.split(y, factors=[None, rows])
     x_oo, x_oi = sch.split(x_o, factors=[None, vectors])
@@ -168,7 +168,7 @@ def _tile_pixels(
     # activations are in L1, instead of streaming the whole packed input once per block of channels
     # (10-20% faster on a Zen 3); when the outputs weigh more (an expansion, 16 -> 96), one block of
     # channels sweeps the pixels, writing its rows contiguously (25% faster there).
-    activation_bytes = _extent(sch, reduce[0]) * isa.group * _BYTES[isa.activation_dtype]
+    activation_bytes = _extent(sch, reduce[0]) * isa.group * np.dtype(isa.activation_dtype).itemsize
     outer = [n, y_o, x_oo, c_o] if activation_bytes >= out_channels else [n, c_o, y_o, x_oo]
     loops = (outer, reduce, [c_i, y_i, x_oi], lanes, inner)
     _finish_tile(sch, compute, output, loops, isa.pixel_intrinsic)
