@@ -9,7 +9,6 @@ from typing import NoReturn
 
 from .cli_planning import (
     BUDGET_HELP,
-    StageBars,
     add_mqe_data_argument,
     add_planning_commands,
     board_arguments,
@@ -20,6 +19,7 @@ from .cli_planning import (
     print_plan_table,
     tuning_arguments,
 )
+from .cli_progress import StageBars
 from .errors import OHQError
 from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .precision import Precision

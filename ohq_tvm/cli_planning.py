@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_progress import StageBars
 from .errors import OHQError
 from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .precision import Precision
-from .progress import StageProgress
 
 
 def positive_int(text: str) -> int:
@@ -261,64 +261,6 @@ def _cmd_db(args: argparse.Namespace) -> int:
             count = db.clear(args.board)
             print(f"deleted {count} measurements from {db.path}")
     return 0
-
-
-class StageBars(StageProgress):
-    """tqdm bars for the long stages (operators measured, MQE forward passes, tuning trials); stage
-    messages close the open bar and print one line."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def _open(self, total: int, unit: str, desc: str):
-        from tqdm import tqdm
-
-        self.close()
-        self.bar = tqdm(total=total, unit=unit, desc=desc, disable=total == 0)
-        return self.bar
-
-    def say(self, message: str) -> None:
-        self.close()
-        print(f"  {message}", flush=True)
-
-    def measuring(self, total: int, to_measure: int) -> None:
-        print(f"  {total} unique workloads, {total - to_measure} already in the database", flush=True)
-        self._open(to_measure, "op", "  measuring")
-
-    def measured(self, event) -> None:
-        bar = self.bar
-        if bar is None:
-            return
-        if event.status == "retry":
-            bar.write(f"  retrying {event.workload.label}: {event.error}")
-            return
-        if event.status == "failed":
-            bar.write(f"  FAILED {event.workload.label}: {event.error}")
-        bar.set_postfix_str(event.workload.label[:40], refresh=False)
-        bar.update(1)
-
-    def distilling(self, done: int, total: int) -> None:
-        if self.bar is None or self.bar.desc != "  distilling":
-            self._open(total, "step", "  distilling")
-        self.bar.update(done - self.bar.n)
-
-    def estimating(self, done: int, total: int) -> None:
-        if self.bar is None or self.bar.desc != "  sensitivity":
-            self._open(total, "pass", "  sensitivity")
-        self.bar.update(done - self.bar.n)
-
-    def tuning(self, event) -> None:
-        if self.bar is None or self.bar.desc != "  tuning":
-            self._open(event.trials_total, "trial", "  tuning")
-        if event.task:
-            best = "-" if event.best_ms is None else f"{event.best_ms:.4f} ms"
-            self.bar.set_postfix_str(f"{event.task[:32]} best {best}", refresh=False)
-        self.bar.update(min(event.trials_done, event.trials_total) - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def tuning_arguments(parser: argparse.ArgumentParser) -> None:

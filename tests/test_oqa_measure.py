@@ -114,7 +114,9 @@ def test_measurement_fills_the_database_and_a_rerun_measures_nothing(loopback_bo
         summary = Measurer(loopback_board, HOST, db, timing=FAST_TIMING).run(workloads, events.append)
         counts = (summary.total, summary.measured, summary.reused, summary.failed)
         assert counts == (len(workloads), len(workloads), 0, {})
-        assert [e.done for e in events] == list(range(1, len(workloads) + 1))
+        # Each workload's first timing finishes once (waits and re-timings on a busy host add their own).
+        finished = [e.done for e in events if e.status in ("ok", "failed")]
+        assert finished == list(range(1, len(workloads) + 1))
         stored = db.latencies(summary.fingerprint, schedule_label("default"))
         assert set(stored) == {w.key for w in workloads}
         assert all(0 < ms < 1000 for ms in stored.values())
@@ -167,7 +169,8 @@ def test_killing_the_server_mid_measurement_loses_nothing(tmp_path):
     assert max(m.attempts for m in rows) == 2  # the workload being timed at the kill, measured again
     # The workload measured before the kill kept its one attempt (it may have been re-timed at the end of
     # the run, if the quiet gate's canary was slow then, which replaces its row and its time).
-    (first,) = [m for m in rows if m.workload.key == events[0].workload.key]
+    measured_first = next(e for e in events if e.status == "ok").workload
+    (first,) = [m for m in rows if m.workload.key == measured_first.key]
     assert first.ok and first.attempts == 1
 
 

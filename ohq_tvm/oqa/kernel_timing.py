@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,7 @@ from tvm import relax, tirx
 from ..board import BoardSession, LatencyStats
 from ..errors import OHQError
 from ..targets import BoardSpec
-from .quiet import CANARY_SYMBOL, QuietGate, canary_function, canary_probe
+from .quiet import CANARY_SYMBOL, QuietGate, QuietWait, canary_function, canary_probe
 
 FLUSH_ALL_BUT_FIRST = "cache_flush_cpu_non_first_arg"
 _ESTIMATE_RUNS = 3
@@ -121,6 +121,7 @@ def time_kernels(
     seed: int = 0,
     gate: QuietGate | None = None,
     attempts: int = 3,
+    on_wait: Callable[[QuietWait], None] | None = None,
 ) -> tuple[LatencyStats, float | None]:
     """Upload the library, time every call with all but its first argument flushed before each run.
 
@@ -128,7 +129,8 @@ def time_kernels(
     ``min_repeat_ms`` of single runs (each run cold, so runs cannot be batched). With a ``gate`` (the
     library built by :func:`build_kernel_library`), timing starts once the board is quiet and is done
     again, up to ``attempts`` times in all, when the canary after it says the board slowed down. Returns
-    the latencies and the canary (ms) after the last timing (``None`` without a gate). Raises
+    the latencies and the canary (ms) after the last timing (``None`` without a gate); ``on_wait`` hears
+    of the gate's waits (:meth:`QuietGate.wait`). Raises
     :class:`~ohq_tvm.errors.BoardError` when a step on the board fails.
     """
     library = session.load_library(library_path)
@@ -142,7 +144,8 @@ def time_kernels(
 
     if gate is None or not gate.enabled:
         return timing(), None
-    return gate.time(canary_probe(library, session.device, session._guard), timing, attempts)
+    probe = canary_probe(library, session.device, session._guard)
+    return gate.time(probe, timing, attempts, on_wait=on_wait)
 
 
 def _time_call(

@@ -7,7 +7,8 @@ it; the session timeout bounds a hang). Every run finds its weights and output o
 input in cache, as inside a model (see :mod:`.kernel_timing`). One worker thread per server available
 under the board's key measures in parallel. Timings wait for the board to run at its usual speed and
 are done again when it slowed down meanwhile (:mod:`.quiet`); at the end of a run, the workloads timed
-while the canary was slower than the run's fastest allows are timed once more.
+while the canary was slower than the run's fastest allows are timed once more. Progress hears of both:
+a timing that waits for the board, and that last phase, as events of their own (:class:`MeasureEvent`).
 
 Faults: a session that fails (the board died, the connection dropped, the timeout fired) puts the workload
 back in the queue, for any worker, up to ``max_attempts`` times; then it is stored as failed with the
@@ -41,7 +42,7 @@ from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec
 from .database import LatencyDatabase
 from .kernel_timing import KernelCall, build_kernel_library, time_kernels
-from .quiet import QuietGate
+from .quiet import QuietGate, QuietWait
 from .workloads import Workload
 
 # Defaults of every timing config that does not say otherwise: how long a timing waits at most for the
@@ -88,7 +89,16 @@ class TimingConfig:
 
 @dataclass(frozen=True)
 class MeasureEvent:
-    """Progress of a run: one workload finished (``ok``/``failed``) or was put back (``retry``)."""
+    """Progress of a run, about one workload; ``done`` of ``total`` count the current phase. ``status``:
+
+    - ``ok`` / ``failed``: its first timing finished (``latency_ms``) or it failed for good (``error``);
+    - ``retry``: a session failed (``error``) and it was put back in the queue;
+    - ``waiting``: its timing waits for the board to settle; ``wait`` says how long so far and up to what
+      cap, and a last one how the wait ended (:class:`~.quiet.QuietWait`);
+    - ``retiming`` / ``retimed``: the phase after the first pass, in which what was timed before the board
+      had shown its usual speed is timed once more (``done`` of ``total`` count these): a re-timing starts
+      / finished, with the new ``latency_ms`` or, when it failed (the first timing stands), ``error``.
+    """
 
     workload: Workload
     status: str
@@ -97,6 +107,7 @@ class MeasureEvent:
     worker: str
     latency_ms: float | None = None
     error: str | None = None
+    wait: QuietWait | None = None
 
 
 @dataclass
@@ -270,8 +281,7 @@ class Measurer:
                 # Once, again: what was timed before the gate had seen the board at its usual speed.
                 suspects = run.suspects() if run.aborted is None else []
                 summary.retimed = len(suspects)
-                for workload in suspects:  # the row keeps the attempts its first timing took
-                    run.queue.put((workload, run.paths[workload.key], run.attempts[workload.key]))
+                run.retime(suspects)
                 run.wait(threads)
             finally:
                 run.stop(len(threads))
@@ -302,6 +312,8 @@ class _Run:
         self.kernels: dict[str, list[KernelCall]] = {}  # by workload key: what its library times
         self.lock = threading.Lock()
         self.done = 0
+        self.retime_total = 0  # set when the re-timing phase begins: the workloads it times again
+        self.retimed = 0
         self.unreachable = 0  # consecutive sessions that could not even be opened
         self.unreachable_since = 0.0  # when the first of them began (time.monotonic())
         self.aborted: str | None = None  # why the run stops; workers skip what is left
@@ -313,11 +325,26 @@ class _Run:
 
     def _event(self, workload: Workload, status: str, worker: str, **extra) -> None:
         with self.lock:
-            if status != "retry":
+            if status in ("ok", "failed"):
                 self.done += 1
-            event = MeasureEvent(workload, status, self.done, self.total, worker, **extra)
+            elif status == "retimed":
+                self.retimed += 1
+            if self.retime_total:
+                event = MeasureEvent(workload, status, self.retimed, self.retime_total, worker, **extra)
+            else:
+                event = MeasureEvent(workload, status, self.done, self.total, worker, **extra)
         if self.progress is not None:
             self.progress(event)
+
+    def retime(self, workloads: Sequence[Workload]) -> None:
+        """Begin the re-timing phase: queue ``workloads`` again, each keeping the attempts its first
+        timing took (what its row records)."""
+        if not workloads:
+            return
+        with self.lock:
+            self.retime_total = len(workloads)
+        for workload in workloads:
+            self.queue.put((workload, self.paths[workload.key], self.attempts[workload.key]))
 
     def submit(self, workload: Workload, path: Path) -> None:
         """Lower, compile its kernels and export on this machine; a workload that does not build is stored
@@ -398,6 +425,10 @@ class _Run:
 
     def _measure(self, name: str, workload: Workload, path: Path, attempt: int, timing: TimingConfig) -> None:
         started = time.monotonic()
+        with self.lock:
+            retiming = workload.key in self.canary
+        if retiming:
+            self._event(workload, "retiming", name)
         try:
             session = self.m.board.connect(session_timeout_s=timing.workload_timeout_s)
         except BoardError as err:
@@ -426,6 +457,7 @@ class _Run:
                 min_repeat_ms=timing.min_repeat_ms,
                 warmup=timing.warmup,
                 gate=self.gate,
+                on_wait=lambda wait: self._event(workload, "waiting", name, wait=wait),
             )
         except BoardError as err:
             self._retry_or_fail(name, workload, path, attempt, str(err), timing)
@@ -442,13 +474,13 @@ class _Run:
             if first:
                 self.summary.measured += 1
                 self.summary.workers[name] = self.summary.workers.get(name, 0) + 1
-        if first:  # a re-timing replaces the row and says nothing more
-            self._event(workload, "ok", name, latency_ms=stats.median_ms)
+        self._event(workload, "ok" if first else "retimed", name, latency_ms=stats.median_ms)
 
     def _retry_or_fail(
         self, name: str, workload: Workload, path: Path, attempt: int, reason: str, timing: TimingConfig
     ) -> None:
         if workload.key in self.canary:  # a re-timing that failed: the first timing stands
+            self._event(workload, "retimed", name, error=reason)
             return
         if attempt < timing.max_attempts:
             self._event(workload, "retry", name, error=reason)

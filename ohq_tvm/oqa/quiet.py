@@ -10,7 +10,9 @@ The canary is a small two-kernel function in which every pass hands half of a 1 
 core to the other (written parallel over rows, read parallel over columns): 0.32 ms in the fast phase,
 0.45 ms in the slow one on that host. :class:`QuietGate` remembers the fastest canary of a run and, before
 a timing, waits (up to ``max_wait_s``) until the canary is within ``tolerance`` of it; after the timing
-it looks again, and the caller times once more when the board slowed down meanwhile.
+it looks again, and the caller times once more when the board slowed down meanwhile. A caller that
+shows progress passes ``on_wait``: it hears of each look at the board while a timing waits
+(:class:`QuietWait`), and of how the wait ended.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -65,16 +68,46 @@ def canary_probe(library: tvm.runtime.Module, device: tvm.runtime.Device, guard)
     return lambda: float(np.median(guard("timing the canary", lambda: timer(*args)).results)) * 1e3
 
 
+@dataclass(frozen=True)
+class QuietWait:
+    """A timing waiting for the board to settle: ``waited_s`` of at most ``max_wait_s`` so far, the last
+    canary and the run's fastest (``usual_ms``). ``settled`` is ``None`` while it waits, ``True`` once
+    the canary is back within tolerance, ``False`` when the gate gave up at ``max_wait_s`` (the timing
+    then goes ahead in the slow spell)."""
+
+    waited_s: float
+    max_wait_s: float
+    canary_ms: float
+    usual_ms: float
+    settled: bool | None = None
+
+    def describe(self) -> str:
+        """One line for a progress bar, e.g. ``waiting for the board to settle: 12 s of up to 30 s ...``."""
+        canary = f"canary {self.canary_ms:.2f} ms, usual {self.usual_ms:.2f} ms"
+        if self.settled is None:
+            return (
+                f"waiting for the board to settle: {self.waited_s:.0f} s of up to {self.max_wait_s:.0f} s "
+                f"({canary})"
+            )
+        if self.settled:
+            return f"board settled after {self.waited_s:.0f} s"
+        return f"board still busy after {self.waited_s:.0f} s ({canary}): timing anyway"
+
+
 class QuietGate:
-    """Shared by the timings of one run (thread-safe): the fastest canary seen, and the waiting."""
+    """Shared by the timings of one run (thread-safe): the fastest canary seen, and the waiting.
+
+    ``sleep`` and ``clock`` (seconds, monotonic) are injectable so that tests run on a fake clock.
+    """
 
     def __init__(
         self,
         tolerance: float = 1.25,
         max_wait_s: float = 30.0,
         pause_s: float = 0.5,
-        sleep=time.sleep,
+        sleep: Callable[[float], None] = time.sleep,
         enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.enabled = enabled  # off: timings run at once, no canary is probed (an emulated board)
         self.tolerance = tolerance
@@ -85,6 +118,7 @@ class QuietGate:
         self.waits = 0  # timings that had to wait
         self._lock = threading.Lock()
         self._sleep = sleep
+        self._clock = clock
 
     def _seen(self, canary_ms: float) -> bool:
         """Record a probe; whether it is quiet (within tolerance of the fastest)."""
@@ -97,31 +131,47 @@ class QuietGate:
         with self._lock:
             return self.best_ms is None or canary_ms <= self.best_ms * self.tolerance
 
-    def wait(self, probe: Callable[[], float]) -> float:
-        """Probe until quiet or ``max_wait_s`` passed; return the last canary (ms)."""
-        started = time.monotonic()
+    def wait(self, probe: Callable[[], float], on_wait: Callable[[QuietWait], None] | None = None) -> float:
+        """Probe until quiet or ``max_wait_s`` passed; return the last canary (ms). ``on_wait`` hears of
+        every slow probe before the pause after it, and once of how the wait ended; nothing when the
+        first probe is quiet."""
+        started = self._clock()
         canary = probe()
         waited = False
-        while not self._seen(canary) and time.monotonic() - started < self.max_wait_s:
+        while not self._seen(canary):
+            waited_s = self._clock() - started
+            if waited_s >= self.max_wait_s:
+                break
             waited = True
+            if on_wait is not None:
+                on_wait(QuietWait(waited_s, self.max_wait_s, canary, self.best_ms))
             self._sleep(self.pause_s)
             canary = probe()
         if waited:
+            waited_s = self._clock() - started
             with self._lock:
                 self.waits += 1
-                self.waited_s += time.monotonic() - started
+                self.waited_s += waited_s
+            if on_wait is not None:
+                on_wait(QuietWait(waited_s, self.max_wait_s, canary, self.best_ms, self.is_quiet(canary)))
         return canary
 
     def time(
-        self, probe: Callable[[], float], timing: Callable[[], T], attempts: int = 3, settle_s: float = 0.0
+        self,
+        probe: Callable[[], float],
+        timing: Callable[[], T],
+        attempts: int = 3,
+        settle_s: float = 0.0,
+        on_wait: Callable[[QuietWait], None] | None = None,
     ) -> tuple[T, float | None]:
         """Run ``timing`` once the board is quiet (after ``settle_s`` more), again while the canary after
         it says the board slowed down meanwhile, up to ``attempts`` times in all; return the last result
-        and the canary after it (``None`` when the gate is off: ``probe`` is not called)."""
+        and the canary after it (``None`` when the gate is off: ``probe`` is not called). ``on_wait``: as
+        for :meth:`wait`."""
         if not self.enabled:
             return timing(), None
         for attempt in range(1, attempts + 1):
-            self.wait(probe)
+            self.wait(probe, on_wait)
             if settle_s:
                 self._sleep(settle_s)
             result = timing()
@@ -140,4 +190,4 @@ class QuietGate:
         }
 
 
-__all__ = ["CANARY_SYMBOL", "QuietGate", "canary_executable", "canary_function", "canary_probe"]
+__all__ = ["CANARY_SYMBOL", "QuietGate", "QuietWait", "canary_executable", "canary_function", "canary_probe"]
