@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .cli_planning import (
     BUDGET_HELP,
@@ -23,6 +23,9 @@ from .cli_progress import StageBars
 from .errors import OHQError
 from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .precision import Precision
+
+if TYPE_CHECKING:  # the command starts without loading ONNX Runtime and TVM; a command that needs them does
+    from .build.verify import Verification
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFICATION_FAILED = 3
@@ -107,16 +110,24 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if result.report_path is not None:
         print(f"report: {result.report_path} (Pareto plot {result.pareto_path})")
     if result.verification is not None:
-        latency = result.verification.latency
-        timing = f", {latency.median_ms:.3f} ms median" if latency else ""
-        reference = result.verification.reference_label
-        print(
-            f"ok: ran on {result.verification.board} and matched {reference}{timing}"
-            + emulation_note(result.emulation)
-        )
+        print_verification(result.verification, result.emulation)
     else:
         print(f"built, not verified: {result.skipped_verification}")
     return 0
+
+
+def print_verification(verification: Verification, emulation: str | None = None) -> None:
+    """The verdict of a passed verification: the board, the reference, the latency and its spread; a
+    warning line after it when the latency is noisy (see :meth:`~ohq_tvm.board.LatencyStats.noisy`)."""
+    latency = verification.latency
+    timing = f", {latency.median_ms:.3f} ms median ({latency.describe_spread()})" if latency else ""
+    print(
+        f"ok: ran on {verification.board} and matched {verification.reference_label}{timing}"
+        + emulation_note(emulation)
+    )
+    warning = latency.noise_warning("the built model") if latency else None
+    if warning:
+        print(f"warning: {warning}")
 
 
 def _cmd_board_emulate(args: argparse.Namespace) -> int:

@@ -362,6 +362,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
             board_label=_board_label(result),
             budget=str(wanted),
             measured_ms=result.measured_ms,
+            measured_latency=manifest["verification"].get("latency"),
             fidelity=manifest.get("fidelity"),
             verification=verdict,
             stage_seconds=result.stage_seconds,

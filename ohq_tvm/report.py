@@ -34,6 +34,7 @@ def write_report(
     board_label: str,
     budget: str,
     measured_ms: float | None = None,
+    measured_latency: Mapping | None = None,
     fidelity: Mapping[str, Mapping[str, float]] | None = None,
     verification: str | None = None,
     stage_seconds: Mapping[str, float] | None = None,
@@ -42,7 +43,9 @@ def write_report(
     """Write the markdown report of one planned compile to ``path`` (parent folders created); return it.
 
     ``budget`` is the budget as the user gave it (e.g. ``"latency-ratio=0.6"``); ``measured_ms`` the
-    chosen plan's end-to-end latency on the board; ``fidelity[source][metric]`` how the compiled output
+    chosen plan's end-to-end latency on the board, ``measured_latency`` that timing in full (the JSON of
+    :class:`~ohq_tvm.board.LatencyStats`: its spread is reported, with a warning when it is noisy);
+    ``fidelity[source][metric]`` how the compiled output
     agreed with float32 on each data source (e.g. ``{"synthetic": {"top1_agreement": 0.97}}``);
     ``verification`` the verification's one-line summary; ``extra_plans`` more plans for the summary
     table (a missing ``predicted`` value shows as ``-``). Whatever is ``None`` is reported as not
@@ -51,7 +54,7 @@ def write_report(
     sections = [
         _header(planning, model_label, board_label, budget),
         _plans_section(planning, extra_plans or {}),
-        _totals_section(planning, measured_ms),
+        _totals_section(planning, measured_ms, measured_latency),
         _fidelity_section(fidelity),
         f"## Verification\n\n{verification or 'not run'}\n",
         _stages_section(stage_seconds),
@@ -170,7 +173,9 @@ def _plans_section(planning: PlanningResult, extra_plans: Mapping[str, Plan]) ->
     return text
 
 
-def _totals_section(planning: PlanningResult, measured_ms: float | None) -> str:
+def _totals_section(
+    planning: PlanningResult, measured_ms: float | None, measured_latency: Mapping | None = None
+) -> str:
     predicted_ms = planning.plan.predicted.get("latency_ms")
     if measured_ms is None:
         measured, ratio = "not measured", "-"
@@ -182,6 +187,19 @@ def _totals_section(planning: PlanningResult, measured_ms: float | None) -> str:
         ["chosen plan, measured end to end on the board", measured],
         ["measured / predicted", ratio],
     ]
+    noise = ""
+    if measured_latency is not None:
+        iqr_ms, percent = measured_latency["iqr_ms"], measured_latency["iqr_percent"]
+        repeats = len(measured_latency["repeats_ms"])
+        spread = f"{_ms(iqr_ms)} ({percent:.1f}% of the median, {repeats} repeats)"
+        rows.insert(2, ["measured, spread between repeats (IQR)", spread])
+        if measured_latency["noisy"]:
+            bound = measured_latency["noisy_above_iqr_percent"]
+            noise = (
+                f"\n**Warning: the measured latency is noisy** (IQR above {bound:.0f}% of the median): the "
+                "board was likely busy or in a slow spell, so the measured total and its ratio to the "
+                "prediction may be off; compile again on a quiet board.\n"
+            )
     in_model = planning.measurement.in_model
     if in_model is None:
         note = "Predicted from the operators as measured alone."
@@ -191,7 +209,7 @@ def _totals_section(planning: PlanningResult, measured_ms: float | None) -> str:
             f"predict what they measure built whole on the board: {in_model.describe()}. The layer "
             "table below shows the operators as measured alone."
         )
-    return "## Totals: predicted vs measured\n\n" + _table(["", "latency ms"], rows) + f"\n{note}\n"
+    return "## Totals: predicted vs measured\n\n" + _table(["", "latency ms"], rows) + noise + f"\n{note}\n"
 
 
 def _fidelity_section(fidelity: Mapping[str, Mapping[str, float]] | None) -> str:

@@ -13,8 +13,10 @@ import psutil
 import pytest
 
 from ohq_tvm import models
-from ohq_tvm.board import ANSWER_TIMEOUT_ENV
+from ohq_tvm.board import ANSWER_TIMEOUT_ENV, LatencyStats
 from ohq_tvm.board.boards import _free_port
+from ohq_tvm.build.verify import OutputAgreement, Verification
+from ohq_tvm.cli import print_verification
 from ohq_tvm.oqa import LatencyDatabase
 
 from testing_support import (
@@ -44,6 +46,29 @@ def test_compile_end_to_end_on_the_host_board(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["verification"]["passed"] is True
     assert (tmp_path / "out" / "model.so").stat().st_size == manifest["library"]["bytes"]
+
+
+def _verified(repeats_ms: tuple[float, ...]) -> Verification:
+    output = OutputAgreement("logits", max_abs_error=1e-6, reference_scale=1.0)
+    return Verification("host-loopback", 0, 1e-4, (output,), LatencyStats(repeats_ms))
+
+
+def test_the_verified_latency_comes_with_its_spread_and_a_warning_when_noisy(capsys):
+    # Steady: IQR 0.05 ms of a 6.1 ms median (0.8%), no warning.
+    print_verification(_verified((6.0, 6.05, 6.1, 6.1, 6.2)))
+    assert capsys.readouterr().out.splitlines() == [
+        "ok: ran on host-loopback and matched ONNX Runtime, 6.100 ms median "
+        "(IQR 0.050 ms, 0.8% of the median, over 5 repeats)"
+    ]
+    # A slow spell in the middle: IQR 1.4 ms of a 6.2 ms median (22.6%), above the 10% bound.
+    print_verification(_verified((6.0, 6.1, 6.2, 7.5, 8.0)))
+    ok, warning = capsys.readouterr().out.splitlines()
+    assert ok.endswith("6.200 ms median (IQR 1.400 ms, 22.6% of the median, over 5 repeats)")
+    assert warning == (
+        "warning: the latency of the built model is noisy: its repeats spread by 22.6% of their median "
+        "(IQR over 5 repeats), above the 10% a steady board stays within; the board was likely busy or in "
+        "a slow spell, so the median may be off: time it again on a quiet board"
+    )
 
 
 def test_missing_model_is_one_line(tmp_path):

@@ -28,7 +28,13 @@ def test_compile_tiny_cnn_on_the_host_board(tmp_path):
     verification = manifest["verification"]
     assert verification["passed"] is True
     assert verification["outputs"][0]["relative_error"] <= 1e-4
-    assert verification["latency"]["median_ms"] > 0
+    latency = verification["latency"]
+    assert latency["median_ms"] > 0
+    # Its spread, and whether it is past the bound that calls it noisy (the CLI then warns).
+    median_ms = float(np.median(latency["repeats_ms"]))
+    assert latency["iqr_percent"] == pytest.approx(100 * latency["iqr_ms"] / median_ms)
+    assert latency["noisy"] is (latency["iqr_percent"] > 10.0)
+    assert latency["noisy_above_iqr_percent"] == 10.0
     assert set(manifest["stage_seconds"]) == {"import", "build", "export", "verify"}
     assert any("matches ONNX Runtime" in m for m in messages)
     # The loopback tracker and server were started for this call and are gone again.

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ohq_tvm import Precision, models
+from ohq_tvm.board import LatencyStats
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
 from ohq_tvm.mqe import Sensitivity
@@ -166,6 +167,24 @@ def test_totals_fidelity_verification_and_stages(tmp_path, planning):
     stages = _rows(_section(text, "Stage times"))
     assert stages[-1] == ["**total**", "22.2"]
     assert stages[1] == ["measure", "12.3"]
+
+
+@pytest.mark.parametrize(
+    "repeats_ms, spread, noisy",
+    [
+        ((6.0, 6.05, 6.1, 6.1, 6.2), "0.0500 (0.8% of the median, 5 repeats)", False),
+        ((6.0, 6.1, 6.2, 7.5, 8.0), "1.4000 (22.6% of the median, 5 repeats)", True),
+    ],
+)
+def test_the_measured_latency_s_spread_and_a_noise_warning(tmp_path, planning, repeats_ms, spread, noisy):
+    latency = LatencyStats(repeats_ms)
+    text = _report(tmp_path, planning, measured_ms=latency.median_ms, measured_latency=latency.to_json())
+    totals = _section(text, "Totals: predicted vs measured")
+    rows = {row[0]: row[1] for row in _rows(totals)}
+    assert rows["measured, spread between repeats (IQR)"] == spread
+    assert rows["chosen plan, measured end to end on the board"] == f"{latency.median_ms:.4f}"
+    warning = "**Warning: the measured latency is noisy** (IQR above 10% of the median)"
+    assert (warning in totals) is noisy
 
 
 def test_header_names_budgets_board_database_and_mqe(tmp_path, planning):

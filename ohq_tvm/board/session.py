@@ -24,6 +24,13 @@ from .threads import remote_threads
 T = TypeVar("T")
 
 
+# A timing whose repeats' interquartile range exceeds this share of their median is called noisy: the
+# board's speed changed while it ran (other work, a slow spell of :mod:`ohq_tvm.oqa.quiet`), and its
+# median may be off. On the 2-core host, gated timings of whole models stay at 2-9% between 15 rounds
+# (benchmarks/results/headline.json), while a slow spell makes a model 1.78x slower.
+NOISY_IQR_PERCENT = 10.0
+
+
 @dataclass(frozen=True)
 class LatencyStats:
     """Per-repeat latencies of one function on a board, in milliseconds."""
@@ -44,11 +51,43 @@ class LatencyStats:
         q75, q25 = np.percentile(self.repeats_ms, [75, 25])
         return float(q75 - q25)
 
+    @property
+    def iqr_percent(self) -> float:
+        """The interquartile range as a percentage of the median."""
+        median_ms = self.median_ms
+        return 100.0 * self.spread_ms / median_ms if median_ms > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the repeats spread beyond :data:`NOISY_IQR_PERCENT` of their median."""
+        return self.iqr_percent > NOISY_IQR_PERCENT
+
+    def describe_spread(self) -> str:
+        """E.g. ``IQR 0.120 ms, 1.9% of the median, over 5 repeats``."""
+        return (
+            f"IQR {self.spread_ms:.3f} ms, {self.iqr_percent:.1f}% of the median, over "
+            f"{len(self.repeats_ms)} repeats"
+        )
+
+    def noise_warning(self, what: str) -> str | None:
+        """A sentence saying that the timing of ``what`` is noisy, or ``None`` when it is not."""
+        if not self.noisy:
+            return None
+        return (
+            f"the latency of {what} is noisy: its repeats spread by {self.iqr_percent:.1f}% of their "
+            f"median (IQR over {len(self.repeats_ms)} repeats), above the {NOISY_IQR_PERCENT:.0f}% a "
+            "steady board stays within; the board was likely busy or in a slow spell, so the median may "
+            "be off: time it again on a quiet board"
+        )
+
     def to_json(self) -> dict:
         return {
             "median_ms": self.median_ms,
             "min_ms": self.min_ms,
             "iqr_ms": self.spread_ms,
+            "iqr_percent": self.iqr_percent,
+            "noisy": self.noisy,
+            "noisy_above_iqr_percent": NOISY_IQR_PERCENT,
             "repeats_ms": list(self.repeats_ms),
         }
 
