@@ -14,14 +14,17 @@ Rewritten:
   target runs divides the output rows (MobileNet's 112- and 56-wide maps), else with lanes over output
   channels (:func:`~ohq_tvm.kernels.int8_dot.conv2d_dot`); integer ``matmul`` with a 2-D constant
   ``[K, N]`` weight;
+- float32 1×1 stride-1 convs over maps that the target's fp32 vector width does not divide (14×14 and
+  7×7 on AVX2): the channel form in float32 (``fma_*`` of :mod:`ohq_tvm.kernels.isa`), lanes over output
+  channels, where the default schedule's vectors along the pixels would be short;
 - depthwise convs, integer and float32, on every CPU target: :mod:`ohq_tvm.kernels.depthwise` (padded
   float planes; the integer one exact in float32 arithmetic, faster than int32 multiplies).
 
 An explicit ``pad`` in front of an integer layer (ApplyPlan pads with the activation zero point) is
 folded into the kernel when the layer is its only reader. Left as they are: grouped convs that are not
-depthwise, int4w layers (their own TE kernel), float regular convs and dense layers, and integer regular
-layers on a target without a dot-product instruction. The rewrite is exact: the integer kernels compute
-the same int32 values.
+depthwise, int4w layers (their own TE kernel), other float regular convs and dense layers, and integer
+regular layers on a target without a dot-product instruction. The rewrite is exact: the integer kernels
+compute the same int32 values (the float one agrees with the schedule it replaces to float rounding).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ohq_tvm.kernels import (
     conv2d_dot_pixels,
     dense_dot,
     depthwise_conv2d_planes,
+    float_isa,
     pack_conv2d_weight,
     pack_conv2d_weight_pixels,
     pack_dense_weight,
@@ -98,6 +102,25 @@ def _eligible(call: relax.Expr, isa: DotProductISA | None) -> np.ndarray | None:
     return _constant_weight(call.args[1], 2)
 
 
+def _float_pointwise(call: relax.Expr, isa: DotProductISA | None) -> np.ndarray | None:
+    """The float32 weight of a float 1×1 stride-1 unpadded conv (``groups == 1``) whose output pixels
+    ``isa``'s lanes do not divide, else ``None``."""
+    if isa is None or not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
+        return None
+    if call.op.name != _CONV or not _nchw(call) or int(call.attrs.groups) != 1:
+        return None
+    if not _dtype(call) == _dtype(call.args[0]) == "float32":
+        return None
+    a = call.attrs
+    if any(int(p) for p in a.padding) or any(int(v) != 1 for v in (*a.strides, *a.dilation)):
+        return None
+    weight = _constant_weight(call.args[1], 4, np.float32)
+    if weight is None or weight.shape[2:] != (1, 1):
+        return None
+    _n, _c, height, width = (int(d) for d in call.ty.shape)
+    return weight if (height * width) % isa.lanes else None
+
+
 def _depthwise(call: relax.Expr) -> np.ndarray | None:
     """The constant [C, 1, KH, KW] weight of a depthwise conv2d (one output per input channel): int8 for
     an integer layer, float32 for a float one; ``None`` for anything else."""
@@ -134,12 +157,12 @@ def _spatial_pad(call: relax.Expr) -> tuple[relax.Expr, tuple[int, int, int, int
     return call.args[0], (top, left, bottom, right), int(value)
 
 
-def _channel_vector(expr: relax.Expr, channels: int, axis_from_end: int) -> np.ndarray | None:
-    """A constant int32 vector over the output channels broadcast along ``axis_from_end``."""
+def _channel_vector(expr: relax.Expr, channels: int, axis_from_end: int, dtype=np.int32) -> np.ndarray | None:
+    """A constant ``dtype`` vector over the output channels broadcast along ``axis_from_end``."""
     if not isinstance(expr, Constant):
         return None
     value = expr.value.numpy()
-    if value.dtype != np.int32 or value.size != channels:
+    if value.dtype != dtype or value.size != channels:
         return None
     if value.ndim and value.shape[value.ndim - axis_from_end] != channels and channels != 1:
         return None
@@ -148,10 +171,13 @@ def _channel_vector(expr: relax.Expr, channels: int, axis_from_end: int) -> np.n
 
 @mutator
 class _KernelRewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, isas: list[DotProductISA]) -> None:
+    def __init__(
+        self, mod: tvm.IRModule, isas: list[DotProductISA], float_isa: DotProductISA | None = None
+    ) -> None:
         super().__init__(mod)
         self.isa = isas[0] if isas else None
         self.isas = isas
+        self.float_isa = float_isa
         self.pads: dict[relax.Var, tuple[relax.Expr, tuple[int, int, int, int], int]] = {}
         self.uses: dict[relax.Var, int] = defaultdict(int)
         self.bias_of: dict[relax.Var, np.ndarray] = {}  # layer var -> the add's vector folded into it
@@ -164,7 +190,10 @@ class _KernelRewriter(PyExprMutator):
         if weight is not None:
             return "dot", weight
         weight = _depthwise(call)
-        return ("depthwise", weight) if weight is not None else None
+        if weight is not None:
+            return "depthwise", weight
+        weight = _float_pointwise(call, self.float_isa)
+        return ("float", weight) if weight is not None else None
 
     def plan(self, func: relax.Function) -> None:
         """Find each eligible layer whose only reader adds a constant channel vector: fold that add."""
@@ -190,12 +219,13 @@ class _KernelRewriter(PyExprMutator):
                 continue
             lhs, rhs = value.args
             layer = lhs if lhs in layers else rhs if rhs in layers else None
-            if layer is None or self.uses[layer] != 1 or self.layers[layer][0] != "dot":
+            if layer is None or self.uses[layer] != 1 or self.layers[layer][0] == "depthwise":
                 continue
             conv = layers[layer].op.name == _CONV
             channels = int(layers[layer].ty.shape[1 if conv else -1])
-            vector = _channel_vector(rhs if layer is lhs else lhs, channels, 3 if conv else 1)
-            if vector is not None and _dtype(value) == "int32":
+            dtype = np.float32 if self.layers[layer][0] == "float" else np.int32
+            vector = _channel_vector(rhs if layer is lhs else lhs, channels, 3 if conv else 1, dtype)
+            if vector is not None and _dtype(value) == np.dtype(dtype).name:
                 self.bias_of[layer] = vector
                 self.folded[binding.var] = layer
 
@@ -223,6 +253,28 @@ class _KernelRewriter(PyExprMutator):
                 dilation=tuple(int(d) for d in call.attrs.dilation),
                 pad_value=pad_value,
                 primfunc_name_hint=f"depthwise_conv2d_{precision}",
+            )
+        )
+
+    def _float_kernel(self, call: relax.Call, weight: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+        isa = self.float_isa
+        packed, _correction = pack_conv2d_weight(weight, isa)
+        channels = weight.shape[0]
+        total = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
+        return self._fusable(
+            self.builder_.call_te(
+                conv2d_dot,
+                self.visit_expr(call.args[0]),
+                relax.const(packed),
+                relax.const(total),
+                isa_name=isa.name,
+                out_channels=channels,
+                kernel=(1, 1),
+                strides=(1, 1),
+                padding=(0, 0, 0, 0),
+                dilation=(1, 1),
+                pad_value=0,
+                primfunc_name_hint=f"conv2d_fp32_{isa.name}",
             )
         )
 
@@ -292,6 +344,8 @@ class _KernelRewriter(PyExprMutator):
         kind, weight = self.layers[binding.var]
         if kind == "depthwise":
             kernel = self._depthwise_kernel(binding.value, weight)
+        elif kind == "float":
+            kernel = self._float_kernel(binding.value, weight, self.bias_of.get(binding.var))
         else:
             kernel = self._dot_kernel(binding.value, weight, self.bias_of.get(binding.var))
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(kernel)))
@@ -308,12 +362,13 @@ class UseCPUKernels:
     def __init__(self, target: Target | dict) -> None:
         self.target = target if isinstance(target, Target) else Target(target)
         self.isas = usable_isas(self.target)
+        self.float_isa = float_isa(self.target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.target.kind.name != "llvm" or "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
         flat = relax.transform.ToNonDataflow()(mod)
-        rewriter = _KernelRewriter(flat, self.isas)
+        rewriter = _KernelRewriter(flat, self.isas, self.float_isa)
         rewriter.plan(flat["main"])
         if not rewriter.layers:
             return mod

@@ -19,11 +19,13 @@ import numpy as np
 import psutil
 import pytest
 import tvm
+from tvm import relax
 
 from ohq_tvm import models
 from ohq_tvm.board import BoardConnection, EmulatedBoard, TrackerBoard, open_board
 from ohq_tvm.board.emulated import RUNTIME_ENV, emulated_cpu, find_arm_runtime
 from ohq_tvm.build import build_executable, find_toolchain
+from ohq_tvm.build.module import lower_for_board
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.cli import main
 from ohq_tvm.errors import BoardError, TargetError
@@ -218,6 +220,31 @@ def test_sdot_kernels_are_bit_exact_on_an_emulated_cortex_a76(rk3588_board, tmp_
         out = tvm.runtime.empty(expected.shape, "int32", session.device)
         library[name](*[tvm.runtime.tensor(a, session.device) for a in arrays], out)
         np.testing.assert_array_equal(out.numpy(), expected, err_msg=name)
+
+
+@needs_arm
+def test_fp32_channel_form_runs_on_an_emulated_cortex_a76(rk3588_board, tmp_path):
+    # A float 1x1 conv on a 7x7 map (49 pixels, no 4-lane vectors) takes the fp32 channel form (fmla).
+    rng = np.random.default_rng(3)
+    x = relax.Var("x", relax.TensorType((1, 32, 7, 7), "float32"))
+    weight = rng.standard_normal((40, 32, 1, 1)).astype("float32")
+    bias = rng.standard_normal((1, 40, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = bb.emit(relax.op.nn.conv2d(x, relax.const(weight)))
+            out = bb.emit_output(relax.op.nn.relu(bb.emit(relax.op.add(conv, relax.const(bias)))))
+        bb.emit_func_output(out)
+    lowered = lower_for_board(bb.get(), RK3588)
+    assert any("conv2d_fp32_fma_neon" in gv.name_hint for gv in lowered.get_global_vars())
+    library = tmp_path / "fp32.so"
+    executable = build_executable(bb.get(), RK3588, "default", None)
+    executable.export_library(str(library), fcompile=find_toolchain(RK3588.cross_triple).fcompile())
+    assert _mnemonics(_disassembly(library), "fmla") > 0
+    data = rng.standard_normal((1, 32, 7, 7)).astype("float32")
+    result = rk3588_board.connect().load_vm(library).run([data])[0]
+    expected = np.maximum(np.einsum("nchw,oc->nohw", data, weight[:, :, 0, 0]) + bias, 0)
+    np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_arm

@@ -20,13 +20,17 @@ from ohq_tvm.kernels import (
     AVX512_VNNI,
     AVX_VNNI,
     SDOT,
+    conv2d_dot,
     depthwise_conv2d_planes,
     dot_product_isa,
+    float_isa,
     has_dot_kernel,
+    pack_conv2d_weight,
     pixel_lanes,
     schedule_default,
     usable_isas,
 )
+from ohq_tvm.kernels.isa import FMA_AVX2, FMA_AVX512, FMA_NEON
 from ohq_tvm.kernels.loops import REGISTER_TILE
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.passes import ApplyPlan, UseCPUKernels
@@ -307,6 +311,106 @@ def test_float_depthwise_layers_get_the_plane_kernel():
     assert _ops(rewritten, "relax.nn.conv2d") == 4  # the regular float convs stay
 
 
+def test_float_isa_detection_from_the_target():
+    assert float_isa(X86_VNNI) is FMA_AVX512
+    assert float_isa(X86_AVX2) is FMA_AVX2
+    assert float_isa(X86_NO_AVX2) is None  # AVX without FMA
+    assert float_isa(ARM_NEON) is FMA_NEON
+
+
+def _float_pointwise_func(isa, shape, out_c):
+    data = te.placeholder(shape, "float32", "data")
+    packed = te.placeholder((-(-out_c // isa.lanes), shape[1], 1, 1, isa.lanes, 1), "float32", "packed")
+    bias = te.placeholder((out_c,), "float32", "bias")
+    geometry = {"kernel": (1, 1), "strides": (1, 1), "padding": (0,) * 4, "dilation": (1, 1), "pad_value": 0}
+    out = conv2d_dot(data, packed, bias, isa_name=isa.name, out_channels=out_c, **geometry)
+    return te.create_prim_func([data, packed, bias, out])
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("shape", "out_c"), [((1, 96, 14, 14), 576), ((1, 160, 7, 7), 36), ((2, 5, 7, 7), 12)], ids=str
+)
+def test_fp32_channel_form_matches_the_reference(shape, out_c):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal(shape).astype(np.float32)
+    weight = rng.standard_normal((out_c, shape[1], 1, 1)).astype(np.float32)
+    bias = rng.standard_normal(out_c).astype(np.float32)
+    packed, _ = pack_conv2d_weight(weight, FMA_AVX2)
+    func = _float_pointwise_func(FMA_AVX2, shape, out_c)
+    assert has_dot_kernel(func)
+    lib = tvm.compile(tvm.IRModule({"main": schedule_default(func).mod["main"]}), target=X86_AVX2)
+    out = tvm.runtime.empty((shape[0], out_c, *shape[2:]), "float32", tvm.cpu())
+    lib.mod["main"](*[tvm.runtime.tensor(a) for a in (data, packed, bias)], out)
+    expected = np.einsum("nchw,oc->nohw", data, weight[:, :, 0, 0]) + bias[None, :, None, None]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert re.search(r"vfmadd\d+ps\t%ymm", lib.mod.inspect_source("asm"))
+
+
+@pytest.mark.parametrize("isa", [FMA_AVX2, FMA_AVX512, FMA_NEON], ids=lambda isa: isa.name)
+def test_fp32_register_tiles_allocate_nothing_per_tile(isa):
+    target = {"fma_avx2": X86_AVX2, "fma_avx512": X86_VNNI, "fma_neon": ARM_NEON}[isa.name]
+    bodies = parallel_bodies(_asm(_float_pointwise_func(isa, (1, 64, 14, 14), 96), target))
+    tile = [body for body in bodies if isa.instruction in body]
+    assert tile and not any("AllocWorkspace" in body for body in tile)
+
+
+def test_fp32_channel_form_emits_fma_on_avx512_and_neon():
+    assert re.search(
+        r"vfmadd\d+ps\t.*%zmm", _asm(_float_pointwise_func(FMA_AVX512, (1, 64, 7, 7), 32), X86_VNNI)
+    )
+    assert re.search(r"fmla\tv\d+\.4s", _asm(_float_pointwise_func(FMA_NEON, (1, 64, 7, 7), 32), ARM_NEON))
+
+
+def _float_pointwise_model(size: int) -> tvm.IRModule:
+    """conv 1x1 (16 -> 24) + bias + relu on a ``size`` x ``size`` map, float32."""
+    rng = np.random.default_rng(1)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, size, size), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            weight = relax.const(rng.standard_normal((24, 16, 1, 1)).astype(np.float32))
+            bias = relax.const(rng.standard_normal((1, 24, 1, 1)).astype(np.float32))
+            conv = bb.emit(relax.op.nn.conv2d(x, weight))
+            out = bb.emit_output(relax.op.nn.relu(bb.emit(relax.op.add(conv, bias))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize(
+    ("target", "size", "rewritten"),
+    [
+        (X86_AVX2, 14, True),
+        (X86_AVX2, 7, True),
+        (X86_AVX2, 28, False),
+        (ARM_NEON, 14, False),
+        (ARM_NEON, 7, True),
+    ],
+    ids=str,
+)
+def test_float_pointwise_convs_on_maps_the_lanes_do_not_divide_get_the_channel_form(target, size, rewritten):
+    mod = _float_pointwise_model(size)
+    after = UseCPUKernels(target)(mod)
+    assert bool(_funcs(after, "conv2d_fp32_fma")) is rewritten
+    assert _ops(after, "relax.nn.conv2d") == (0 if rewritten else 1)
+    assert _ops(after, "relax.add") == (0 if rewritten else 1)  # the bias is the kernel's
+
+
+@needs_avx2
+def test_float_pointwise_model_gives_the_same_outputs():
+    mod = _float_pointwise_model(14)
+    x = np.random.default_rng(2).standard_normal((1, 16, 14, 14)).astype(np.float32)
+    with host_target():
+        plain = relax.build(mod, host_target())
+    outs = [relax.VirtualMachine(plain, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()]
+    from ohq_tvm.build import build_executable
+    from ohq_tvm.targets import resolve_target
+
+    ex = build_executable(mod, resolve_target("host"))
+    outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_rounding_is_vectorised():
     """``nearbyint`` (every requantize and quantize) must not make TVM scalarise the loop around it."""
     from tvm.script import tirx as T
@@ -351,6 +455,25 @@ def test_requantize_is_fused_into_the_kernel(int8_tiny_cnn):
     fused = [name for name in _dot_funcs(lowered) if name.startswith("fused_")]
     assert any("round" in name and "clip" in name for name in fused)  # requantize inside a kernel
     assert any("dequantize" in name for name in fused)
+
+
+@pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no dot-product kernel (VNNI, AVX2)")
+def test_a_residual_add_runs_in_the_kernel_s_tiles_and_no_parallel_loop_is_empty(int8_tiny_cnn):
+    # The residual add reads the skip's dequantize besides the kernel's output: it used to be left as a
+    # scalar parallel pass of its own after the kernel (a thread-pool launch, no vectors).
+    from ohq_tvm.build.module import lower_for_board
+    from ohq_tvm.targets import resolve_target
+
+    _imported, mod = int8_tiny_cnn
+    lowered = lower_for_board(mod, resolve_target("host"))
+    scripts = {
+        gv.name_hint: f.script() for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    residual = [name for name in scripts if name.startswith("fused_dequantize_conv2d_int8") and "add" in name]
+    assert residual
+    for name in residual:  # the packing copy and the kernel's tiles; the add is in the tiles
+        assert scripts[name].count("T.parallel(") == 2, name
+    assert not any(re.search(r"T\.parallel\(T\.int64\(1\)\)", script) for script in scripts.values())
 
 
 @pytest.mark.skipif(HOST_ISA is None, reason="this CPU has no dot-product kernel (VNNI, AVX2)")

@@ -1,4 +1,6 @@
-"""Hand-laid-out integer kernels that use the CPU's dot-product instructions (x86 VNNI, AArch64 sdot).
+"""Hand-laid-out integer kernels that use the CPU's dot-product instructions (x86 VNNI / AVX2, AArch64
+sdot), their fp32 multiply-add form for float 1x1 convs on maps no vector width divides, and the depthwise
+plane kernel.
 
 Importing the package registers their tensor intrinsics and MetaSchedule rule.
 """
@@ -13,7 +15,17 @@ from .int8_dot import (
     pack_dense_weight,
     pixel_lanes,
 )
-from .isa import AVX2, AVX512_VNNI, AVX_VNNI, ISAS, SDOT, DotProductISA, dot_product_isa, usable_isas
+from .isa import (
+    AVX2,
+    AVX512_VNNI,
+    AVX_VNNI,
+    ISAS,
+    SDOT,
+    DotProductISA,
+    dot_product_isa,
+    float_isa,
+    usable_isas,
+)
 from .schedule import has_dot_kernel, schedule_default
 
 __all__ = [
@@ -29,6 +41,7 @@ __all__ = [
     "dense_dot",
     "depthwise_conv2d_planes",
     "dot_product_isa",
+    "float_isa",
     "has_dot_kernel",
     "pack_conv2d_weight",
     "pack_conv2d_weight_pixels",

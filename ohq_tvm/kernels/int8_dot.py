@@ -22,6 +22,11 @@ functions return the matching ``128 · Σw`` correction for the caller to add to
 (``vpmaddwd``) the groups are 2 wide instead of 4 and hold int16: the first stage widens the activations,
 the weights are packed as int16 (every "4" above reads "2" there).
 
+The fp32 forms (``fma_*`` in :mod:`.isa`) are the channel form of conv2d in float32 throughout (``group``
+1: activations copied as they are, weights packed to ``[O/L, C, KH, KW, L, 1]``, float accumulators and
+bias), for float 1×1 convs over maps that no vector width divides (14×14, 7×7), where lanes along the
+pixels would be short.
+
 Blocks carry a ``schedule_rule`` annotation naming the rule in :mod:`.schedule` that schedules them, so
 MetaSchedule tunes them with that rule and the zero-budget schedule uses the same rule with default tiles.
 """
@@ -46,11 +51,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _weight_source(isa: DotProductISA) -> str:
+    """The weight type a layer comes with: int8, or float32 for the fp32 multiply-add forms."""
+    return "float32" if isa.weight_dtype == "float32" else "int8"
+
+
 def pack_conv2d_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW int8 → ``[O/L, C/G, KH, KW, L, G]`` (zero-padded, in the ISA's weight type), and the
-    per-channel bias correction."""
-    if weight.dtype != np.int8 or weight.ndim != 4:
-        raise ValueError(f"expected an OIHW int8 weight, got {weight.dtype} {weight.shape}")
+    """OIHW int8 (float32 for an fp32 form) → ``[O/L, C/G, KH, KW, L, G]`` (zero-padded, in the ISA's
+    weight type), and the per-channel bias correction."""
+    if weight.dtype != np.dtype(_weight_source(isa)) or weight.ndim != 4:
+        raise ValueError(f"expected an OIHW {_weight_source(isa)} weight, got {weight.dtype} {weight.shape}")
     out_c, in_c, kh, kw = weight.shape
     lanes, group = isa.lanes, isa.group
     padded = np.zeros((_round_up(out_c, lanes), _round_up(in_c, group), kh, kw), isa.weight_dtype)
@@ -99,7 +109,7 @@ def pack_dense_weight(weight: np.ndarray, isa: DotProductISA) -> tuple[np.ndarra
 
 def _activation(value, isa: DotProductISA):
     """A uint8 activation as the instruction reads it."""
-    if isa.activation_dtype == "uint8":
+    if isa.activation_dtype in ("uint8", "float32"):  # float32: an fp32 form's activations as they are
         return value
     if isa.activation_dtype == "int16":  # widened once here, not per instruction
         return value.astype("int16")
@@ -133,7 +143,8 @@ def _conv_sum(data_packed, packed, shape, *, column, weight, geometry, name, isa
     def accumulate(b, o, y, *last):
         row = y * strides[0] + rkh * dilation[0]
         value = data_packed[b, rco, row, column(*last) * strides[1] + rkw * dilation[1], rci]
-        return te.sum(value.astype("int32") * weight(o, last, reduce).astype("int32"), axis=list(reduce))
+        acc = isa.accumulator_dtype
+        return te.sum(value.astype(acc) * weight(o, last, reduce).astype(acc), axis=list(reduce))
 
     return te.compute(shape, accumulate, name=name, attrs=_attrs(isa))
 
@@ -149,7 +160,7 @@ def _pack_conv_input(data, isa, padding, pad_value):
     """The first stage of both conv kernels: ``[N, C/4, H+pad, W+pad, 4]`` (see the module docstring)."""
     n, in_c, height, width = (int(d) for d in data.shape)
     top, left, bottom, right = padding
-    fill = tirx.const(pad_value, "uint8")
+    fill = tirx.const(pad_value, str(data.dtype))
 
     group = isa.group
 

@@ -49,6 +49,7 @@ class DotProductISA:
     weight_dtype: str = "int8"
     registers: int = 32  # vector registers: the register tile's budget
     accumulates: bool = True  # the instruction adds into its accumulator (vpmaddwd needs a separate add)
+    accumulator_dtype: str = "int32"
 
     @property
     def pixel_intrinsic(self) -> str:
@@ -85,7 +86,42 @@ AVX2 = DotProductISA(
     registers=16,
     accumulates=False,
 )
-ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, AVX2)}
+# fp32 multiply-adds in the same channel form (lanes over output channels, one activation broadcast):
+# for float 1x1 convs whose maps no register width divides (14x14, 7x7), where vectors along the pixels
+# would be short. ``group`` 1: no packing of activations beyond the copy.
+FMA_AVX512 = DotProductISA(
+    "fma_avx512",
+    16,
+    "float32",
+    "ohq_fma_f32_16_avx512",
+    "vfmadd",
+    group=1,
+    weight_dtype="float32",
+    accumulator_dtype="float32",
+)
+FMA_AVX2 = DotProductISA(
+    "fma_avx2",
+    8,
+    "float32",
+    "ohq_fma_f32_8_avx2",
+    "vfmadd",
+    group=1,
+    weight_dtype="float32",
+    registers=16,
+    accumulator_dtype="float32",
+)
+FMA_NEON = DotProductISA(
+    "fma_neon",
+    4,
+    "float32",
+    "ohq_fma_f32_4_neon",
+    "fmla",
+    group=1,
+    weight_dtype="float32",
+    accumulator_dtype="float32",
+)
+FLOAT_ISAS = (FMA_AVX512, FMA_AVX2, FMA_NEON)
+ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, AVX2, *FLOAT_ISAS)}
 
 
 def _has(feature: str, target: Target) -> bool:
@@ -119,6 +155,22 @@ def dot_product_isa(target: Target) -> DotProductISA | None:
         return AVX_VNNI
     if _has("avx2", target):
         return AVX2
+    return None
+
+
+def float_isa(target: Target) -> DotProductISA | None:
+    """The fp32 multiply-add form ``target`` runs (AVX-512F, AVX2 with FMA, AArch64 NEON), or ``None``."""
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")):
+        return FMA_NEON
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return None
+    if _has("avx512f", target):
+        return FMA_AVX512
+    if _has("avx2", target) and _has("fma", target):
+        return FMA_AVX2
     return None
 
 
@@ -226,6 +278,46 @@ def _pixel_implementation(isa: DotProductISA):
     return implementation
 
 
+def _fma_description(isa: DotProductISA):
+    lanes = isa.lanes
+
+    @T.prim_func(s_tir=True)
+    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (1,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 1), "float32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            # The kernels' unit reduction loop (``group`` 1) stays a loop; its variable binds nothing.
+            for i in T.serial(0, lanes):
+                for _k in T.serial(0, 1):
+                    with T.sblock("update"):
+                        vi = T.axis.remap("S", [i])
+                        C[vi] = C[vi] + A[0] * B[vi, 0]
+
+    return description
+
+
+def _fma_implementation(isa: DotProductISA):
+    """Broadcast the activation, load ``lanes`` weights, multiply-add (LLVM contracts it to one FMA)."""
+    lanes = isa.lanes
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (1,), "float32", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 1), "float32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "float32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:1], B[0:lanes, 0:1])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=f"float32x{lanes}") + T.broadcast(
+                A[0], lanes
+            ) * B.vload([0, 0], dtype=f"float32x{lanes}")
+
+    return implementation
+
+
 _LLVM_INTRINSICS = {
     AVX512_VNNI.name: "llvm.x86.avx512.vpdpbusd.512",
     AVX_VNNI.name: "llvm.x86.avx512.vpdpbusd.256",  # LLVM selects the VEX form on AVX-VNNI CPUs
@@ -238,6 +330,9 @@ def register_intrinsics() -> None:
     """Register the tensor intrinsics once per process."""
     for isa in ISAS.values():
         if TensorIntrin.get(isa.intrinsic, allow_missing=True) is not None:
+            continue
+        if isa in FLOAT_ISAS:
+            TensorIntrin.register(isa.intrinsic, _fma_description(isa), _fma_implementation(isa))
             continue
         TensorIntrin.register(isa.intrinsic, _dot_description(isa), _dot_implementation(isa))
         TensorIntrin.register(isa.pixel_intrinsic, _pixel_description(isa), _pixel_implementation(isa))

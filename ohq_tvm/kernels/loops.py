@@ -94,11 +94,13 @@ def register_tile(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
 
 
 def parallel(sch: s_tir.Schedule, loops: list):
-    """Fuse ``loops`` and run the result in parallel; returns the fused loop (``None`` for no loops)."""
+    """Fuse ``loops`` and run the result in parallel; returns the fused loop (``None`` for no loops). A
+    fused loop of one iteration stays serial: a parallel launch of nothing still wakes every thread."""
     if not loops:
         return None
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    sch.parallel(fused)
+    if extent(sch, fused) != 1:
+        sch.parallel(fused)
     return fused
 
 

@@ -131,8 +131,7 @@ def _finish_tile(sch: s_tir.Schedule, compute, output, loops: tuple, intrinsic: 
     tile in registers with the output stage computed per tile, and tensorize the lanes."""
     outer, reduce, tile, lanes, inner = loops
     sch.reorder(*outer, *reduce, *tile, lanes, inner)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
+    fused = parallel(sch, outer)
     sch.reverse_compute_at(output, fused, preserve_unit_loops=True)
     # The output stage per tile (unit loops kept: the trace's loop count must not depend on the sampled
     # tile, or MetaSchedule cannot replay it), its innermost loop as vectors: the pixel form's NCHW rows,
@@ -178,17 +177,19 @@ def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
     """Fold what FuseOps put around the kernel into it: the element-wise epilogue (requantize or
     dequantize, activation, residual add) is reverse-inlined into the output stage, so it runs on each
     register tile; other producers (e.g. a residual's dequantize) are inlined into their readers. A block
-    that cannot be inlined is left in place and given a parallel loop."""
-    fold_consumers(sch, sch.get_sblock(OUTPUT_BLOCK))
+    that cannot be inlined is left in place and given a parallel loop. Producers go first where a
+    consumer reads one besides the output (a residual add of a dequantized skip: TVM reverse-inlines
+    only a consumer whose other reads are the function's inputs), then the consumers are folded again."""
     own = {PACK_BLOCK, CONV_BLOCK, PIXEL_CONV_BLOCK, DENSE_BLOCK, OUTPUT_BLOCK}
+    fold_consumers(sch, sch.get_sblock(OUTPUT_BLOCK))
+    inline_other_blocks(sch, own, lambda _block: None)
+    fold_consumers(sch, sch.get_sblock(OUTPUT_BLOCK))
     inline_other_blocks(sch, own, lambda block: parallel(sch, sch.get_loops(block)))
 
 
 def _pack(sch: s_tir.Schedule, pack: s_tir.SBlockRV) -> None:
     loops = sch.get_loops(pack)
-    outer = loops[:-2] if len(loops) > 2 else loops[:1]
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
+    parallel(sch, loops[:-2] if len(loops) > 2 else loops[:1])
     sch.unroll(loops[-1])
 
 

@@ -152,8 +152,10 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # timed only while the board runs at its usual speed (the canary of :mod:`.quiet`); r8: vector widths from
 # the target's features (AVX2 had been given AVX-512's 16 lanes), 1x1 convs along one pixel axis, int8
 # layers on AVX2 without VNNI on the vpmaddwd kernels; r9: register tiles on the stack (they had been a
-# workspace allocation per tile), element-wise ops over 14x14 planes as one flat loop.
-MEASUREMENT_REVISION = 9
+# workspace allocation per tile), element-wise ops over 14x14 planes as one flat loop; r10: float 1x1
+# convs over maps the fp32 lanes do not divide (14x14, 7x7) in the fp32 channel form, residual adds inside
+# the int8 kernels' tiles, no thread-pool launch for a loop of one iteration.
+MEASUREMENT_REVISION = 10
 
 
 def schedule_label(schedule: str, tuning: TuningDatabase | None = None) -> str:
