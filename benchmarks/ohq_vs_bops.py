@@ -34,7 +34,8 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
-from ohq_tvm.oqa.in_model import measured_scales, time_with_measurer
+from ohq_tvm.oqa.in_model import measured_scales
+from ohq_tvm.oqa.whole_model import time_with_measurer
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target

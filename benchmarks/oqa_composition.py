@@ -42,9 +42,10 @@ from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
 from ohq_tvm.oqa.cost import plan_latency
-from ohq_tvm.oqa.in_model import measured_scales, time_with_measurer
+from ohq_tvm.oqa.in_model import measured_scales
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
 from ohq_tvm.oqa.measure import schedule_label
+from ohq_tvm.oqa.whole_model import time_with_measurer
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target

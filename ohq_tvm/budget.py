@@ -10,8 +10,9 @@ Grammar (terms separated by commas)::
 
 ``size`` bounds the plan's weight bytes; ``memory`` its peak per-layer working set (the largest, over
 layers, of weights + input + output at the layer's precision). A relative term is a factor times a
-reference plan: ``fp32`` or a uniform plan of one precision (``int8``, ``fp16``, ``int4w``), whose
-latency, weight size or peak memory the planner predicts from the board's measurements. ``pareto``
+reference plan: ``fp32`` or a uniform plan of one precision (``int8``, ``fp16``, ``int4w``): its latency
+as timed whole on the board (predicted from its parts when it was not timed whole), its weight size or
+peak memory as the planner predicts them. ``pareto``
 sweeps the latency/loss frontier (``N`` points, default 12); alone, it builds the frontier's knee (the
 point farthest below the line from the fastest to the most accurate plan).
 """

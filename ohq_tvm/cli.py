@@ -18,6 +18,7 @@ from .cli_planning import (
     precision_list,
     print_plan_table,
     tuning_arguments,
+    warn_unreliable,
 )
 from .cli_progress import StageBars
 from .errors import OHQError
@@ -110,19 +111,23 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if result.report_path is not None:
         print(f"report: {result.report_path} (Pareto plot {result.pareto_path})")
     if result.verification is not None:
-        print_verification(result.verification, result.emulation)
+        # Never a bare "ok" over a plan chosen from timings that contradict each other.
+        status = "verified, planned on unreliable timings" if result.timing_unreliable else "ok"
+        print_verification(result.verification, result.emulation, status)
     else:
         print(f"built, not verified: {result.skipped_verification}")
+    warn_unreliable(result.planning)
     return 0
 
 
-def print_verification(verification: Verification, emulation: str | None = None) -> None:
-    """The verdict of a passed verification: the board, the reference, the latency and its spread; a
-    warning line after it when the latency is noisy (see :meth:`~ohq_tvm.board.LatencyStats.noisy`)."""
+def print_verification(verification: Verification, emulation: str | None = None, status: str = "ok") -> None:
+    """The verdict of a passed verification (``status``: ``ok`` unless the run has a reason to doubt it):
+    the board, the reference, the latency and its spread; a warning line after it when the latency is
+    noisy (see :meth:`~ohq_tvm.board.LatencyStats.noisy`)."""
     latency = verification.latency
     timing = f", {latency.median_ms:.3f} ms median ({latency.describe_spread()})" if latency else ""
     print(
-        f"ok: ran on {verification.board} and matched {verification.reference_label}{timing}"
+        f"{status}: ran on {verification.board} and matched {verification.reference_label}{timing}"
         + emulation_note(emulation)
     )
     warning = latency.noise_warning("the built model") if latency else None

@@ -184,6 +184,12 @@ def print_plan_table(result, measured_ms: float | None = None, emulation: str | 
         )
 
 
+def warn_unreliable(planning) -> None:
+    """The last line of a run whose plan was chosen from board timings that contradict each other."""
+    if planning is not None and planning.timing_unreliable:
+        print(f"warning: {planning.timing_unreliable}")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -223,6 +229,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             + [_plan_row(str(i), p) for i, p in enumerate(result.frontier)]
         )
     print(f"wrote {out} (compile it with `ohq-tvm compile MODEL --plan {out}`)")
+    warn_unreliable(result)
     return 0
 
 
@@ -282,9 +289,9 @@ def tuning_arguments(parser: argparse.ArgumentParser) -> None:
 
 BUDGET_HELP = (
     "what the plan must meet, comma-separated: latency=5ms, latency=0.8*int8 (a factor times the "
-    "predicted latency of the fp32 or a uniform plan), size=2MB, size=0.5*fp32 (weight bytes), "
-    "memory=512KB, memory=0.5*fp32 (peak per-layer weights + input + output), pareto[=N] (the "
-    "frontier; alone: build its knee)"
+    "latency of the fp32 or a uniform plan, as timed whole on the board), size=2MB, size=0.5*fp32 "
+    "(weight bytes), memory=512KB, memory=0.5*fp32 (peak per-layer weights + input + output), "
+    "pareto[=N] (the frontier; alone: build its knee)"
 )
 
 

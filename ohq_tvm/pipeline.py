@@ -78,6 +78,12 @@ class CompileResult:
         return self.verification is not None and self.verification.passed and not self.failures
 
     @property
+    def timing_unreliable(self) -> str | None:
+        """Why the board's timings the plan was chosen from contradict each other (None: they agree, or
+        nothing was planned)."""
+        return self.planning.timing_unreliable if self.planning is not None else None
+
+    @property
     def measured_ms(self) -> float | None:
         """The built module's median latency on the board, if it ran there."""
         latency = self.verification.latency if self.verification is not None else None
@@ -350,6 +356,7 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
         from .report import plot_pareto, write_report
 
         out = result.out_dir
+        in_model = planning.measurement.in_model
         write_json(out / "frontier.json", [p.to_json() for p in planning.frontier], "frontier")
         planning.sensitivity.save(out / "sensitivity.json")
         verdict = result.verification.summary() if result.verification else result.skipped_verification
@@ -382,7 +389,9 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
             "operators_measured": planning.measurement.summary.measured,
             "operators_reused": planning.measurement.summary.reused,
             "sensitivity_reused": planning.sensitivity_reused,
-            "in_model": planning.measurement.in_model.to_json() if planning.measurement.in_model else None,
+            "in_model": in_model.to_json() if in_model is not None else None,
+            "timing_check": in_model.check_json() if in_model is not None else None,
+            "timing_unreliable": planning.timing_unreliable,
             "files": ["report.md", "pareto.png", "frontier.json", "sensitivity.json"],
         }
         say(f"wrote {result.report_path} and {result.pareto_path}")

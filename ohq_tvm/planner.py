@@ -18,6 +18,7 @@ from .frontend import ImportedModel, load_onnx
 from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
 from .mqe import Sensitivity, estimate_sensitivity
 from .oqa.database import default_database_path
+from .oqa.in_model import InModelScales
 from .oqa.run import ModelMeasurement, measure_model
 from .plan import Plan, PlanError
 from .precision import Precision
@@ -37,6 +38,12 @@ class PlanningResult:
     budgets: Budgets
     budget: BudgetSpec | None = None
     sensitivity_reused: bool = False
+
+    @property
+    def timing_unreliable(self) -> str | None:
+        """Why the board's timings this plan was chosen from contradict each other (None: they agree)."""
+        in_model = self.measurement.in_model
+        return in_model.unreliable_text() if in_model is not None else None
 
 
 def plan_model(
@@ -62,12 +69,13 @@ def plan_model(
 
     ``budget`` is a :class:`~ohq_tvm.budget.BudgetSpec` or its text (``"latency=0.8*int8"``,
     ``"latency=5ms,size=2MB"``, ``"memory=0.5*fp32"``, ``"pareto"``, ...; none: the least-loss plan).
-    Relative limits are resolved against the predicted numbers of the reference plans (``fp32`` and
-    uniform plans of each lower precision). Baselines in the result: those reference plans, ``greedy``
-    (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen plan's sensitivity and
-    within its size and memory budgets, as hardware-blind methods pick). MQE runs on ``num_batches``
-    synthetic batches of kind ``synthetic`` (default ``auto``: distilled from the model's
-    BatchNormalization statistics when the ONNX file has them, else inverted from a classifier, else
+    Relative limits are resolved against the reference plans (``fp32`` and uniform plans of each lower
+    precision): their latency as timed whole on the board (with ``whole_model``), their predicted
+    weight size and peak memory (:func:`reference_numbers`). Baselines in the result: those reference
+    plans, ``greedy`` (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen
+    plan's sensitivity and within its size and memory budgets, as hardware-blind methods pick). MQE runs
+    on ``num_batches`` synthetic batches of kind ``synthetic`` (default ``auto``: distilled from the
+    model's BatchNormalization statistics when the ONNX file has them, else inverted from a classifier, else
     Gaussian). With ``sensitivity_cache`` (a
     JSON path) MQE's estimate is read from there when it answers the same question (same model,
     precisions, data and batches) and written there otherwise. ``trials`` > 0 times operators as tuned
@@ -80,7 +88,12 @@ def plan_model(
     of parts matches them (:mod:`~ohq_tvm.oqa.in_model`); without it, plans are predicted from the parts
     as measured alone.
 
-    Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency),
+    When the board's timings contradict each other even after timing the outliers again
+    (:mod:`~ohq_tvm.oqa.in_model`), planning goes on: ``progress`` gets a ``warning:`` line and
+    :attr:`PlanningResult.timing_unreliable` says why.
+
+    Raises :class:`PlanError` for infeasible budgets (naming the smallest reachable latency, and the
+    contradicting timings when there are some),
     :class:`~ohq_tvm.budget.BudgetError` for unreadable ones, and the errors of measurement and import.
     Measurements finished before an error or interruption stay in the database.
     """
@@ -120,6 +133,9 @@ def plan_model(
                 f"kept in {measurement.database_path}: rerun to retry"
             )
         say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
+        unreliable = measurement.in_model.unreliable_text() if measurement.in_model else None
+        if unreliable:
+            say(f"warning: {unreliable}")
         lower = sorted(
             {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
         )
@@ -141,7 +157,7 @@ def plan_model(
             baselines[precision.value] = Plan.uniform(layers, precision)
     for plan in baselines.values():
         plan.predicted = problem.evaluate(plan.assignments)
-    references = {name: plan.predicted for name, plan in baselines.items()}
+    references = reference_numbers(baselines, measurement.in_model)
     budgets = Budgets(
         latency_ms=wanted.latency.resolve("latency_ms", references) if wanted and wanted.latency else None,
         size_bytes=wanted.size.resolve("size_bytes", references) if wanted and wanted.size else None,
@@ -154,7 +170,12 @@ def plan_model(
         plan = Plan(dict(knee(frontier).assignments), source="ilp-knee", **meta)
         plan.predicted = problem.evaluate(plan.assignments)
     else:
-        plan = solve(problem, "sensitivity", budgets, **meta)
+        try:
+            plan = solve(problem, "sensitivity", budgets, **meta)
+        except PlanError as err:
+            if not unreliable:
+                raise
+            raise PlanError(f"{err}; {unreliable}") from None
     plan.notes = (
         f"budget: {wanted or 'none (least loss)'} -> {budgets}; sensitivity: {sensitivity.data}, "
         f"{sensitivity.batches} batches"
@@ -172,6 +193,18 @@ def plan_model(
         **meta,
     )
     return PlanningResult(plan, baselines, frontier, measurement, sensitivity, budgets, wanted, reused)
+
+
+def reference_numbers(baselines: Mapping[str, Plan], in_model: InModelScales | None) -> dict[str, dict]:
+    """What a relative budget term (``latency=1.1*int8``) is resolved against: each reference plan's
+    predicted numbers, its latency replaced by the uniform plan's as timed whole on the board when it was
+    (``in_model``). Scaled parts give a uniform plan exactly that latency, unless its factor was clamped:
+    then the budget still follows the board's whole-model timing, not the clamped prediction."""
+    references = {name: dict(plan.predicted) for name, plan in baselines.items()}
+    for precision, run in (in_model.runs if in_model is not None else {}).items():
+        if precision.value in references:
+            references[precision.value]["latency_ms"] = run.measured_ms
+    return references
 
 
 def default_sensitivity_cache(database: str | os.PathLike | None, imported: ImportedModel) -> Path:
@@ -212,4 +245,4 @@ def _sensitivity(
     return sensitivity, False
 
 
-__all__ = ["PlanningResult", "default_sensitivity_cache", "plan_model"]
+__all__ = ["PlanningResult", "default_sensitivity_cache", "plan_model", "reference_numbers"]

@@ -125,12 +125,30 @@ def _header(planning: PlanningResult, model_label: str, board_label: str, budget
         f"- **Operators (OQA)**: {summary.total} unique: {summary.measured} measured now, "
         f"{summary.reused} reused from the database, {len(summary.failed)} failed{predicted}",
         f"- **Measurement database**: `{measurement.database_path}`",
+        *_timing_lines(planning),
         f"- **Sensitivity (MQE)**: {sensitivity.forward_passes} forward passes in "
         f"{sensitivity.seconds:.1f} s on {sensitivity.board}, data `{sensitivity.data}`, "
         f"{sensitivity.batches} batches{calibration}{reused}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _timing_lines(planning: PlanningResult) -> list[str]:
+    """The reliability of the board's timings, when the uniform plans were timed whole."""
+    in_model = planning.measurement.in_model
+    if in_model is None:
+        return []
+    unreliable = in_model.unreliable_text()
+    if unreliable:
+        return [f"- **Timing unreliable**: {unreliable}"]
+    if in_model.retimed_because:
+        again = f"{in_model.retimed_parts} part(s) and " if in_model.retimed_parts else ""
+        return [
+            f"- **Timing**: reliable after timing {again}the uniform plans whole again "
+            f"({'; '.join(in_model.retimed_because)})"
+        ]
+    return ["- **Timing**: reliable (the uniform plans timed whole agree with their parts)"]
 
 
 def _plan_row(name: str, plan: Plan, fp32_ms: float | None) -> list[str]:

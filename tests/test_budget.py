@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from ohq_tvm import Precision
 from ohq_tvm.budget import DEFAULT_PARETO_POINTS, BudgetError, BudgetSpec, Limit
+from ohq_tvm.planner import reference_numbers
+
+from testing_support import made_up_planning, planned_on_unreliable_timing
 
 REFERENCES = {
     "fp32": {"latency_ms": 10.0, "size_bytes": 4e6, "memory_bytes": 6e5},
@@ -106,3 +110,25 @@ def test_a_reference_plan_the_board_lacks_is_named():
     with pytest.raises(BudgetError, match="no int4w plan") as caught:
         Limit(factor=0.5, reference="int4w").resolve("latency_ms", REFERENCES)
     assert "fp32, int8" in str(caught.value)
+
+
+def test_a_relative_latency_budget_is_relative_to_the_uniform_plan_as_timed_whole():
+    planning = planned_on_unreliable_timing(made_up_planning())
+    in_model = planning.measurement.in_model
+    whole_ms = in_model.runs[Precision.INT8].measured_ms
+    int8 = planning.baselines["int8"].predicted
+    # Its factor is clamped: the scaled parts predict far more than the board measured whole.
+    assert in_model.runs[Precision.INT8].clamped and int8["latency_ms"] > 2 * whole_ms
+    references = reference_numbers(planning.baselines, in_model)
+    assert references["int8"]["latency_ms"] == whole_ms
+    assert references["fp32"]["latency_ms"] == in_model.runs[Precision.FP32].measured_ms
+    assert references["int8"]["size_bytes"] == int8["size_bytes"]  # sizes stay predicted
+    budget = BudgetSpec.parse("latency=1.1*int8,size=0.5*fp32")
+    assert budget.latency.resolve("latency_ms", references) == pytest.approx(1.1 * whole_ms)
+    assert (
+        budget.size.resolve("size_bytes", references)
+        == 0.5 * planning.baselines["fp32"].predicted["size_bytes"]
+    )
+    # Without whole-model timings (--parts-only) a relative budget follows the prediction.
+    alone = reference_numbers(planning.baselines, None)
+    assert BudgetSpec.parse("latency=int8").latency.resolve("latency_ms", alone) == int8["latency_ms"]

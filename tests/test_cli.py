@@ -12,20 +12,23 @@ import time
 import psutil
 import pytest
 
-from ohq_tvm import models
+from ohq_tvm import models, pipeline
 from ohq_tvm.board import ANSWER_TIMEOUT_ENV, LatencyStats
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.build.verify import OutputAgreement, Verification
-from ohq_tvm.cli import print_verification
+from ohq_tvm.cli import main, print_verification
 from ohq_tvm.oqa import LatencyDatabase
+from ohq_tvm.targets import resolve_target
 
 from testing_support import (
     OHQ_TVM,
     assert_one_line_error,
     gone,
+    made_up_planning,
     nms_model,
     ohq,
     owned_processes,
+    planned_on_unreliable_timing,
     silent_peer,
 )
 
@@ -69,6 +72,44 @@ def test_the_verified_latency_comes_with_its_spread_and_a_warning_when_noisy(cap
         "(IQR over 5 repeats), above the 10% a steady board stays within; the board was likely busy or in "
         "a slow spell, so the median may be off: time it again on a quiet board"
     )
+
+
+@pytest.mark.parametrize("unreliable", [False, True])
+def test_a_plan_chosen_from_contradicting_timings_is_never_a_bare_ok(
+    tmp_path, monkeypatch, capsys, unreliable
+):
+    planning = made_up_planning()
+    if unreliable:
+        planning = planned_on_unreliable_timing(planning)
+    verification = Verification(
+        "host", 0, 5e-2, (OutputAgreement("y", 1e-3, 1.0),), LatencyStats((0.5,)), "onnxruntime-qdq"
+    )
+
+    def compiled(model, target, out_dir, **options):  # what compile_model returns after planning
+        assert options["budget"] == "latency=1.1*int8"
+        out = tmp_path / "out"
+        return pipeline.CompileResult(
+            out,
+            out / "model.so",
+            out / "manifest.json",
+            resolve_target("host"),
+            planning.measurement.imported,
+            verification,
+            planning=planning,
+        )
+
+    monkeypatch.setattr(pipeline, "compile_model", compiled)
+    code = main(["compile", "m.onnx", "--budget", "latency=1.1*int8", "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    status = "verified, planned on unreliable timings" if unreliable else "ok"
+    assert f"\n{status}: ran on host and matched ONNX Runtime on the QDQ export, 0.500 ms median" in out
+    if unreliable:
+        assert "\nok:" not in "\n" + out
+        assert out.strip().splitlines()[-1] == f"warning: {planning.timing_unreliable}"
+        assert "uniform int8: its parts add up to" in out
+    else:
+        assert "warning" not in out
 
 
 def test_missing_model_is_one_line(tmp_path):

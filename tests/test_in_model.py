@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 import pytest
 
 from ohq_tvm import Precision, models
@@ -9,10 +12,20 @@ from ohq_tvm.board.session import LatencyStats
 from ohq_tvm.errors import BoardError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, extract_workloads
-from ohq_tvm.oqa import in_model as in_model_module
+from ohq_tvm.oqa import whole_model as whole_model_module
 from ohq_tvm.oqa.cost import plan_latency
-from ohq_tvm.oqa.in_model import SCALE_BOUNDS, InModelScales, UniformRun, model_key, uniform_precisions
+from ohq_tvm.oqa.in_model import (
+    SCALE_BOUNDS,
+    SPREAD_BOUND,
+    InModelScales,
+    UniformRun,
+    model_key,
+    outlier_parts,
+    time_uniform_plans,
+    uniform_precisions,
+)
 from ohq_tvm.oqa.run import measure_model
+from ohq_tvm.oqa.whole_model import WholeTiming
 from ohq_tvm.passes import AnnotateCandidates
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
@@ -110,15 +123,15 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
     common = dict(board=loopback_board, database=db_path, precisions=BOTH, timing=FAST_TIMING)
 
     # The board fails while timing the whole models: the operators stay stored, no whole-model row is.
-    real = in_model_module.time_whole_models
+    real = whole_model_module.time_whole_rounds
 
     def dies(*args, **kwargs):
         raise BoardError("board host: the session dropped")
 
-    monkeypatch.setattr(in_model_module, "time_whole_models", dies)
+    monkeypatch.setattr(whole_model_module, "time_whole_rounds", dies)
     with pytest.raises(BoardError, match="session dropped"):
         measure_model(imported, HOST, whole_model=True, say=messages.append, **common)
-    monkeypatch.setattr(in_model_module, "time_whole_models", real)
+    monkeypatch.setattr(whole_model_module, "time_whole_rounds", real)
     with LatencyDatabase(db_path) as db:
         assert db.measurements() and all(m.ok for m in db.measurements())
 
@@ -129,10 +142,10 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
     assert not any(run.reused for run in scales.runs.values())
     with LatencyDatabase(db_path) as db:
         fingerprint, schedule = measured.summary.fingerprint, measured.summary.schedule
-        for precision in BOTH:
+        for precision in BOTH if not scales.unreliable else ():  # else marked: read as missing
             stored = db.model_run(fingerprint, model_key(imported), schedule, precision.value)
             assert stored is not None and stored.median_ms == scales.runs[precision].measured_ms
-            assert len(stored.repeats_ms) == in_model_module.ROUNDS * FAST_TIMING.repeat
+            assert len(stored.repeats_ms) == whole_model_module.ROUNDS * FAST_TIMING.repeat
     layers = list(measured.workloads.layers)
     for precision, run in scales.runs.items():
         parts = run.layers_ms + run.other_ms
@@ -143,14 +156,16 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
             assert predicted.total_ms == pytest.approx(run.measured_ms)
     assert any(m.startswith("uniform int8:") for m in messages)
 
-    # A rerun builds nothing: every uniform plan comes from the database.
+    # A rerun builds nothing: every uniform plan comes from the database (unless this busy machine's
+    # timings contradicted each other: those are timed again, as the fast tests above check).
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt a uniform plan that was stored")
 
-    monkeypatch.setattr("ohq_tvm.build.module.build_executable", no_build)
-    again = measure_model(imported, HOST, whole_model=True, **common)
-    assert all(run.reused for run in again.in_model.runs.values())
-    assert again.planning_latencies() == measured.planning_latencies()
+    if not scales.unreliable:
+        monkeypatch.setattr("ohq_tvm.build.module.build_executable", no_build)
+        again = measure_model(imported, HOST, whole_model=True, **common)
+        assert all(run.reused for run in again.in_model.runs.values())
+        assert again.planning_latencies() == measured.planning_latencies()
     # Without whole_model nothing is timed whole and the parts are used as measured.
     alone = measure_model(imported, HOST, **common)
     assert alone.in_model is None and alone.planning_latencies() == alone.latencies_ms
@@ -173,3 +188,167 @@ def test_model_runs_are_kept_per_board_model_schedule_and_plan(tmp_path):
         assert db.model_run("b1", "m", "default/r6", "int8").repeats_ms == (5.0,)
         db.clear("b1")
         assert db.model_run("b1", "m", "default/r6", "int8") is None
+
+
+def test_spread_rounds_a_slow_median_and_factors_out_of_bounds_are_named_with_their_numbers():
+    fine = UniformRun(Precision.INT8, 2.0, 1.8, 0.2, spread_ms=0.2, slow_timings=2, timings=5)
+    assert fine.problems() == []  # 10% spread, the median timed at the usual speed
+    (clamped,) = UniformRun(Precision.FP32, 12.4, 107.0, 0.7).problems()
+    assert clamped == (
+        "uniform fp32: its parts add up to 108 ms, 8.7x the 12.4 ms it measures whole "
+        "(in-model factor 0.11, outside 0.25-4)"
+    )
+    spread = UniformRun(Precision.INT8, 2.0, 1.8, 0.2, spread_ms=0.6)
+    assert spread.problems() == [
+        f"uniform int8: its whole-model timings spread 30% of their 2 ms median (interquartile range; "
+        f"bound {SPREAD_BOUND:.0%})"
+    ]
+    slow = UniformRun(Precision.INT8, 2.0, 1.8, 0.2, slow_timings=3, timings=5)
+    assert slow.problems() == [
+        "uniform int8: 3 of its 5 whole-model timings ended with the board slower than its usual speed "
+        "(the quiet gate did not wait it out)"
+    ]
+
+
+def test_the_outlier_parts_are_the_slowest_until_they_make_up_most_of_the_plan():
+    _, workloads = _workloads()
+    latencies = _fake_latencies(workloads)
+    layers = list(workloads.layers)
+    big = workloads.layers[layers[2]][Precision.INT8].key
+    latencies[big] = 5.0
+    chosen = outlier_parts(workloads, Precision.INT8, latencies)
+    assert chosen[0].key == big
+    assert all(w.precision is Precision.INT8 and w.kind == "layer" for w in chosen)
+    # int8 parts: 5 + 0.5 per other layer + 0.01 per conversion and glue; 80% is covered by the big one
+    # and the other layers, most of them.
+    total = plan_latency(workloads, dict.fromkeys(layers, Precision.INT8), latencies).total_ms
+    covered = sum(latencies[w.key] for w in chosen)
+    assert covered >= 0.8 * total and covered - latencies[chosen[-1].key] < 0.8 * total
+
+
+class ScriptedBoard:
+    """Times the uniform plans whole and the parts again with made-up numbers, storing the parts as a
+    measurer would; remembers what it was asked."""
+
+    def __init__(self, db, workloads, wholes_ms, parts_ms=None):
+        self.db, self.workloads = db, workloads
+        self.wholes_ms = list(wholes_ms)  # one {precision: ms} per call
+        self.parts_ms = parts_ms or {}
+        self.whole_calls, self.part_calls = [], []
+
+    def time_whole(self, precisions):
+        self.whole_calls.append(list(precisions))
+        ms = self.wholes_ms.pop(0)
+        return {p: WholeTiming(LatencyStats((ms[p],) * 5), 0, 5) for p in precisions}
+
+    def time_parts(self, parts):
+        self.part_calls.append([w.key for w in parts])
+        for w in parts:
+            self.db.record("b1", w, "default/r9", LatencyStats((self.parts_ms[w.precision],)))
+        return {w.key: self.parts_ms[w.precision] for w in parts}
+
+
+def _stored_parts(db, workloads):
+    db.add_board("b1", "board", {})
+    latencies = _fake_latencies(workloads)
+    for workload in workloads.unique():
+        db.record("b1", workload, "default/r9", LatencyStats((latencies[workload.key],)))
+    return latencies
+
+
+def test_parts_that_contradict_the_whole_are_timed_again_once_and_then_planned_on(tmp_path):
+    _, workloads = _workloads()
+    messages = []
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        latencies = _stored_parts(db, workloads)
+        # int8 parts add up to ~3.6 ms, the whole runs in 0.5 (a factor of ~0.13): the int8 parts were
+        # timed slow. Timed again they take 0.1 ms a layer, and the whole 0.6 ms: they agree now.
+        board = ScriptedBoard(
+            db,
+            workloads,
+            [{Precision.FP32: 7.0, Precision.INT8: 0.5}, {Precision.FP32: 7.1, Precision.INT8: 0.6}],
+            {Precision.INT8: 0.1},
+        )
+        scales = time_uniform_plans(
+            workloads,
+            latencies,
+            db,
+            "b1",
+            "m",
+            "default/r9",
+            board.time_whole,
+            time_parts=board.time_parts,
+            progress=messages.append,
+        )
+        assert board.whole_calls == [[Precision.FP32, Precision.INT8]] * 2  # once, then once again
+        outliers = [w.key for w in outlier_parts(workloads, Precision.INT8, latencies)]
+        assert board.part_calls == [outliers] and scales.retimed_parts == len(outliers)
+        assert scales.retimed_ms == dict.fromkeys(outliers, 0.1)
+        assert len(scales.retimed_because) == 1 and "uniform int8" in scales.retimed_because[0]
+        assert scales.unreliable == () and scales.unreliable_text() is None and scales.marked_rows == 0
+        assert not any(run.clamped for run in scales.runs.values())
+        assert scales.runs[Precision.INT8].measured_ms == 0.6
+        assert any(m.startswith("the timings disagree (uniform int8: its parts add up to") for m in messages)
+        # Nothing is marked: the rows are reused by the next run.
+        assert db.model_run("b1", "m", "default/r9", "int8").median_ms == 0.6
+        assert len(db.latencies("b1", "default/r9")) == len(workloads.unique())
+
+
+def test_timings_that_still_contradict_are_reported_and_not_reused_by_the_next_run(tmp_path):
+    _, workloads = _workloads()
+    unique = workloads.unique()
+    with LatencyDatabase(tmp_path / "m.sqlite") as db:
+        db.add_board("b1", "board", {})
+        latencies = _fake_latencies(workloads)
+        old, new = unique[:3], unique[3:]  # measured before this run, and in it
+        for workload in old:
+            db.record("b1", workload, "default/r9", LatencyStats((latencies[workload.key],)))
+        started = time.time()
+        for workload in new:
+            db.record("b1", workload, "default/r9", LatencyStats((latencies[workload.key],)))
+        # The whole int8 model stays at 0.5 ms however often the int8 parts are timed at 0.5 ms a layer.
+        wholes = [{Precision.FP32: 7.0, Precision.INT8: 0.5}] * 2
+        board = ScriptedBoard(db, workloads, wholes, {Precision.INT8: 0.5})
+        scales = time_uniform_plans(
+            workloads,
+            latencies,
+            db,
+            "b1",
+            "m",
+            "default/r9",
+            board.time_whole,
+            time_parts=board.time_parts,
+            measured_since=started,
+        )
+        assert len(board.whole_calls) == 2 and len(board.part_calls) == 1  # timed again once, no more
+        int8 = scales.runs[Precision.INT8]
+        assert int8.clamped and scales.runs[Precision.FP32].problems() == []
+        assert scales.unreliable == tuple(int8.problems())
+        assert f"its parts add up to {int8.parts_ms:.3g} ms" in scales.unreliable[0]
+        text = scales.unreliable_text()
+        assert text.startswith("the board's timings contradict each other: uniform int8: its parts add up")
+        assert f"after timing {scales.retimed_parts} part(s) and the uniform plans whole again" in text
+        assert scales.check_json()["unreliable"] == list(scales.unreliable)
+        # What this run measured is marked (the parts, the re-timed outliers among them, both whole
+        # plans); what it reused from before is not.
+        retimed = set(board.part_calls[0])
+        assert scales.marked_rows == len({w.key for w in new} | retimed) + 2
+        missing = {w.key for w in db.missing("b1", "default/r9", unique)}
+        assert missing == {w.key for w in new} | retimed
+        assert not missing & ({w.key for w in old} - retimed)
+        assert db.model_run("b1", "m", "default/r9", "fp32") is None
+        with sqlite3.connect(tmp_path / "m.sqlite") as conn:  # each mark keeps the reason
+            reasons = {r for (r,) in conn.execute("SELECT reason FROM unreliable_model_runs")}
+        assert reasons == {"; ".join(scales.unreliable)}
+
+        # The next run times both uniform plans again instead of reusing them, and a row timed again
+        # is trusted again.
+        again = ScriptedBoard(db, workloads, [{Precision.FP32: 7.0, Precision.INT8: 3.4}])
+        rerun = time_uniform_plans(
+            workloads, latencies, db, "b1", "m", "default/r9", again.time_whole, time_parts=again.time_parts
+        )
+        assert again.whole_calls == [[Precision.FP32, Precision.INT8]] and again.part_calls == []
+        assert rerun.unreliable == () and not any(run.reused for run in rerun.runs.values())
+        assert db.model_run("b1", "m", "default/r9", "int8").median_ms == 3.4
+        db.record("b1", new[0], "default/r9", LatencyStats((1.0,)))
+        assert new[0].key not in {w.key for w in db.missing("b1", "default/r9", unique)}

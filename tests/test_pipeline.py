@@ -8,14 +8,23 @@ import numpy as np
 import pytest
 
 from ohq_tvm import models
+from ohq_tvm.budget import BudgetSpec
+from ohq_tvm.build import ExportedModule
 from ohq_tvm.build import verify as verify_module
 from ohq_tvm.errors import VerificationError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
-from ohq_tvm.pipeline import compile_model
+from ohq_tvm.oqa.in_model import SCALE_BOUNDS, SPREAD_BOUND
+from ohq_tvm.pipeline import CompileResult, _finish, compile_model
 from ohq_tvm.plan import Plan, PlanError
+from ohq_tvm.targets import resolve_target
 
-from testing_support import new_tvm_exec_processes, tvm_exec_processes
+from testing_support import (
+    made_up_planning,
+    new_tvm_exec_processes,
+    planned_on_unreliable_timing,
+    tvm_exec_processes,
+)
 
 
 def test_compile_tiny_cnn_on_the_host_board(tmp_path):
@@ -71,3 +80,38 @@ def test_plan_made_for_another_model_is_refused(tmp_path):
         compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan)
     with pytest.raises(PlanError, match="one of a precision, a plan or a budget"):
         compile_model(models.tiny_cnn(), "host", tmp_path, plan=plan, precision="int8")
+
+
+@pytest.mark.parametrize("unreliable", [False, True])
+def test_the_manifest_says_when_the_plan_was_chosen_from_contradicting_timings(tmp_path, unreliable):
+    planning = made_up_planning()
+    if unreliable:
+        planning = planned_on_unreliable_timing(planning)
+    exported = ExportedModule(tmp_path / "model.so", tmp_path / "manifest.json", toolchain=None)
+    result = CompileResult(
+        tmp_path,
+        exported.library_path,
+        exported.manifest_path,
+        resolve_target("host"),
+        planning.measurement.imported,
+        verification=None,
+        skipped_verification="verification disabled",
+        planning=planning,
+    )
+    _finish(result, exported, BudgetSpec.parse("latency=1.1*int8"), 0, lambda message: None)
+    section = json.loads(exported.manifest_path.read_text())["planning"]
+    assert section["timing_unreliable"] == result.timing_unreliable == planning.timing_unreliable
+    if not unreliable:  # the parts as measured alone: nothing was checked
+        assert section["timing_unreliable"] is None and section["timing_check"] is None
+        return
+    in_model = planning.measurement.in_model
+    assert section["timing_unreliable"].startswith("the board's timings contradict each other: uniform int8:")
+    assert section["timing_check"] == {
+        "bounds": {"scale": list(SCALE_BOUNDS), "spread_of_median": SPREAD_BOUND},
+        "retimed_because": list(in_model.retimed_because),
+        "retimed_parts": 1,
+        "unreliable": list(in_model.unreliable),
+        "marked_rows": 12,
+    }
+    assert section["in_model"]["int8"]["clamped"] is True
+    assert f"**Timing unreliable**: {planning.timing_unreliable}" in (tmp_path / "report.md").read_text()

@@ -8,32 +8,22 @@ import sys
 
 import pytest
 
-from ohq_tvm import Precision, models
+from ohq_tvm import Precision
 from ohq_tvm.board import LatencyStats
-from ohq_tvm.frontend import load_onnx
-from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
-from ohq_tvm.mqe import Sensitivity
-from ohq_tvm.oqa.measure import MeasureSummary
-from ohq_tvm.oqa.run import ModelMeasurement
-from ohq_tvm.oqa.workloads import extract_workloads
-from ohq_tvm.passes.annotate import AnnotateCandidates
 from ohq_tvm.plan import Plan
 from ohq_tvm.planner import PlanningResult
 from ohq_tvm.report import plot_pareto, write_report
-from ohq_tvm.targets import resolve_target
 
-# (fp32 ms, int8 ms, int8 KL) per layer: int8 is faster everywhere, its loss spans three decades.
-LAYERS = {
-    "stem_conv": (0.4121, 0.2313, 0.0812),
-    "dw1": (0.1502, 0.1207, 0.0021),
-    "pw1": (0.2234, 0.1118, 0.0004),
-    "expand2": (0.6345, 0.2871, 0.0009),
-    "dw2": (0.3456, 0.2402, 0.0350),
-    "project2": (0.5567, 0.2514, 0.0015),
-    "classifier": (0.0311, 0.0236, 0.3100),
-}
-QUANTIZE_MS, DEQUANTIZE_MS, GLUE_MS = 0.0125, 0.0175, 0.0333
-PREDICTED_LAYER = "classifier"  # its int8 latency comes from the latency model, not the board
+from testing_support import (
+    DEQUANTIZE_MS,
+    GLUE_MS,
+    LAYERS,
+    PREDICTED_LAYER,
+    QUANTIZE_MS,
+    made_up_planning,
+    planned_on_unreliable_timing,
+)
+
 FIDELITY = {
     "synthetic": {"top1_agreement": 0.96875, "cosine": 0.999871, "samples": 32},
     "images": {"top1_agreement": 0.9, "kl": 0.00123},
@@ -43,45 +33,7 @@ STAGES = {"import": 0.4, "measure": 12.3, "plan": 3.5, "build": 6.0}
 
 @pytest.fixture(scope="module")
 def planning() -> PlanningResult:
-    """What ``plan_model`` returns, built from the same calls with the board's numbers made up."""
-    imported = load_onnx(models.MODELS["tiny_cnn"]())
-    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
-    workloads = extract_workloads(annotated)
-    latencies = {}
-    for layer_id, options in workloads.layers.items():
-        for precision, workload in options.items():
-            latencies[workload.key] = LAYERS[layer_id][0 if precision is Precision.FP32 else 1]
-    for table, ms in ((workloads.quantize, QUANTIZE_MS), (workloads.dequantize, DEQUANTIZE_MS)):
-        latencies.update({workload.key: ms for workload in table.values()})
-    latencies.update({workload.key: GLUE_MS for workload in workloads.glue})
-    predicted_key = workloads.layers[PREDICTED_LAYER][Precision.INT8].key
-    measured = {key: ms for key, ms in latencies.items() if key != predicted_key}
-    summary = MeasureSummary(
-        "0123456789abcdef",
-        "host-loopback",
-        "default/r2",
-        total=len(workloads.unique()),
-        reused=20,
-        measured=len(workloads.unique()) - 21,
-        predicted_ms={predicted_key: latencies[predicted_key]},
-        model_mape_percent=12.5,
-    )
-    measurement = ModelMeasurement(
-        imported, resolve_target("host"), workloads, measured, summary, "/tmp/ohq/measurements.sqlite"
-    )
-    values = {layer_id: {Precision.INT8: kl} for layer_id, (_, _, kl) in LAYERS.items()}
-    sensitivity = Sensitivity(values, "synthetic:gaussian", 4, 4 * (1 + len(LAYERS)), 2.5, board="host")
-
-    problem = Problem(workloads, latencies, values)
-    layers = list(workloads.layers)
-    baselines = {p.value: Plan.uniform(layers, p) for p in (Precision.FP32, Precision.INT8)}
-    for plan in baselines.values():
-        plan.predicted = problem.evaluate(plan.assignments)
-    budgets = Budgets(latency_ms=0.8 * baselines["fp32"].predicted["latency_ms"])
-    plan = solve(problem, "sensitivity", budgets)
-    baselines["greedy"] = greedy(problem, budgets.latency_ms)
-    baselines["bops-proxy"] = solve(problem, "bops", Budgets(sensitivity=plan.predicted["sensitivity"]))
-    return PlanningResult(plan, baselines, pareto_frontier(problem, 6), measurement, sensitivity, budgets)
+    return made_up_planning()
 
 
 def _section(text: str, title: str) -> str:
@@ -199,6 +151,20 @@ def test_header_names_budgets_board_database_and_mqe(tmp_path, planning):
     assert "(MAPE 12.5%)" in header
     assert "`/tmp/ohq/measurements.sqlite`" in header
     assert "32 forward passes in 2.5 s on host, data `synthetic:gaussian`, 4 batches" in header
+
+
+def test_a_plan_chosen_from_contradicting_timings_says_so_in_the_header(tmp_path, planning):
+    assert "Timing unreliable" not in _report(tmp_path, planning)  # parts alone: nothing to check
+    unreliable = planned_on_unreliable_timing(planning)
+    header = _report(tmp_path, unreliable).split("\n## ", 1)[0]
+    (line,) = [line for line in header.splitlines() if "Timing" in line]
+    int8 = unreliable.measurement.in_model.runs[Precision.INT8]
+    assert line == f"- **Timing unreliable**: {unreliable.timing_unreliable}"
+    assert (
+        f"uniform int8: its parts add up to {int8.parts_ms:.3g} ms, 10x the {int8.measured_ms:.3g} ms" in line
+    )
+    assert "after timing 1 part(s) and the uniform plans whole again" in line
+    assert "12 row(s) measured in this run are marked to be timed again" in line
 
 
 def test_what_was_not_measured_says_so(tmp_path, planning):

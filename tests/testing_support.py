@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -23,8 +24,16 @@ from tvm import relax
 from ohq_tvm import Precision, models
 from ohq_tvm.board.owner_watch import OWNER_ENV
 from ohq_tvm.frontend import load_onnx
+from ohq_tvm.ilp import Budgets, Problem, greedy, pareto_frontier, solve
+from ohq_tvm.mqe import Sensitivity
 from ohq_tvm.oqa import TimingConfig, extract_workloads
+from ohq_tvm.oqa.in_model import InModelScales, UniformRun
+from ohq_tvm.oqa.measure import MeasureSummary
+from ohq_tvm.oqa.run import ModelMeasurement
 from ohq_tvm.passes import AnnotateCandidates
+from ohq_tvm.plan import Plan
+from ohq_tvm.planner import PlanningResult
+from ohq_tvm.targets import resolve_target
 
 
 def owned_processes(owner: int | None = None) -> dict[int, str]:
@@ -294,3 +303,76 @@ def nms_model(boxes: int = 8) -> onnx.ModelProto:
         constants,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# (fp32 ms, int8 ms, int8 KL) per layer: int8 is faster everywhere, its loss spans three decades.
+LAYERS = {
+    "stem_conv": (0.4121, 0.2313, 0.0812),
+    "dw1": (0.1502, 0.1207, 0.0021),
+    "pw1": (0.2234, 0.1118, 0.0004),
+    "expand2": (0.6345, 0.2871, 0.0009),
+    "dw2": (0.3456, 0.2402, 0.0350),
+    "project2": (0.5567, 0.2514, 0.0015),
+    "classifier": (0.0311, 0.0236, 0.3100),
+}
+QUANTIZE_MS, DEQUANTIZE_MS, GLUE_MS = 0.0125, 0.0175, 0.0333
+PREDICTED_LAYER = "classifier"  # its int8 latency comes from the latency model, not the board
+
+
+def made_up_planning() -> PlanningResult:
+    """What ``plan_model`` returns, built from the same calls (tiny_cnn's workloads, the real solver)
+    with the board's numbers made up: :data:`LAYERS`, and the int8 latency of :data:`PREDICTED_LAYER`
+    predicted by the latency model instead of measured."""
+    imported = load_onnx(models.MODELS["tiny_cnn"]())
+    annotated = AnnotateCandidates([Precision.FP32, Precision.INT8], pin_first_last=False)(imported.mod)
+    workloads = extract_workloads(annotated)
+    latencies = {}
+    for layer_id, options in workloads.layers.items():
+        for precision, workload in options.items():
+            latencies[workload.key] = LAYERS[layer_id][0 if precision is Precision.FP32 else 1]
+    for table, ms in ((workloads.quantize, QUANTIZE_MS), (workloads.dequantize, DEQUANTIZE_MS)):
+        latencies.update({workload.key: ms for workload in table.values()})
+    latencies.update({workload.key: GLUE_MS for workload in workloads.glue})
+    predicted_key = workloads.layers[PREDICTED_LAYER][Precision.INT8].key
+    measured = {key: ms for key, ms in latencies.items() if key != predicted_key}
+    summary = MeasureSummary(
+        "0123456789abcdef",
+        "host-loopback",
+        "default/r2",
+        total=len(workloads.unique()),
+        reused=20,
+        measured=len(workloads.unique()) - 21,
+        predicted_ms={predicted_key: latencies[predicted_key]},
+        model_mape_percent=12.5,
+    )
+    measurement = ModelMeasurement(
+        imported, resolve_target("host"), workloads, measured, summary, "/tmp/ohq/measurements.sqlite"
+    )
+    values = {layer_id: {Precision.INT8: kl} for layer_id, (_, _, kl) in LAYERS.items()}
+    sensitivity = Sensitivity(values, "synthetic:gaussian", 4, 4 * (1 + len(LAYERS)), 2.5, board="host")
+
+    problem = Problem(workloads, latencies, values)
+    layers = list(workloads.layers)
+    baselines = {p.value: Plan.uniform(layers, p) for p in (Precision.FP32, Precision.INT8)}
+    for plan in baselines.values():
+        plan.predicted = problem.evaluate(plan.assignments)
+    budgets = Budgets(latency_ms=0.8 * baselines["fp32"].predicted["latency_ms"])
+    plan = solve(problem, "sensitivity", budgets)
+    baselines["greedy"] = greedy(problem, budgets.latency_ms)
+    baselines["bops-proxy"] = solve(problem, "bops", Budgets(sensitivity=plan.predicted["sensitivity"]))
+    return PlanningResult(plan, baselines, pareto_frontier(problem, 6), measurement, sensitivity, budgets)
+
+
+def planned_on_unreliable_timing(planning: PlanningResult) -> PlanningResult:
+    """``planning`` as if its uniform plans had been timed whole and still contradicted their parts
+    after being timed again: uniform int8's parts add up to 10x its whole."""
+    int8 = planning.baselines["int8"].predicted["latency_ms"]
+    fp32 = planning.baselines["fp32"].predicted["latency_ms"]
+    runs = {
+        Precision.FP32: UniformRun(Precision.FP32, fp32, fp32 - 0.1, 0.1),
+        Precision.INT8: UniformRun(Precision.INT8, int8 / 10, int8 - 0.1, 0.1),
+    }
+    problems = tuple(runs[Precision.INT8].problems())
+    in_model = InModelScales(runs, problems, problems, {"some-part": 0.5}, 12)
+    measurement = dataclasses.replace(planning.measurement, in_model=in_model)
+    return dataclasses.replace(planning, measurement=measurement)

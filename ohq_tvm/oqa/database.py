@@ -4,9 +4,11 @@ Operator rows are keyed by the board's fingerprint (its target, RPC key and what
 itself), the workload key (:class:`~ohq_tvm.oqa.workloads.Workload`, the same for every model sharing
 the operator) and the schedule the operator was built with. A failed measurement is stored too, with its
 reason, and is measured again by the next run. Whole-model rows (``model_runs``: a uniform plan of one
-model built whole and timed, see :mod:`.in_model`) are keyed by board, model, schedule and plan. Safe to
-share between threads of one process (one connection, one lock) and between processes (SQLite's own
-locking, WAL journal).
+model built whole and timed, see :mod:`.in_model`) are keyed by board, model, schedule and plan. A row
+measured during a run whose timings contradicted each other is marked unreliable (``unreliable_*``
+tables, with the reason): it is read as missing, so the next run times it again, which clears the mark.
+Safe to share between threads of one process (one connection, one lock) and between processes (SQLite's
+own locking, WAL journal).
 """
 
 from __future__ import annotations
@@ -67,7 +69,30 @@ CREATE TABLE IF NOT EXISTS model_runs (
     measured_at REAL NOT NULL,
     PRIMARY KEY (fingerprint, model, schedule, plan)
 );
+CREATE TABLE IF NOT EXISTS unreliable_measurements (
+    fingerprint TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    marked_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, workload, schedule)
+);
+CREATE TABLE IF NOT EXISTS unreliable_model_runs (
+    fingerprint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    schedule TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    marked_at REAL NOT NULL,
+    PRIMARY KEY (fingerprint, model, schedule, plan)
+);
 """
+# A marked row is what a run must not reuse: the tables were added without a schema change, so a
+# database written before them opens as it is (they are created empty) and older readers ignore them.
+_MARKED_MEASUREMENT = (
+    "EXISTS (SELECT 1 FROM unreliable_measurements u WHERE u.fingerprint = m.fingerprint "
+    "AND u.workload = m.workload AND u.schedule = m.schedule)"
+)
 
 
 def default_database_path() -> Path:
@@ -227,6 +252,10 @@ class LatencyDatabase:
                     time.time(),
                 ),
             )
+            conn.execute(
+                "DELETE FROM unreliable_measurements WHERE fingerprint=? AND workload=? AND schedule=?",
+                (fingerprint, workload.key, schedule),
+            )
 
     def record_failure(
         self,
@@ -251,8 +280,13 @@ class LatencyDatabase:
     def record_model_run(
         self, fingerprint: str, model: str, schedule: str, plan: str, stats: LatencyStats
     ) -> None:
-        """Store the end-to-end latency of ``model`` built with ``plan`` (committed before returning)."""
+        """Store the end-to-end latency of ``model`` built with ``plan`` (committed before returning;
+        clears an unreliable mark)."""
         with self._write() as conn:
+            conn.execute(
+                "DELETE FROM unreliable_model_runs WHERE fingerprint=? AND model=? AND schedule=? AND plan=?",
+                (fingerprint, model, schedule, plan),
+            )
             conn.execute(
                 "INSERT OR REPLACE INTO model_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -267,13 +301,36 @@ class LatencyDatabase:
             )
 
     def model_run(self, fingerprint: str, model: str, schedule: str, plan: str) -> LatencyStats | None:
-        """The stored end-to-end timing of ``model`` with ``plan`` on this board and schedule, if any."""
+        """The stored end-to-end timing of ``model`` with ``plan`` on this board and schedule, if any and
+        not marked unreliable."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT repeats_ms FROM model_runs WHERE fingerprint=? AND model=? AND schedule=? AND plan=?",
+                "SELECT repeats_ms FROM model_runs r "
+                "WHERE fingerprint=? AND model=? AND schedule=? AND plan=? AND NOT EXISTS "
+                "(SELECT 1 FROM unreliable_model_runs u WHERE u.fingerprint = r.fingerprint "
+                "AND u.model = r.model AND u.schedule = r.schedule AND u.plan = r.plan)",
                 (fingerprint, model, schedule, plan),
             ).fetchone()
         return LatencyStats(tuple(json.loads(row[0]))) if row else None
+
+    def mark_unreliable(self, fingerprint: str, schedule: str, since: float, reason: str) -> int:
+        """Mark every successful operator row and whole-model row of this board and schedule measured at
+        or after ``since`` (``time.time()``) as unreliable: later reads treat them as missing until they
+        are measured again. Returns how many rows were marked."""
+        now = time.time()
+        with self._write() as conn:
+            count = conn.execute(
+                "INSERT OR REPLACE INTO unreliable_measurements SELECT fingerprint, workload, schedule, ?, ? "
+                "FROM measurements WHERE fingerprint=? AND schedule=? AND status='ok' AND measured_at>=?",
+                (reason, now, fingerprint, schedule, since),
+            ).rowcount
+            count += conn.execute(
+                "INSERT OR REPLACE INTO unreliable_model_runs "
+                "SELECT fingerprint, model, schedule, plan, ?, ? FROM model_runs "
+                "WHERE fingerprint=? AND schedule=? AND measured_at>=?",
+                (reason, now, fingerprint, schedule, since),
+            ).rowcount
+        return count
 
     def clear(self, fingerprint: str | None = None) -> int:
         """Delete the measurements of one board (all boards when ``None``); returns how many went."""
@@ -281,11 +338,15 @@ class LatencyDatabase:
             if fingerprint is None:
                 count = conn.execute("DELETE FROM measurements").rowcount
                 conn.execute("DELETE FROM model_runs")
+                conn.execute("DELETE FROM unreliable_measurements")
+                conn.execute("DELETE FROM unreliable_model_runs")
                 conn.execute("DELETE FROM boards")
                 conn.execute("DELETE FROM workloads")
             else:
                 count = conn.execute("DELETE FROM measurements WHERE fingerprint=?", (fingerprint,)).rowcount
                 conn.execute("DELETE FROM model_runs WHERE fingerprint=?", (fingerprint,))
+                conn.execute("DELETE FROM unreliable_measurements WHERE fingerprint=?", (fingerprint,))
+                conn.execute("DELETE FROM unreliable_model_runs WHERE fingerprint=?", (fingerprint,))
                 conn.execute("DELETE FROM boards WHERE fingerprint=?", (fingerprint,))
         return count
 
@@ -293,11 +354,12 @@ class LatencyDatabase:
     def latencies(
         self, fingerprint: str, schedule: str, keys: Iterable[str] | None = None
     ) -> dict[str, float]:
-        """Median latency (ms) of every successfully measured workload of a board, by workload key."""
+        """Median latency (ms) of every successfully measured workload of a board, by workload key (rows
+        marked unreliable left out)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT workload, median_ms FROM measurements WHERE fingerprint=? AND schedule=? "
-                "AND status='ok'",
+                "SELECT workload, median_ms FROM measurements m WHERE fingerprint=? AND schedule=? "
+                f"AND status='ok' AND NOT {_MARKED_MEASUREMENT}",
                 (fingerprint, schedule),
             ).fetchall()
         found = {key: float(ms) for key, ms in rows}
@@ -307,7 +369,8 @@ class LatencyDatabase:
         return {k: v for k, v in found.items() if k in wanted}
 
     def missing(self, fingerprint: str, schedule: str, workloads: Iterable[Workload]) -> list[Workload]:
-        """The workloads without a successful measurement on this board and schedule."""
+        """The workloads without a successful measurement (not marked unreliable) on this board and
+        schedule."""
         done = self.latencies(fingerprint, schedule)
         return [w for w in workloads if w.key not in done]
 

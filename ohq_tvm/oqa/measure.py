@@ -231,8 +231,10 @@ class Measurer:
         workloads: Sequence[Workload],
         progress: Callable[[MeasureEvent], None] | None = None,
         budget: int | None = None,
+        retime: bool = False,
     ) -> MeasureSummary:
-        """Measure what the database lacks; returns a summary. See the module docstring for faults.
+        """Measure what the database lacks (with ``retime``: every workload given, replacing its row);
+        returns a summary. See the module docstring for faults.
 
         With a ``budget`` (at most that many measurements), the workloads the latency model trained on
         this board's stored rows predicts slowest are measured first (they weigh most in a plan's
@@ -241,7 +243,7 @@ class Measurer:
         """
         unique = list({w.key: w for w in workloads}.values())
         fingerprint = self.fingerprint
-        pending = self.database.missing(fingerprint, self.schedule, unique)
+        pending = unique if retime else self.database.missing(fingerprint, self.schedule, unique)
         summary = MeasureSummary(
             fingerprint,
             self.board.label,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -107,6 +108,9 @@ def measure_model(
     ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open) instead of opening one.
     ``whole_model``: once every part is measured, also build each uniform plan whole and time it on the
     board (stored too), giving the in-model scales of :mod:`.in_model`; ``say`` receives its messages.
+    When those timings contradict the parts' (:mod:`.in_model`), the outliers are timed again once; if
+    they still do, ``in_model.unreliable`` says why and the rows measured in this call are marked
+    unreliable in the database (the next run times them again).
     """
     if workers is not None and workers < 1:
         raise OHQError(f"workers must be at least 1, not {workers}")
@@ -137,12 +141,14 @@ def measure_model(
         if on_plan is not None:
             missing = len(db.missing(measurer.fingerprint, measurer.schedule, unique))
             on_plan(len(unique), missing if budget is None else min(missing, budget))
+        started = time.time()
         summary = measurer.run(unique, progress, budget=budget)
         latencies = measurer.latencies(unique)
         path = str(db.path)
         in_model = None
         if whole_model and len(latencies) == len(unique):
-            in_model = measured_scales(measurer, imported, workloads, say)
+            in_model = measured_scales(measurer, imported, workloads, say, measured_since=started)
+            latencies.update(in_model.retimed_ms)  # parts that contradicted the whole, timed again
     return ModelMeasurement(imported, spec, workloads, latencies, summary, path, in_model)
 
 
