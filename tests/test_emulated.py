@@ -30,7 +30,7 @@ from ohq_tvm.calibration import calibrate
 from ohq_tvm.cli import main
 from ohq_tvm.errors import BoardError, TargetError
 from ohq_tvm.frontend import load_onnx
-from ohq_tvm.kernels import SDOT, schedule_default
+from ohq_tvm.kernels import NEON, SDOT, schedule_default
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.oqa import LatencyDatabase
 from ohq_tvm.oqa.measure import Measurer, TimingConfig, board_fingerprint
@@ -189,37 +189,51 @@ def test_int8_model_on_emulated_arm_boards_equals_the_host_bit_for_bit(
     np.testing.assert_array_equal(outputs["rpi4b"], outputs["host"])  # ARMv8.0: no dot product
 
 
-def _kernel_library(path: Path) -> list[tuple[str, list[np.ndarray], np.ndarray]]:
-    """Every sdot conv (rows and pixel forms) and dense case in one library for rk3588; the cases."""
+def _kernel_library(path: Path, isa=SDOT, spec=RK3588) -> list[tuple[str, list[np.ndarray], np.ndarray]]:
+    """Every ``isa`` conv (rows and pixel forms) and dense case in one library for ``spec``; the cases."""
     funcs, cases = {}, []
     for index, case in enumerate(CONV_CASES + PIXEL_CASES):
         pixels = index >= len(CONV_CASES)
-        data, packed, bias, expected = conv_case(SDOT, *case, pixels=pixels)
-        funcs[f"conv{index}"] = conv_func(SDOT, *case, pixels=pixels)
+        data, packed, bias, expected = conv_case(isa, *case, pixels=pixels)
+        funcs[f"conv{index}"] = conv_func(isa, *case, pixels=pixels)
         cases.append((f"conv{index}", [data, packed, bias], expected))
     for index, (shape, columns) in enumerate(DENSE_CASES):
-        func, arrays, expected = dense_case(SDOT, shape, columns)
+        func, arrays, expected = dense_case(isa, shape, columns)
         funcs[f"dense{index}"] = func
         cases.append((f"dense{index}", arrays, expected))
     scheduled = {
         name: schedule_default(func).mod["main"].with_attr("global_symbol", name)
         for name, func in funcs.items()
     }
-    library = tvm.compile(tvm.IRModule(scheduled), target=RK3588.tvm_target())
-    library.export_library(str(path), fcompile=find_toolchain(RK3588.cross_triple).fcompile())
+    library = tvm.compile(tvm.IRModule(scheduled), target=spec.tvm_target())
+    library.export_library(str(path), fcompile=find_toolchain(spec.cross_triple).fcompile())
     return cases
+
+
+def _run_kernel_cases(board, path: Path, cases) -> None:
+    session = board.connect()
+    library = session.load_library(path)
+    for name, arrays, expected in cases:
+        out = tvm.runtime.empty(expected.shape, "int32", session.device)
+        library[name](*[tvm.runtime.tensor(a, session.device) for a in arrays], out)
+        np.testing.assert_array_equal(out.numpy(), expected, err_msg=name)
+
+
+@needs_arm
+def test_neon_kernels_are_bit_exact_on_an_emulated_cortex_a72(tmp_path):
+    # ARMv8.0 (a Raspberry Pi 4's Cortex-A72): no sdot; smull + sadalp on int8 pairs instead.
+    cases = _kernel_library(tmp_path / "kernels.so", NEON, RPI4B)
+    disassembly = _disassembly(tmp_path / "kernels.so")
+    assert _mnemonics(disassembly, "sadalp") >= 9 * len(cases) // 2 and _mnemonics(disassembly, "sdot") == 0
+    with EmulatedBoard(RPI4B, ARM_RUNTIME) as rpi4b_board:
+        _run_kernel_cases(rpi4b_board, tmp_path / "kernels.so", cases)
 
 
 @needs_arm
 def test_sdot_kernels_are_bit_exact_on_an_emulated_cortex_a76(rk3588_board, tmp_path):
     cases = _kernel_library(tmp_path / "kernels.so")
     assert _mnemonics(_disassembly(tmp_path / "kernels.so"), "sdot") >= 9 * len(cases)
-    session = rk3588_board.connect()
-    library = session.load_library(tmp_path / "kernels.so")
-    for name, arrays, expected in cases:
-        out = tvm.runtime.empty(expected.shape, "int32", session.device)
-        library[name](*[tvm.runtime.tensor(a, session.device) for a in arrays], out)
-        np.testing.assert_array_equal(out.numpy(), expected, err_msg=name)
+    _run_kernel_cases(rk3588_board, tmp_path / "kernels.so", cases)
 
 
 @needs_arm

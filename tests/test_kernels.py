@@ -19,6 +19,7 @@ from ohq_tvm.kernels import (
     AVX2,
     AVX512_VNNI,
     AVX_VNNI,
+    NEON,
     SDOT,
     conv2d_dot,
     depthwise_conv2d_planes,
@@ -74,7 +75,7 @@ def test_isa_detection_from_the_target():
     assert dot_product_isa(X86_AVX2) is AVX2
     assert dot_product_isa(X86_NO_AVX2) is None
     assert dot_product_isa(ARM_DOTPROD) is SDOT
-    assert dot_product_isa(ARM_NEON) is None
+    assert dot_product_isa(ARM_NEON) is NEON  # ARMv8.0 (Raspberry Pi 4): smull + sadalp
 
 
 def _run(func, target, arrays, out_shape):
@@ -160,11 +161,11 @@ def parallel_bodies(asm: str) -> list[str]:
 
 
 @pytest.mark.parametrize("pixels", [False, True])
-@pytest.mark.parametrize("isa", [AVX2, AVX512_VNNI, SDOT], ids=lambda isa: isa.name)
+@pytest.mark.parametrize("isa", [AVX2, AVX512_VNNI, SDOT, NEON], ids=lambda isa: isa.name)
 def test_register_tiles_allocate_nothing_per_tile(isa, pixels):
     # The accumulator tile is a stack array LLVM keeps in registers; a ``local`` buffer (or a value the
     # intrinsic binds to a name) had been a TVMBackendAllocWorkspace call + free on every tile.
-    target = {"avx2": X86_AVX2, "avx512_vnni": X86_VNNI, "sdot": ARM_DOTPROD}[isa.name]
+    target = {"avx2": X86_AVX2, "avx512_vnni": X86_VNNI, "sdot": ARM_DOTPROD, "neon": ARM_NEON}[isa.name]
     case = PIXEL_CASES[0] if pixels else ((1, 16, 14, 14), 32, 1, 1, 0, 1, 0)
     bodies = parallel_bodies(_asm(conv_func(isa, *case, pixels=pixels), target))
     tile = [body for body in bodies if isa.instruction in body]
@@ -196,6 +197,24 @@ def test_aarch64_dotprod_assembly_uses_sdot():
     assert asm.count("sdot") >= 9  # one per kernel tap at least
     asm = _asm(conv_func(SDOT, (1, 32, 14, 16), 32, 3, 1, 1, 1, 0, pixels=True), ARM_DOTPROD)
     assert asm.count("sdot") >= 9
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_armv8_0_assembly_uses_smull_and_sadalp(pixels):
+    case = PIXEL_CASES[0] if pixels else CONV_CASES[0]
+    asm = _asm(conv_func(NEON, *case, pixels=pixels), ARM_NEON)
+    assert asm.count("smull") >= 9 and asm.count("sadalp") >= 9
+    assert "sdot" not in asm
+
+
+def test_neon_arithmetic_is_exact_before_tensorization():
+    """The neon form (activations shifted to int8, pairs of int8 products summed in int32) computes the
+    same integers as the reference; at the extremes, where an int16 sum of two products would overflow."""
+    for case, pixels in ((CONV_CASES[3], False), (PIXEL_CASES[1], True)):
+        data, packed, bias, expected = conv_case(NEON, *case, pixels=pixels)
+        func = conv_func(NEON, *case, pixels=pixels)
+        _lib, out = _run(func, host_target(), [data, packed, bias], expected.shape)
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_x86_assembly_uses_vpdpbusd_on_zmm_and_ymm():

@@ -13,6 +13,9 @@ output channels). The *pixel* form computes
 - ``avx_vnni`` (x86 AVX-VNNI or AVX-512 VNNI+VL on 256-bit registers): ``vpdpbusd`` on ymm, 8 lanes.
 - ``sdot`` (AArch64 ``+dotprod``): ``sdot`` on 128-bit registers, int8 × int8, 4 lanes. Activations are
   uint8 in ohq-tvm, so the kernel shifts them to int8 (``x - 128``) and adds ``128 · Σw`` back.
+- ``neon`` (AArch64 without ``+dotprod``: ARMv8.0, e.g. the Cortex-A72 of a Raspberry Pi 4): ``smull``
+  (8 int8 × int8 products into int16, exact: at most 128·128) then ``sadalp`` (adjacent int16 pairs added
+  into the 4 int32 lanes), ``group`` 2, 4 lanes; activations shifted to int8 as for ``sdot``.
 - ``avx2`` (x86 AVX2 without VNNI, e.g. Zen 3, Haswell to Skylake client): ``vpmaddwd`` on ymm, int16 ×
   int16 in pairs (``group`` 2), 8 lanes, and a ``vpaddd`` into the accumulator. Activations are widened
   to int16 once, in the kernel's packing copy, weights offline. Not ``vpmaddubsw`` (uint8 × int8): its
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import Target
@@ -75,6 +79,7 @@ AVX512_VNNI = DotProductISA("avx512_vnni", 16, "uint8", "ohq_dot_u8i8_16x4_avx51
 # Chosen only without AVX-512BW (dot_product_isa), so on 16 ymm registers (Alder Lake and later cores).
 AVX_VNNI = DotProductISA("avx_vnni", 8, "uint8", "ohq_dot_u8i8_8x4_avxvnni", registers=16)
 SDOT = DotProductISA("sdot", 4, "int8", "ohq_dot_i8i8_4x4_sdot", instruction="sdot")
+NEON = DotProductISA("neon", 4, "int8", "ohq_dot_i8i8_4x2_neon", instruction="sadalp", group=2)
 AVX2 = DotProductISA(
     "avx2",
     8,
@@ -121,7 +126,7 @@ FMA_NEON = DotProductISA(
     accumulator_dtype="float32",
 )
 FLOAT_ISAS = (FMA_AVX512, FMA_AVX2, FMA_NEON)
-ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, AVX2, *FLOAT_ISAS)}
+ISAS = {isa.name: isa for isa in (AVX512_VNNI, AVX_VNNI, SDOT, NEON, AVX2, *FLOAT_ISAS)}
 
 
 def _has(feature: str, target: Target) -> bool:
@@ -146,7 +151,7 @@ def dot_product_isa(target: Target) -> DotProductISA | None:
         return None
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith("aarch64") or triple.startswith("arm64"):
-        return SDOT if _has("dotprod", target) else None
+        return SDOT if _has("dotprod", target) else NEON if _has("neon", target) else None
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return None
     if _has("avx512vnni", target) and _has("avx512bw", target):
@@ -194,10 +199,22 @@ def _dot_description(isa: DotProductISA):
     return description
 
 
+def _group_word(isa: DotProductISA) -> str:
+    """The integer type as wide as one ``group`` of operands (32 bits; ``neon``'s 2 bytes: 16), which a
+    broadcast copies to every lane."""
+    return f"int{isa.group * np.dtype(isa.activation_dtype).itemsize * 8}"
+
+
 def _instruction(isa: DotProductISA, accumulator, activations, weights):
     """The instruction's result: ``accumulator`` plus the ``group``-wise dot products of the two operand
     vectors (``vpdpbusd`` and ``sdot`` accumulate themselves; ``vpmaddwd`` is followed by an add)."""
     lanes = isa.lanes
+    if isa is NEON:  # the int16 products, then their pairs added into the accumulator (smull, sadalp)
+        products = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smull.v8i16"), activations, weights, dtype="int16x8"
+        )
+        intrinsic = T.llvm_lookup_intrinsic_id(_LLVM_INTRINSICS[isa.name])
+        return accumulator + T.call_llvm_pure_intrin(intrinsic, products, dtype=f"int32x{lanes}")
     intrinsic = T.llvm_lookup_intrinsic_id(_LLVM_INTRINSICS[isa.name])
     if isa.accumulates:
         return T.call_llvm_pure_intrin(intrinsic, accumulator, activations, weights, dtype=f"int32x{lanes}")
@@ -223,7 +240,9 @@ def _dot_implementation(isa: DotProductISA):
                 isa,
                 C.vload([0], dtype=f"int32x{lanes}"),
                 T.reinterpret(
-                    T.broadcast(T.reinterpret(A.vload([0], f"{dtype}x{group}"), dtype="int32"), lanes),
+                    T.broadcast(
+                        T.reinterpret(A.vload([0], f"{dtype}x{group}"), dtype=_group_word(isa)), lanes
+                    ),
                     dtype=f"{dtype}x{elements}",
                 ),
                 B.vload([0, 0], dtype=f"{wdtype}x{elements}"),
@@ -270,7 +289,9 @@ def _pixel_implementation(isa: DotProductISA):
                 C.vload([0], dtype=f"int32x{lanes}"),
                 A.vload([0, 0], dtype=f"{dtype}x{elements}"),
                 T.reinterpret(
-                    T.broadcast(T.reinterpret(B.vload([0], f"{wdtype}x{group}"), dtype="int32"), lanes),
+                    T.broadcast(
+                        T.reinterpret(B.vload([0], f"{wdtype}x{group}"), dtype=_group_word(isa)), lanes
+                    ),
                     dtype=f"{wdtype}x{elements}",
                 ),
             )
@@ -322,6 +343,7 @@ _LLVM_INTRINSICS = {
     AVX512_VNNI.name: "llvm.x86.avx512.vpdpbusd.512",
     AVX_VNNI.name: "llvm.x86.avx512.vpdpbusd.256",  # LLVM selects the VEX form on AVX-VNNI CPUs
     SDOT.name: "llvm.aarch64.neon.sdot.v4i32.v16i8",
+    NEON.name: "llvm.aarch64.neon.saddlp.v4i32.v8i16",  # with the add: LLVM selects sadalp
     AVX2.name: "llvm.x86.avx2.pmadd.wd",
 }
 

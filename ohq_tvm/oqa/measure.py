@@ -154,7 +154,8 @@ def board_fingerprint(spec: BoardSpec, board: Board, device: dict[str, str]) -> 
 # layers on AVX2 without VNNI on the vpmaddwd kernels; r9: register tiles on the stack (they had been a
 # workspace allocation per tile), element-wise ops over 14x14 planes as one flat loop; r10: float 1x1
 # convs over maps the fp32 lanes do not divide (14x14, 7x7) in the fp32 channel form, residual adds inside
-# the int8 kernels' tiles, no thread-pool launch for a loop of one iteration.
+# the int8 kernels' tiles, no thread-pool launch for a loop of one iteration, int8 on AArch64 without
+# dotprod (rpi4b) on smull + sadalp kernels.
 MEASUREMENT_REVISION = 10
 
 
