@@ -226,6 +226,22 @@ def test_the_outlier_parts_are_the_slowest_until_they_make_up_most_of_the_plan()
     assert covered >= 0.8 * total and covered - latencies[chosen[-1].key] < 0.8 * total
 
 
+def _scripted_scales(board, workloads, latencies, db, **options):
+    """:func:`time_uniform_plans` of model ``m`` on board ``b1`` (``default/r9``), timed by a
+    :class:`ScriptedBoard`."""
+    return time_uniform_plans(
+        workloads,
+        latencies,
+        db,
+        "b1",
+        "m",
+        "default/r9",
+        board.time_whole,
+        time_parts=board.time_parts,
+        **options,
+    )
+
+
 class ScriptedBoard:
     """Times the uniform plans whole and the parts again with made-up numbers, storing the parts as a
     measurer would; remembers what it was asked."""
@@ -269,17 +285,7 @@ def test_parts_that_contradict_the_whole_are_timed_again_once_and_then_planned_o
             [{Precision.FP32: 7.0, Precision.INT8: 0.5}, {Precision.FP32: 7.1, Precision.INT8: 0.6}],
             {Precision.INT8: 0.1},
         )
-        scales = time_uniform_plans(
-            workloads,
-            latencies,
-            db,
-            "b1",
-            "m",
-            "default/r9",
-            board.time_whole,
-            time_parts=board.time_parts,
-            progress=messages.append,
-        )
+        scales = _scripted_scales(board, workloads, latencies, db, progress=messages.append)
         assert board.whole_calls == [[Precision.FP32, Precision.INT8]] * 2  # once, then once again
         outliers = [w.key for w in outlier_parts(workloads, Precision.INT8, latencies)]
         assert board.part_calls == [outliers] and scales.retimed_parts == len(outliers)
@@ -309,17 +315,7 @@ def test_timings_that_still_contradict_are_reported_and_not_reused_by_the_next_r
         # The whole int8 model stays at 0.5 ms however often the int8 parts are timed at 0.5 ms a layer.
         wholes = [{Precision.FP32: 7.0, Precision.INT8: 0.5}] * 2
         board = ScriptedBoard(db, workloads, wholes, {Precision.INT8: 0.5})
-        scales = time_uniform_plans(
-            workloads,
-            latencies,
-            db,
-            "b1",
-            "m",
-            "default/r9",
-            board.time_whole,
-            time_parts=board.time_parts,
-            measured_since=started,
-        )
+        scales = _scripted_scales(board, workloads, latencies, db, measured_since=started)
         assert len(board.whole_calls) == 2 and len(board.part_calls) == 1  # timed again once, no more
         int8 = scales.runs[Precision.INT8]
         assert int8.clamped and scales.runs[Precision.FP32].problems() == []
@@ -344,9 +340,7 @@ def test_timings_that_still_contradict_are_reported_and_not_reused_by_the_next_r
         # The next run times both uniform plans again instead of reusing them, and a row timed again
         # is trusted again.
         again = ScriptedBoard(db, workloads, [{Precision.FP32: 7.0, Precision.INT8: 3.4}])
-        rerun = time_uniform_plans(
-            workloads, latencies, db, "b1", "m", "default/r9", again.time_whole, time_parts=again.time_parts
-        )
+        rerun = _scripted_scales(again, workloads, latencies, db)
         assert again.whole_calls == [[Precision.FP32, Precision.INT8]] and again.part_calls == []
         assert rerun.unreliable == () and not any(run.reused for run in rerun.runs.values())
         assert db.model_run("b1", "m", "default/r9", "int8").median_ms == 3.4

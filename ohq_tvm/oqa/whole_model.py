@@ -141,9 +141,9 @@ class UniformBuilds:
 def time_with_measurer(
     measurer, libraries: Mapping[K, Path], imported: ImportedModel, rounds: int = ROUNDS
 ) -> dict[K, LatencyStats]:
-    """:func:`time_whole_models` on the board, with the timing and quiet gate of the
+    """The repeats of :func:`time_whole_rounds` on the board, by key, with the timing and quiet gate of the
     :class:`~.measure.Measurer` that measured the parts (so wholes and parts are timed alike)."""
-    return time_whole_models(
+    timed = time_whole_rounds(
         measurer.board,
         measurer.spec,
         libraries,
@@ -152,23 +152,6 @@ def time_with_measurer(
         measurer.timing.min_repeat_ms,
         measurer.gate,
         rounds=rounds,
-    )
-
-
-def time_whole_models(
-    board: Board,
-    spec,
-    libraries: Mapping[K, Path],
-    imported: ImportedModel,
-    repeat: int,
-    min_repeat_ms: int,
-    gate: QuietGate,
-    session_timeout_s: float = 300.0,
-    rounds: int = ROUNDS,
-) -> dict[K, LatencyStats]:
-    """The repeats of :func:`time_whole_rounds`, by key."""
-    timed = time_whole_rounds(
-        board, spec, libraries, imported, repeat, min_repeat_ms, gate, session_timeout_s, rounds
     )
     return {key: timing.stats for key, timing in timed.items()}
 
@@ -227,7 +210,6 @@ __all__ = [
     "ROUNDS",
     "UniformBuilds",
     "WholeTiming",
-    "time_whole_models",
     "time_whole_rounds",
     "time_with_measurer",
 ]
