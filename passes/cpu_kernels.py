@@ -261,6 +261,7 @@ class _KernelRewriter(PyExprMutator):
         packed, _correction = pack_conv2d_weight(weight, isa)
         channels = weight.shape[0]
         total = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
+        a = call.attrs
         return self._fusable(
             self.builder_.call_te(
                 conv2d_dot,
@@ -269,10 +270,10 @@ class _KernelRewriter(PyExprMutator):
                 relax.const(total),
                 isa_name=isa.name,
                 out_channels=channels,
-                kernel=(1, 1),
-                strides=(1, 1),
-                padding=(0, 0, 0, 0),
-                dilation=(1, 1),
+                kernel=tuple(int(k) for k in weight.shape[2:]),
+                strides=tuple(int(v) for v in a.strides),
+                padding=tuple(int(v) for v in a.padding),
+                dilation=tuple(int(v) for v in a.dilation),
                 pad_value=0,
                 primfunc_name_hint=f"conv2d_fp32_{isa.name}",
             )
