@@ -30,6 +30,7 @@ from tvm.target import Target
 
 from ..errors import TuningError
 from ..jsonfile import plain_json
+from ..kernels.isa import register_intrinsics
 from ..targets import BoardSpec
 
 TUNING_DIR_ENV = "OHQ_TVM_TUNING_DIR"
@@ -89,6 +90,7 @@ def register_cpu_intrinsics() -> None:
         tvm.s_tir.tensor_intrin = package  # type: ignore[attr-defined]
     for cpu in ("x86", "arm_cpu"):
         importlib.import_module(f"{name}.{cpu}")
+    register_intrinsics()  # ohq-tvm's own (kernels register theirs lazily, per ISA)
 
 
 @dataclass

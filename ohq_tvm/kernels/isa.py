@@ -348,9 +348,11 @@ _LLVM_INTRINSICS = {
 }
 
 
-def register_intrinsics() -> None:
-    """Register the tensor intrinsics once per process."""
-    for isa in ISAS.values():
+def register_intrinsics(isas=None) -> None:
+    """Register the tensor intrinsics of ``isas`` (default: every ISA), once per process. Parsing an
+    intrinsic's TVMScript takes about 0.15 s, so each schedule registers only the ISA it tensorizes with
+    (:func:`ohq_tvm.kernels.schedule`); replaying tuning records registers them all."""
+    for isa in ISAS.values() if isas is None else isas:
         if TensorIntrin.get(isa.intrinsic, allow_missing=True) is not None:
             continue
         if isa in FLOAT_ISAS:
@@ -358,6 +360,3 @@ def register_intrinsics() -> None:
             continue
         TensorIntrin.register(isa.intrinsic, _dot_description(isa), _dot_implementation(isa))
         TensorIntrin.register(isa.pixel_intrinsic, _pixel_description(isa), _pixel_implementation(isa))
-
-
-register_intrinsics()

@@ -34,7 +34,7 @@ from .int8_dot import (
     PACK_BLOCK,
     PIXEL_CONV_BLOCK,
 )
-from .isa import ISAS
+from .isa import ISAS, register_intrinsics
 from .loops import fold_consumers, inline_other_blocks, parallel, register_tile
 
 _MAX_ROWS = 8
@@ -123,12 +123,14 @@ def _tile(
         row_o, row_i = sch.split(row, factors=[None, rows])
         outer.append(row_o)
         tile.append(row_i)
-    _finish_tile(sch, compute, output, (outer, reduce, tile, lanes, inner), isa.intrinsic)
+    _finish_tile(sch, compute, output, (outer, reduce, tile, lanes, inner), isa, isa.intrinsic)
 
 
-def _finish_tile(sch: s_tir.Schedule, compute, output, loops: tuple, intrinsic: str) -> None:
+def _finish_tile(sch: s_tir.Schedule, compute, output, loops: tuple, isa, intrinsic: str) -> None:
     """Order ``(outer, reduce, tile, lanes, inner)`` loops, run the fused outer ones in parallel, keep the
-    tile in registers with the output stage computed per tile, and tensorize the lanes."""
+    tile in registers with the output stage computed per tile, and tensorize the lanes with ``isa``'s
+    ``intrinsic``."""
+    register_intrinsics([isa])
     outer, reduce, tile, lanes, inner = loops
     sch.reorder(*outer, *reduce, *tile, lanes, inner)
     fused = parallel(sch, outer)
@@ -170,7 +172,7 @@ def _tile_pixels(
     activation_bytes = _extent(sch, reduce[0]) * isa.group * np.dtype(isa.activation_dtype).itemsize
     outer = [n, y_o, x_oo, c_o] if activation_bytes >= out_channels else [n, c_o, y_o, x_oo]
     loops = (outer, reduce, [c_i, y_i, x_oi], lanes, inner)
-    _finish_tile(sch, compute, output, loops, isa.pixel_intrinsic)
+    _finish_tile(sch, compute, output, loops, isa, isa.pixel_intrinsic)
 
 
 def _absorb_fused_ops(sch: s_tir.Schedule) -> None:
