@@ -2,9 +2,11 @@
 
 from .errors import (
     BoardError,
+    BudgetError,
     BuildError,
     ModelImportError,
     OHQError,
+    PlanError,
     TargetError,
     TuningError,
     VerificationError,
@@ -30,10 +32,12 @@ def __getattr__(name: str):
 __all__ = [
     "BoardConnection",
     "BoardError",
+    "BudgetError",
     "BuildError",
     "CompileResult",
     "ModelImportError",
     "OHQError",
+    "PlanError",
     "Precision",
     "TargetError",
     "TuningError",

@@ -23,9 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tvm_ffi import register_error
-
-from .errors import OHQError
+from .errors import BudgetError
 from .precision import Precision
 
 DEFAULT_PARETO_POINTS = 12
@@ -37,11 +35,6 @@ _GRAMMAR = (
     "latency=5ms, latency=0.8*int8, size=2MB, size=0.5*fp32, memory=512KB, memory=0.5*fp32, "
     "pareto or pareto=N (comma-separated)"
 )
-
-
-@register_error
-class BudgetError(OHQError):
-    """A budget specification that cannot be read or resolved."""
 
 
 @dataclass(frozen=True)

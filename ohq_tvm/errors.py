@@ -38,5 +38,15 @@ class TuningError(BuildError):
 
 
 @register_error
+class PlanError(OHQError):
+    """A plan that does not fit the model or the board, or no plan meets the budgets."""
+
+
+@register_error
+class BudgetError(OHQError):
+    """A budget specification that cannot be read or resolved."""
+
+
+@register_error
 class VerificationError(OHQError):
     """A compiled module ran on the board but its outputs disagree with the reference."""

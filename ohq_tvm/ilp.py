@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .errors import PlanError
 from .oqa.cost import plan_latency
 from .oqa.workloads import ModelWorkloads
-from .plan import Plan, PlanError
+from .plan import Plan
 from .precision import Precision
 
 OBJECTIVES = ("sensitivity", "latency", "size", "bops")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import tvm
 from tvm import relax
 
-from .passes.layer_id import LAYERS_ATTR, bound_values, constant_weight, layer_bindings, layer_id_of
+from .passes.layer_id import LAYERS_ATTR, bound_values, constant_weight, identified_layers
 from .precision import Precision
 
 
@@ -80,10 +80,7 @@ def quantizable_layers(mod: tvm.IRModule) -> list[LayerInfo]:
     names = dict(func.attrs[LAYERS_ATTR]) if func.attrs and LAYERS_ATTR in func.attrs else {}
     values = bound_values(func)
     layers = []
-    for binding in layer_bindings(func):
-        layer_id = layer_id_of(binding.var)
-        if layer_id is None:
-            raise ValueError(f"layer bound to {binding.var.name!r} has no id; apply AssignLayerIds first")
+    for layer_id, binding in identified_layers(func):
         call = binding.value
         data, output = _shape(call.args[0]), _shape(binding.var)
         if call.op.name == "relax.nn.conv2d":

@@ -36,11 +36,11 @@ from .build import (
 )
 from .build.fidelity import Fidelity, agreement_failure, check_fidelity, describe
 from .calibration import Calibration
-from .errors import BoardError, TuningError, VerificationError
+from .errors import BoardError, PlanError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
 from .interrupts import reraise_interrupt
 from .jsonfile import make_output_folder, write_json
-from .plan import Plan, PlanError
+from .plan import Plan
 from .planner import PlanningResult, default_sensitivity_cache, plan_model
 from .precision import Precision
 from .progress import StageProgress, as_progress

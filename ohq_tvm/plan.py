@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvm_ffi import register_error
-
-from .errors import OHQError
+from .errors import PlanError
 from .jsonfile import read_json, write_json
 from .layers import LayerInfo
 from .precision import Precision
@@ -23,11 +21,6 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # data when the model has BatchNormalization statistics, else inverted for a classifier, else gaussian.
 SYNTHETIC_KINDS = ("gaussian", "uniform", "matched", "distilled", "inverted")
 AUTO_SYNTHETIC = "auto"
-
-
-@register_error
-class PlanError(OHQError):
-    """A plan that does not fit the model or the board."""
 
 
 @dataclass

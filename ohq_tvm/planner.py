@@ -13,14 +13,14 @@ import onnx
 from .board import Board, BoardConnection, open_board
 from .budget import BudgetSpec
 from .calibration import AUTO_SYNTHETIC, resolve_synthetic, synthetic_label
-from .errors import OHQError
+from .errors import OHQError, PlanError
 from .frontend import ImportedModel, load_onnx
 from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
 from .mqe import Sensitivity, estimate_sensitivity
 from .oqa.database import default_database_path
 from .oqa.in_model import InModelScales
 from .oqa.run import ModelMeasurement, measure_model
-from .plan import Plan, PlanError
+from .plan import Plan
 from .precision import Precision
 from .progress import StageProgress, as_progress
 from .targets import BoardSpec, resolve_target

@@ -12,8 +12,9 @@ import onnx
 import tvm
 
 from .calibration import Calibration, calibrate, load_samples
+from .errors import PlanError
 from .frontend import ImportedModel
-from .plan import Plan, PlanError
+from .plan import Plan
 from .precision import Precision
 from .targets import BoardSpec
 

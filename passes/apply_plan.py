@@ -29,7 +29,7 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ohq_tvm.errors import OHQError
+from ohq_tvm.errors import PlanError
 from ohq_tvm.precision import Precision
 from ohq_tvm.qparams import ActivationQParams
 
@@ -43,14 +43,9 @@ from .layer_compute import (
     emit_requantize,
 )
 from .layer_graph import LayerNode, layer_graph
+from .layer_id import identified_layers
 
 PLAN_ATTR = "ohq_plan"
-
-
-def _plan_error(message: str) -> OHQError:
-    from ohq_tvm.plan import PlanError  # ohq_tvm.plan imports ohq_tvm.layers, which imports this package
-
-    return PlanError(message)
 
 
 def layer_weight(call: relax.Call, values: Mapping[relax.Var, relax.Expr]) -> np.ndarray:
@@ -67,7 +62,7 @@ def layer_weight(call: relax.Call, values: Mapping[relax.Var, relax.Expr]) -> np
         axes = [int(a) for a in weight.attrs.axes] if weight.attrs.axes is not None else None
         weight = resolve(weight.args[0])
     if not isinstance(weight, Constant):
-        raise _plan_error("layer weight is not a constant")
+        raise PlanError("layer weight is not a constant")
     array = weight.value.numpy()
     return np.transpose(array, axes) if permuted else array
 
@@ -129,7 +124,7 @@ class _PlanRewriter(PyExprMutator):
     def _integer_layer(self, node: LayerNode, precision: Precision) -> None:
         layer = self._spec(node)
         if not layer.conv and layer.weight.ndim != 2:
-            raise _plan_error(f"layer {node.layer_id!r}: only 2-D matmul weights can be quantized")
+            raise PlanError(f"layer {node.layer_id!r}: only 2-D matmul weights can be quantized")
         qp = self.calibration.qparams(node.layer_id)
         data = self._quantized_input(node.call.args[0], qp)
         out_ndim = len(node.binding.var.ty.shape)
@@ -158,7 +153,7 @@ class ApplyPlan:
     ids (``AssignLayerIds``); when it was annotated (``AnnotateCandidates``) each precision must be among
     the layer's candidates. Records the plan as the function attribute ``ohq_plan``.
 
-    Raises :class:`ohq_tvm.plan.PlanError` for a plan that does not fit the model (unknown or missing
+    Raises :class:`ohq_tvm.errors.PlanError` for a plan that does not fit the model (unknown or missing
     layer, precision not allowed), integer layers without calibration, or a module already rewritten.
     """
 
@@ -167,23 +162,21 @@ class ApplyPlan:
         self.calibration = calibration
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from ohq_tvm.layers import quantizable_layers
-
         func = mod["main"]
         if func.attrs and PLAN_ATTR in func.attrs:
-            raise _plan_error("this module already has a plan applied; apply plans to the imported model")
-        layers = quantizable_layers(mod)
-        self.plan.validate_against(layers, candidates(mod) or None)
+            raise PlanError("this module already has a plan applied; apply plans to the imported model")
+        layer_ids = [layer_id for layer_id, _ in identified_layers(func)]
+        self.plan.validate_against(layer_ids, candidates(mod) or None)
         integer = [lid for lid, p in self.plan.assignments.items() if p.is_integer]
         if integer:
             if self.calibration is None:
-                raise _plan_error(
+                raise PlanError(
                     f"the plan puts {len(integer)} layer(s) in integer precision but no calibration was "
                     "given; calibrate the model first (ohq_tvm.calibration.calibrate)"
                 )
             missing = [lid for lid in integer if lid not in self.calibration.ranges]
             if missing:
-                raise _plan_error(f"the calibration has no range for layer(s) {', '.join(missing)}")
+                raise PlanError(f"the calibration has no range for layer(s) {', '.join(missing)}")
         flat = relax.transform.ToNonDataflow()(mod)
         rewriter = _PlanRewriter(flat, self.plan, self.calibration)
         rewritten = rewriter.visit_expr(flat["main"])

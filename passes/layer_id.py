@@ -125,6 +125,20 @@ def layer_id_of(var: relax.Var) -> str | None:
     return name[len(LAYER_VAR_PREFIX) :] if name.startswith(LAYER_VAR_PREFIX) else None
 
 
+def identified_layers(func: relax.Function) -> list[tuple[str, relax.VarBinding]]:
+    """``(layer id, binding)`` of every quantizable call of ``func``, in program order.
+
+    Raises ``ValueError`` for a layer without an id (run ``AssignLayerIds`` first).
+    """
+    found = []
+    for binding in layer_bindings(func):
+        layer_id = layer_id_of(binding.var)
+        if layer_id is None:
+            raise ValueError(f"layer bound to {binding.var.name!r} has no id; apply AssignLayerIds first")
+        found.append((layer_id, binding))
+    return found
+
+
 @tvm.transform.module_pass(opt_level=0, name="AssignLayerIds")
 class AssignLayerIds:
     """Name every quantizable call of ``main`` and record ``ohq_layers`` (id → ONNX node name).

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ohq_tvm import Precision, models
+import ohq_tvm
+from ohq_tvm import Precision, budget, errors, models
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.passes import AnnotateCandidates, candidates
@@ -120,3 +121,10 @@ def test_plan_files_that_are_not_plan_objects(tmp_path):
     (tmp_path / "bare.json").write_text('{"format": "ohq-tvm/plan", "format_version": 1}')
     with pytest.raises(PlanError, match=r"bare\.json: the plan has no 'assignments'"):
         Plan.load(tmp_path / "bare.json")
+
+
+def test_plan_and_budget_errors_are_in_the_error_family():
+    # One module holds every error a user can cause; the stages re-export theirs.
+    assert errors.PlanError is PlanError is ohq_tvm.PlanError
+    assert errors.BudgetError is budget.BudgetError is ohq_tvm.BudgetError
+    assert issubclass(PlanError, errors.OHQError) and issubclass(errors.BudgetError, errors.OHQError)
