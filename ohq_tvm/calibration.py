@@ -9,38 +9,49 @@ Calibration is kept apart from the rewrite (``passes.ApplyPlan`` only reads a :c
    threshold search of TensorRT-style calibration);
 4. :class:`Calibration` holds the ranges with where they came from, and round-trips through JSON.
 
-Samples are synthetic by default (:func:`synthetic_batches`) or the user's own (:func:`load_samples`:
-a folder of ``.npy`` files or images).
+Samples are synthetic by default or the user's own; :mod:`ohq_tvm.samples` makes both (its names are
+re-exported here).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import tvm
+from tqdm import tqdm
 from tvm import relax
 
+from .board.threads import host_vm
+from .build.module import build_executable
 from .errors import OHQError
-from .frontend import ImportedModel, TensorSpec
-from .input_stats import matched_input_statistics
+from .frontend import ImportedModel
 from .jsonfile import read_json, write_json
 from .passes.layer_id import layer_bindings, layer_id_of
-from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .plan import CALIBRATION_METHODS as METHODS
 from .qparams import ActivationQParams
+from .samples import (
+    AUTO_SYNTHETIC,
+    NORMALIZATIONS,
+    SYNTHETIC_DATA,
+    SYNTHETIC_KINDS,
+    ImageNormalization,
+    load_image,
+    load_samples,
+    resolve_synthetic,
+    synthetic_batches,
+    synthetic_data,
+    synthetic_label,
+)
+from .targets import resolve_target
 
 CALIBRATION_FORMAT = "ohq-tvm/calibration"
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Values kept per layer for percentile/entropy; exact min/max are tracked over everything.
 _SAMPLE_CAP = 1 << 20
-# Synthetic data optimised against the model, not drawn at random: synthetic_data makes it.
-_MODEL_MADE = ("distilled", "inverted")
 
 
 @dataclass
@@ -160,10 +171,6 @@ def observe(
     seed: int = 0,
 ) -> dict[str, Observation]:
     """Run the fp32 model on ``batches`` (built for the host) and record every layer's input."""
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
     probe, readers = layer_input_probe(imported.mod)
     executable = build_executable(probe, resolve_target("host"))
     vm = host_vm(executable)
@@ -172,8 +179,6 @@ def observe(
     keep = max(1, _SAMPLE_CAP // max(1, len(batches)))
     iterator: Iterable = batches
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(batches, desc="calibrating", unit="batch")
     for batch in iterator:
         args = []
@@ -253,176 +258,6 @@ def choose_range(observation: Observation, method: str, percentile: float = 99.9
     raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
 
 
-def synthetic_label(kind: str = "gaussian") -> str:
-    """How results computed on synthetic batches of ``kind`` name their data (``"synthetic:gaussian"``)."""
-    return f"synthetic:{kind}"
-
-
-def synthetic_batches(
-    specs: Sequence[TensorSpec],
-    count: int,
-    kind: str = "gaussian",
-    seed: int = 0,
-    onnx_model: onnx.ModelProto | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """``count`` batches of random inputs.
-
-    ``gaussian``: standard normal. ``uniform``: uniform on [-1, 1] (image-like). ``matched``: per-channel
-    normal whose first-layer statistics match the BatchNormalization after the model's first conv
-    (:func:`ohq_tvm.input_stats.matched_input_statistics`; needs ``onnx_model``). ``distilled`` and
-    ``inverted`` data need the model: :func:`synthetic_data`.
-    """
-    if kind not in SYNTHETIC_KINDS:
-        raise OHQError(f"unknown synthetic data {kind!r}; use one of {', '.join(SYNTHETIC_KINDS)}")
-    if kind in _MODEL_MADE:
-        raise OHQError(f"{kind} data is made from the model itself: use synthetic_data(imported, ...)")
-    matched: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if kind == "matched":
-        if onnx_model is None:
-            raise OHQError("matched synthetic data needs the ONNX model")
-        name, mean, std = matched_input_statistics(onnx_model)
-        matched[name] = (mean, std)
-    rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(count):
-        batch = {}
-        for spec in specs:
-            if spec.name in matched:
-                mean, std = matched[spec.name]
-                shape = [1] * len(spec.shape)
-                shape[1] = -1
-                noise = rng.standard_normal(spec.shape)
-                batch[spec.name] = (mean.reshape(shape) + std.reshape(shape) * noise).astype(spec.dtype)
-            elif kind == "uniform":
-                batch[spec.name] = rng.uniform(-1.0, 1.0, spec.shape).astype(spec.dtype)
-            else:
-                batch[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
-        batches.append(batch)
-    return batches
-
-
-def resolve_synthetic(imported: ImportedModel, kind: str) -> str:
-    """``kind``, with ``auto`` resolved: ``distilled`` when data can be distilled from the model
-    (:func:`ohq_tvm.distill.distillable`: the ONNX file has BatchNormalization statistics after its
-    convs, and Relax differentiates what comes before them), else ``inverted`` for a classifier
-    (:func:`ohq_tvm.invert.invertible`: one ``[batch, classes]`` output, every operator
-    differentiable), else ``gaussian``. Raises :class:`OHQError` for an unknown kind."""
-    if kind == AUTO_SYNTHETIC:
-        from .distill import distillable
-        from .invert import invertible
-
-        if distillable(imported):
-            return "distilled"
-        return "inverted" if invertible(imported) else "gaussian"
-    if kind not in SYNTHETIC_KINDS:
-        choices = ", ".join((AUTO_SYNTHETIC, *SYNTHETIC_KINDS))
-        raise OHQError(f"unknown synthetic data {kind!r}; use one of {choices}")
-    return kind
-
-
-def synthetic_data(
-    imported: ImportedModel,
-    count: int,
-    kind: str = "gaussian",
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """``count`` synthetic batches for ``imported``: :func:`synthetic_batches` of ``kind``; for
-    ``distilled`` inputs optimised to the model's BatchNormalization statistics
-    (:func:`ohq_tvm.distill.distilled_batches`), for ``inverted`` inputs the classifier assigns to each
-    class in turn (:func:`ohq_tvm.invert.inverted_batches`); both call ``progress(step, steps)``.
-    ``kind`` may be ``auto`` (:func:`resolve_synthetic`). Raises :class:`OHQError` as those do."""
-    kind = resolve_synthetic(imported, kind)
-    if kind == "distilled":
-        from .distill import distilled_batches
-
-        return distilled_batches(imported, count, seed=seed, progress=progress)
-    if kind == "inverted":
-        from .invert import inverted_batches
-
-        return inverted_batches(imported, count, seed=seed, progress=progress)
-    return synthetic_batches(imported.inputs, count, kind, seed, imported.onnx_model)
-
-
-@dataclass(frozen=True)
-class ImageNormalization:
-    """How images become tensors: ``(pixel / 255 - mean) / std`` per channel, NCHW, RGB."""
-
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-NORMALIZATIONS = {
-    "imagenet": ImageNormalization(),
-    "tf": ImageNormalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # (x/255 - 0.5) / 0.5, EfficientNet-Lite
-    "unit": ImageNormalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
-
-
-def load_image(
-    path: str | os.PathLike, shape: Sequence[int], normalization: ImageNormalization
-) -> np.ndarray:
-    """One image as a ``[1, 3, H, W]`` float32 tensor: shorter side resized, centre-cropped, normalised."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise OHQError("reading images needs Pillow: pip install pillow") from None
-    _, channels, height, width = shape
-    if channels != 3:
-        raise OHQError(f"image samples need a 3-channel input, not shape {list(shape)}")
-    try:
-        image = Image.open(path).convert("RGB")
-    except OSError as err:
-        raise OHQError(f"cannot read image {path}: {err}") from None
-    factor = max(height / image.height, width / image.width)
-    resized = image.resize(
-        (max(width, round(image.width * factor)), max(height, round(image.height * factor)))
-    )
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    pixels = np.asarray(resized.crop((left, top, left + width, top + height)), np.float32) / 255.0
-    normalized = (pixels - np.array(normalization.mean, np.float32)) / np.array(normalization.std, np.float32)
-    return normalized.transpose(2, 0, 1)[None].astype(np.float32)
-
-
-def load_samples(
-    path: str | os.PathLike, specs: Sequence[TensorSpec], normalization: str = "imagenet"
-) -> list[dict[str, np.ndarray]]:
-    """User samples for a single-input model: a folder of ``.npy`` arrays and/or images, or one ``.npy``.
-
-    An array may carry the batch dimension or not; its shape must otherwise match the input. Raises
-    :class:`OHQError` for a missing path, an empty folder, a shape mismatch or an unreadable file.
-    """
-    if len(specs) != 1:
-        raise OHQError("sample folders work for single-input models; pass batches from Python instead")
-    spec = specs[0]
-    root = Path(path)
-    if not root.exists():
-        raise OHQError(f"calibration samples {root} do not exist")
-    files = sorted(root.iterdir()) if root.is_dir() else [root]
-    files = [f for f in files if f.suffix.lower() in _IMAGE_SUFFIXES | {".npy"}]
-    if not files:
-        raise OHQError(f"no .npy or image files in {root}")
-    if normalization not in NORMALIZATIONS:
-        raise OHQError(f"unknown normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
-    batches = []
-    for file in files:
-        if file.suffix.lower() == ".npy":
-            try:
-                array = np.load(file)
-            except (OSError, ValueError) as err:
-                raise OHQError(f"cannot read {file}: {err}") from None
-            if array.shape == tuple(spec.shape[1:]):
-                array = array[None]
-            if array.shape != tuple(spec.shape):
-                raise OHQError(
-                    f"{file} has shape {list(array.shape)}; input {spec.name} is {list(spec.shape)}"
-                )
-        else:
-            array = load_image(file, spec.shape, NORMALIZATIONS[normalization])
-        batches.append({spec.name: array.astype(spec.dtype)})
-    return batches
-
-
 def calibrate(
     imported: ImportedModel,
     method: str = "minmax",
@@ -449,3 +284,26 @@ def calibrate(
     ranges = {layer_id: choose_range(obs, method, percentile) for layer_id, obs in observations.items()}
     options = {"percentile": percentile} if method == "percentile" else {}
     return Calibration(method, source, len(samples), ranges, options)
+
+
+__all__ = [
+    "AUTO_SYNTHETIC",
+    "CALIBRATION_FORMAT",
+    "METHODS",
+    "NORMALIZATIONS",
+    "SYNTHETIC_DATA",
+    "SYNTHETIC_KINDS",
+    "Calibration",
+    "ImageNormalization",
+    "Observation",
+    "calibrate",
+    "choose_range",
+    "layer_input_probe",
+    "load_image",
+    "load_samples",
+    "observe",
+    "resolve_synthetic",
+    "synthetic_batches",
+    "synthetic_data",
+    "synthetic_label",
+]

@@ -22,8 +22,9 @@ from .cli_planning import (
 )
 from .cli_progress import StageBars
 from .errors import OHQError
-from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
+from .plan import CALIBRATION_METHODS
 from .precision import Precision
+from .samples import NORMALIZATIONS, synthetic_choices
 
 if TYPE_CHECKING:  # the command starts without loading ONNX Runtime and TVM; a command that needs them does
     from .build.verify import Verification
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--calibration",
-        choices=["minmax", "percentile", "entropy"],
+        choices=CALIBRATION_METHODS,
         default="minmax",
         help="how integer layers' activation ranges are chosen (default: minmax)",
     )
@@ -260,13 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--normalization",
-        choices=["imagenet", "tf", "unit"],
+        choices=list(NORMALIZATIONS),
         default="imagenet",
         help="how images in --calibration-samples become tensors (default: imagenet mean/std)",
     )
     quant.add_argument(
         "--synthetic",
-        choices=[AUTO_SYNTHETIC, *SYNTHETIC_KINDS],
+        choices=synthetic_choices(),
         default="gaussian",
         help="synthetic calibration data when no samples are given; matched: per-channel input "
         "statistics fitted to the first conv's BatchNormalization; distilled: inputs optimised to "

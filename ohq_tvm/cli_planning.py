@@ -7,8 +7,8 @@ import argparse
 
 from .cli_progress import StageBars
 from .errors import OHQError
-from .plan import AUTO_SYNTHETIC, SYNTHETIC_KINDS
 from .precision import Precision
+from .samples import AUTO_SYNTHETIC, synthetic_choices
 
 
 def positive_int(text: str) -> int:
@@ -298,7 +298,7 @@ BUDGET_HELP = (
 def add_mqe_data_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mqe-data",
-        choices=[AUTO_SYNTHETIC, *SYNTHETIC_KINDS],
+        choices=synthetic_choices(),
         default=AUTO_SYNTHETIC,
         help="synthetic data MQE scores layers on; auto: distilled (inputs optimised until every "
         "BatchNormalization sees its training statistics) when the ONNX file has BatchNormalization "

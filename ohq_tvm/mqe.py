@@ -24,12 +24,13 @@ from tvm import relax
 from .board import Board, host_vm
 from .build.module import build_executable
 from .build.toolchain import find_toolchain
-from .calibration import Calibration, calibrate, resolve_synthetic, synthetic_data, synthetic_label
+from .calibration import Calibration, calibrate
 from .errors import OHQError
 from .frontend import ImportedModel
 from .jsonfile import read_json, write_json
 from .passes.mask import InsertPrecisionMasks, mask_layout
 from .precision import Precision
+from .samples import resolve_synthetic, synthetic_data, synthetic_label
 from .targets import BoardSpec, resolve_target
 
 SENSITIVITY_FORMAT = "ohq-tvm/sensitivity"

@@ -17,10 +17,6 @@ from .precision import Precision
 PLAN_FORMAT = "ohq-tvm/plan"
 PLAN_VERSION = 1
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-# Synthetic data for calibration and MQE (see ohq_tvm.calibration.synthetic_data); "auto" picks distilled
-# data when the model has BatchNormalization statistics, else inverted for a classifier, else gaussian.
-SYNTHETIC_KINDS = ("gaussian", "uniform", "matched", "distilled", "inverted")
-AUTO_SYNTHETIC = "auto"
 
 
 @dataclass

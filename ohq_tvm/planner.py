@@ -12,7 +12,6 @@ import onnx
 
 from .board import Board, BoardConnection, open_board
 from .budget import BudgetSpec
-from .calibration import AUTO_SYNTHETIC, resolve_synthetic, synthetic_label
 from .errors import OHQError, PlanError
 from .frontend import ImportedModel, load_onnx
 from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
@@ -23,6 +22,7 @@ from .oqa.run import ModelMeasurement, measure_model
 from .plan import Plan
 from .precision import Precision
 from .progress import StageProgress, as_progress
+from .samples import AUTO_SYNTHETIC, SYNTHETIC_DATA, ModelMadeData, resolve_synthetic, synthetic_label
 from .targets import BoardSpec, resolve_target
 
 
@@ -226,10 +226,9 @@ def _sensitivity(
         label = synthetic_label(kind)
         if cached is not None and cached.matches(imported.sha256, precisions, label, num_batches):
             return cached, True
-    if kind == "distilled":
-        hooks.say(f"distilling {num_batches} inputs from the model's BatchNormalization statistics")
-    elif kind == "inverted":
-        hooks.say(f"inverting the classifier: {num_batches} inputs it assigns to each class in turn")
+    maker = SYNTHETIC_DATA[kind]
+    if isinstance(maker, ModelMadeData):
+        hooks.say(maker.describe(num_batches))
     sensitivity = estimate_sensitivity(
         imported,
         precisions,

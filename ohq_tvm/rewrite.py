@@ -11,11 +11,12 @@ from pathlib import Path
 import onnx
 import tvm
 
-from .calibration import Calibration, calibrate, load_samples
+from .calibration import Calibration, calibrate
 from .errors import PlanError
 from .frontend import ImportedModel
 from .plan import Plan
 from .precision import Precision
+from .samples import load_samples
 from .targets import BoardSpec
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..board.session import RemoteVM
-from ..calibration import load_samples, synthetic_batches
 from ..frontend import ImportedModel
+from ..samples import load_samples, synthetic_batches
 from .verify import reference_session
 
 
