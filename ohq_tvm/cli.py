@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
+from . import models
+from .board import NOT_THE_BOARDS, EmulatedBoard, Stopped, sigterm_as_exit
+from .build.verify import Verification
 from .cli_planning import (
     BUDGET_HELP,
     add_mqe_data_argument,
@@ -21,21 +25,20 @@ from .cli_planning import (
     warn_unreliable,
 )
 from .cli_progress import StageBars
-from .errors import OHQError
+from .errors import BoardError, OHQError, VerificationError
+from .frontend import parse_input_shapes
+from .interrupts import watch_interrupts
+from .pipeline import compile_model
 from .plan import CALIBRATION_METHODS
 from .precision import Precision
 from .samples import NORMALIZATIONS, synthetic_choices
-
-if TYPE_CHECKING:  # the command starts without loading ONNX Runtime and TVM; a command that needs them does
-    from .build.verify import Verification
+from .targets import list_boards, resolve_target
 
 EXIT_USER_ERROR = 2
 EXIT_VERIFICATION_FAILED = 3
 
 
 def _cmd_targets(args: argparse.Namespace) -> int:
-    from .targets import list_boards
-
     boards = list_boards()
     rows = [("board", "triple", "cpu", "precisions", "rpc key", "description")]
     for b in boards:
@@ -56,8 +59,6 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_example_model(args: argparse.Namespace) -> int:
-    from . import models
-
     if args.name not in models.MODELS:
         raise OHQError(f"unknown example model {args.name!r}; known: {', '.join(sorted(models.MODELS))}")
     models.save(models.MODELS[args.name](), args.output)
@@ -66,10 +67,6 @@ def _cmd_example_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .errors import VerificationError
-    from .frontend import parse_input_shapes
-    from .pipeline import compile_model
-
     shapes = parse_input_shapes(args.input_shape or [])
     bars = StageBars()
     try:
@@ -137,12 +134,6 @@ def print_verification(verification: Verification, emulation: str | None = None,
 
 
 def _cmd_board_emulate(args: argparse.Namespace) -> int:
-    import time
-
-    from .board import NOT_THE_BOARDS, EmulatedBoard
-    from .errors import BoardError
-    from .targets import resolve_target
-
     if args.servers < 1:
         raise BoardError(f"--servers must be at least 1, not {args.servers}")
     spec = resolve_target(args.board)
@@ -305,9 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .board import Stopped, sigterm_as_exit
-    from .interrupts import watch_interrupts
-
     args = build_parser().parse_args(argv)
     try:
         with sigterm_as_exit(), watch_interrupts():

@@ -4,9 +4,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
+from .board import NOT_THE_BOARDS, BoardConnection
+from .budget import BudgetSpec
 from .cli_progress import StageBars
-from .errors import OHQError
+from .errors import BudgetError, OHQError
+from .frontend import load_onnx, parse_input_shapes
+from .jsonfile import write_atomic, write_json
+from .oqa import LatencyDatabase, TimingConfig
+from .oqa.run import measure_model
+from .planner import default_sensitivity_cache, plan_model
 from .precision import Precision
 from .samples import AUTO_SYNTHETIC, synthetic_choices
 
@@ -38,8 +47,6 @@ def precision_list(text: str) -> list[Precision]:
 
 def _board_options(args: argparse.Namespace) -> dict:
     """Where the board is, which precisions and input shapes: shared by measure and plan."""
-    from .frontend import parse_input_shapes
-
     return {
         "connection": board_connection(args),
         "database": args.db,
@@ -51,8 +58,6 @@ def _board_options(args: argparse.Namespace) -> dict:
 def board_connection(args: argparse.Namespace):
     """The :class:`~ohq_tvm.board.BoardConnection` of the board arguments (``--tracker``, ``--key``,
     ``--server``, ``--emulated``, ``--arm-runtime``)."""
-    from .board import BoardConnection
-
     return BoardConnection(
         tracker=args.tracker,
         key=args.key,
@@ -64,8 +69,6 @@ def board_connection(args: argparse.Namespace):
 
 def emulation_note(emulation: str | None) -> str:
     """What the CLI appends to a latency taken on an emulated board."""
-    from .board import NOT_THE_BOARDS
-
     return f" ({NOT_THE_BOARDS}: {emulation})" if emulation else ""
 
 
@@ -74,9 +77,6 @@ def _format_ms(value: float | None) -> str:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .oqa import TimingConfig
-    from .oqa.run import measure_model
-
     asked = {"repeat": args.repeat, "min_repeat_ms": args.min_repeat_ms}
     timing = TimingConfig(**{name: value for name, value in asked.items() if value is not None})
     bars = StageBars()
@@ -150,8 +150,6 @@ def _print_table(rows: list[list[str]]) -> None:
 
 def _plan_budget(args: argparse.Namespace):
     """The budget of ``ohq-tvm plan``: ``--budget SPEC``, or the older single-quantity flags."""
-    from .budget import BudgetError, BudgetSpec
-
     flags = {
         "latency": None if args.latency_ms is None else f"{args.latency_ms}ms",
         "size": None if args.size_mb is None else f"{args.size_mb}MB",
@@ -191,12 +189,6 @@ def warn_unreliable(planning) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .frontend import load_onnx
-    from .jsonfile import write_json
-    from .planner import default_sensitivity_cache, plan_model
-
     bars = StageBars()
     try:
         options = _board_options(args)
@@ -234,11 +226,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    import json
-
-    from .jsonfile import write_atomic
-    from .oqa import LatencyDatabase
-
     with LatencyDatabase(args.db, create=False) as db:  # reading or clearing it never makes one
         if args.action == "show":
             boards = db.boards()

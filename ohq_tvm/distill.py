@@ -24,10 +24,13 @@ import onnx
 import tvm
 from tvm import relax
 
+from .board.threads import host_vm
+from .build.module import build_executable
 from .errors import OHQError
 from .frontend import ImportedModel
 from .onnx_fold import graph_constants
 from .passes.layer_id import LAYERS_ATTR, layer_bindings, layer_id_of
+from .targets import resolve_target
 
 ITERATIONS = 200
 LEARNING_RATE = 0.1
@@ -185,10 +188,6 @@ def with_input_gradient(mod: tvm.IRModule, requirement: str) -> tvm.IRModule:
 
 def host_functions(mod: tvm.IRModule):
     """``mod`` built for this machine (the default CPU schedule), as a VM whose functions take tensors."""
-    from .board.threads import host_vm
-    from .build.module import build_executable
-    from .targets import resolve_target
-
     return host_vm(build_executable(mod, resolve_target("host")))
 
 

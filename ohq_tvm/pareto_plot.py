@@ -38,6 +38,7 @@ def plot_pareto(
     a star, the latency budget a dotted vertical line, and ``measured_ms`` (the chosen plan timed end to
     end) a hollow circle joined to the star. Returns the path; raises ``OSError`` if it cannot be written.
     """
+    # matplotlib takes ~0.5 s to import; only a report with a frontier draws it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

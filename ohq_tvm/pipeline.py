@@ -44,6 +44,7 @@ from .plan import Plan
 from .planner import PlanningResult, default_sensitivity_cache, plan_model
 from .precision import Precision
 from .progress import StageProgress, as_progress
+from .report import plot_pareto, write_report
 from .rewrite import rewrite_for_plan
 from .targets import BoardSpec, resolve_target
 
@@ -353,8 +354,6 @@ def _finish(result: CompileResult, exported: ExportedModule, wanted, trials: int
         manifest["plan"] = {"counts": result.plan.counts(), "file": "plan.json", "qdq": "model.qdq.onnx"}
     planning = result.planning
     if planning is not None:
-        from .report import plot_pareto, write_report
-
         out = result.out_dir
         in_model = planning.measurement.in_model
         write_json(out / "frontier.json", [p.to_json() for p in planning.frontier], "frontier")

@@ -14,8 +14,11 @@ import tvm
 from .calibration import Calibration, calibrate
 from .errors import PlanError
 from .frontend import ImportedModel
+from .layers import quantizable_layers
+from .passes import AnnotateCandidates, ApplyPlan, candidates
 from .plan import Plan
 from .precision import Precision
+from .qdq import export_qdq
 from .samples import load_samples
 from .targets import BoardSpec
 
@@ -56,10 +59,6 @@ def rewrite_for_plan(
     the board's candidates, or both/neither of ``precision`` and ``plan``; calibration errors for
     unreadable samples.
     """
-    from .layers import quantizable_layers
-    from .passes import AnnotateCandidates, ApplyPlan, candidates
-    from .qdq import export_qdq
-
     layers = quantizable_layers(imported.mod)
     if (plan is None) == (precision is None):
         raise PlanError("give a precision or a plan (one of them)")

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from ohq_tvm import models, pipeline
+from ohq_tvm import cli, models, pipeline
 from ohq_tvm.board import ANSWER_TIMEOUT_ENV, LatencyStats
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.build.verify import OutputAgreement, Verification
@@ -98,7 +98,7 @@ def test_a_plan_chosen_from_contradicting_timings_is_never_a_bare_ok(
             planning=planning,
         )
 
-    monkeypatch.setattr(pipeline, "compile_model", compiled)
+    monkeypatch.setattr(cli, "compile_model", compiled)  # the API entry point the command calls
     code = main(["compile", "m.onnx", "--budget", "latency=1.1*int8", "-o", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from .. import __version__
 from ..errors import BuildError
 from ..frontend import ImportedModel
 from ..interrupts import reraise_interrupt
@@ -157,8 +158,6 @@ def export_module(
             raise BuildError(f"cannot write {library_path}: {err.strerror or err}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    from .. import __version__
-
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,

@@ -31,6 +31,7 @@ from tvm.target import Target
 from ..kernels import has_dot_kernel
 from ..kernels import schedule_default as schedule_dot_kernel
 from ..kernels.loops import MIN_LANES, extent, fp32_lanes, parallel, vector_factor
+from ..passes import UseCPUKernels
 from .conv_schedule import find_conv, schedule_conv
 
 _CHANNEL_UNROLL = (4, 2)
@@ -171,8 +172,6 @@ def fusion_passes(target: Target) -> list[tvm.transform.Pass]:
     (``UseCPUKernels``), library dispatch, legalization, constant folding and fusion. Tuning
     extracts its tasks after exactly these passes, so they are written once, here."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from ohq_tvm.passes import UseCPUKernels
 
     return [
         UseCPUKernels(target),

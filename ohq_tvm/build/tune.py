@@ -31,6 +31,7 @@ from ..board import Board
 from ..errors import TuningError
 from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec
+from .schedules import CPUDefaultRule
 from .toolchain import find_toolchain
 from .tune_builder import CandidateBuilder
 from .tuned_build import fuse
@@ -357,8 +358,6 @@ def _commit_default_schedules(
     A default schedule that fails to build or run is skipped (the search goes on without it). Returns
     the record of each task's default schedule that ran, by task name.
     """
-    from .schedules import CPUDefaultRule
-
     rule = CPUDefaultRule()
     scheduled = []
     for task in pending:

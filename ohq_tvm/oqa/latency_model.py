@@ -103,14 +103,14 @@ class _Booster:
         self.booster = None
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> _Booster:
-        import xgboost
+        import xgboost  # ~0.3 s to import; only a measurement run with enough rows to train needs it
 
         data = xgboost.DMatrix(x, label=y, feature_names=list(FEATURE_NAMES))
         self.booster = xgboost.train(self.params, data, num_boost_round=_ROUNDS)
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        import xgboost
+        import xgboost  # as in fit
 
         return self.booster.predict(xgboost.DMatrix(x, feature_names=list(FEATURE_NAMES)))
 

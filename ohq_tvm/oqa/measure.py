@@ -42,6 +42,7 @@ from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec
 from .database import LatencyDatabase
 from .kernel_timing import KernelCall, build_kernel_library, time_kernels
+from .latency_model import MIN_TRAINING_ROWS, LatencyModel
 from .quiet import QuietGate, QuietWait
 from .workloads import Workload
 
@@ -208,8 +209,6 @@ class Measurer:
         return self._fingerprint
 
     def _prioritise(self, pending: list[Workload], budget: int, summary: MeasureSummary) -> list[Workload]:
-        from .latency_model import MIN_TRAINING_ROWS, LatencyModel
-
         rows = [
             m for m in self.database.measurements(self.fingerprint) if m.ok and m.schedule == self.schedule
         ]

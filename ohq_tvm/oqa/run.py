@@ -11,11 +11,15 @@ from dataclasses import dataclass
 import onnx
 
 from ..board import Board, BoardConnection, open_board
-from ..build.tune import TuningProgress
+from ..build.tune import TuningProgress, tune_module
 from ..build.tuning_database import TuningDatabase
-from ..errors import OHQError
+from ..calibration import calibrate
+from ..errors import OHQError, TargetError
 from ..frontend import ImportedModel, load_onnx
+from ..layers import quantizable_layers
 from ..passes.annotate import AnnotateCandidates
+from ..passes.apply_plan import ApplyPlan
+from ..plan import Plan
 from ..precision import Precision
 from ..targets import BoardSpec, resolve_target
 from .database import LatencyDatabase
@@ -123,8 +127,6 @@ def measure_model(
     allowed = [Precision.parse(str(p)) for p in (precisions if precisions is not None else spec.precisions)]
     lacking = [p.value for p in allowed if p not in spec.precisions and p is not Precision.FP32]
     if lacking:
-        from ..errors import TargetError
-
         have = ", ".join(p.value for p in spec.precisions)
         raise TargetError(f"board {spec.name} does not compute {', '.join(lacking)} (it has {have})")
     annotated = AnnotateCandidates(allowed, pin_first_last=pin_first_last)(imported.mod)
@@ -169,12 +171,6 @@ def tune_candidates(
     (a layer whose epilogue in the model includes a residual add) keep the default schedule. Integer
     variants are calibrated on synthetic data: the values do not change the kernels.
     """
-    from ..build.tune import tune_module
-    from ..calibration import calibrate
-    from ..layers import quantizable_layers
-    from ..passes.apply_plan import ApplyPlan
-    from ..plan import Plan
-
     layers = quantizable_layers(imported.mod)
     calibration = (
         calibrate(imported, "minmax", num_samples=2) if any(p.is_integer for p in precisions) else None

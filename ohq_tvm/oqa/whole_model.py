@@ -16,9 +16,14 @@ from typing import TypeVar
 
 from ..board import Board
 from ..board.session import LatencyStats
+from ..build.module import build_executable
 from ..build.toolchain import find_toolchain
+from ..calibration import calibrate
 from ..errors import BoardError
 from ..frontend import ImportedModel, synthetic_inputs
+from ..layers import quantizable_layers
+from ..passes.apply_plan import ApplyPlan
+from ..plan import Plan
 from ..precision import Precision
 from .quiet import QuietGate, canary_executable, canary_probe
 
@@ -92,12 +97,6 @@ class UniformBuilds:
         )
 
     def _library(self, precision: Precision) -> Path:
-        from ..build.module import build_executable
-        from ..calibration import calibrate
-        from ..layers import quantizable_layers
-        from ..passes.apply_plan import ApplyPlan
-        from ..plan import Plan
-
         if precision not in self._libraries:
             if precision.is_integer and self._calibration is None:
                 # The values do not change the kernels: a quick synthetic calibration will do.
