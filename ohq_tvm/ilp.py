@@ -23,15 +23,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .errors import PlanError
 from .oqa.cost import plan_latency
 from .oqa.workloads import ModelWorkloads
 from .plan import Plan
 from .precision import Precision
+
+if TYPE_CHECKING:
+    from scipy.optimize import LinearConstraint
 
 OBJECTIVES = ("sensitivity", "latency", "size", "bops")
 _TOLERANCE = 1e-9
@@ -174,6 +177,8 @@ class _Program:
         return rows
 
     def constraints(self) -> list[LinearConstraint]:
+        from scipy.optimize import LinearConstraint  # as in _solve
+
         p, w = self.problem, self.problem.workloads
         rows, lower, upper = [], [], []
         for layer_id in p.layers:  # exactly one precision per layer
@@ -213,6 +218,10 @@ _QUANTITY = {"sensitivity": "sensitivity", "latency": "latency_ms", "size": "siz
 
 
 def _solve(program: _Program, objective: str, budgets: Budgets) -> dict[str, Precision] | None:
+    # scipy.optimize takes ~0.5 s to import (more on a busy machine): loaded when a plan is solved, not
+    # when the command starts.
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
     cost, _ = program.quantity(_QUANTITY[objective])
     # A tie-break towards lower latency among equally good plans, too small to change the optimum.
     tie, _ = program.quantity("latency_ms" if objective != "latency" else "sensitivity")

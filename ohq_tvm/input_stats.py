@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from scipy.optimize import nnls
 
 from .errors import OHQError
 
@@ -24,6 +23,8 @@ def matched_input_statistics(model: onnx.ModelProto) -> tuple[str, np.ndarray, n
     Raises :class:`OHQError` when no graph input feeds a Conv followed by a BatchNormalization with
     initializer parameters (e.g. BN already folded, or preprocessing ops before the conv).
     """
+    from scipy.optimize import nnls  # ~0.5 s to import: loaded when matched data is made
+
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     inputs = {i.name for i in graph.input} - set(initializers)
