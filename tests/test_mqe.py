@@ -99,3 +99,30 @@ def test_masks_need_calibration_for_integer_precisions(tiny):
         InsertPrecisionMasks([INT8])(imported.mod)
     with pytest.raises(OHQError, match="without fp32"):
         InsertPrecisionMasks([FP32, INT8])
+
+
+@pytest.mark.slow  # 40-80 s on a 2-core host
+def test_a_masked_model_whose_float_layers_take_the_channel_form_builds_and_runs():
+    # MobileNetV2 at 32x32: its 1x1 convs on 2x2 and 1x1 maps take the fp32 channel form, whose output a
+    # precision mask reads twice (``out + m * (other - out)``); that build had failed ("used before its
+    # definition"). All-zero masks give the float model exactly; one mask entry switches one layer.
+    imported = load_onnx(models.mobilenet_v2(size=32, width=0.5))
+    calibration = calibrate(imported, "minmax", num_samples=2)
+    masked = InsertPrecisionMasks([INT8], calibration)(imported.mod)
+    layers, columns = mask_layout(masked)
+    x = synthetic_inputs(imported.inputs, seed=5)["input"]
+    mask = np.zeros((len(layers), len(columns)), np.float32)
+    (reference,) = run_local(imported.mod, x)
+    (unmasked,) = run_local(masked, x, mask)
+    np.testing.assert_array_equal(unmasked, reference)
+    layer_id = "features_16_expand"  # 1x1 on the 1x1 map
+    assert layer_id in layers
+    mask[layers.index(layer_id), 0] = 1
+    (switched,) = run_local(masked, x, mask)
+    plan = Plan({lid: INT8 if lid == layer_id else FP32 for lid in layers})
+    (alone,) = run_local(ApplyPlan(plan, calibration)(imported.mod), x)
+    scale = float(np.abs(alone - reference).max())
+    assert scale > 0
+    np.testing.assert_allclose(
+        switched, alone, rtol=0, atol=max(1e-3 * np.abs(reference).max(), 0.02 * scale)
+    )

@@ -114,8 +114,12 @@ def attempt(action: Callable, *args) -> bool:
 
 
 def fold_consumers(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
-    """Reverse-inline ``block``'s element-wise consumers into it, repeatedly, until none can be."""
-    while any(attempt(sch.reverse_compute_inline, consumer) for consumer in sch.get_consumers(block)):
+    """Reverse-inline ``block``'s element-wise consumer into it, repeatedly, while it has exactly one.
+    With two (a precision mask's ``out + m * (other - out)`` reads the output twice), TVM would inline one
+    and leave the other reading a buffer nobody writes any more."""
+    while len(consumers := sch.get_consumers(block)) == 1 and attempt(
+        sch.reverse_compute_inline, consumers[0]
+    ):
         pass
 
 
