@@ -29,9 +29,9 @@ from tvm import relax
 from .board.threads import host_vm
 from .build.module import build_executable
 from .errors import OHQError
-from .frontend import ImportedModel
+from .frontend import ImportedModel, TensorSpec, module_inputs
 from .jsonfile import read_json, write_json
-from .passes.layer_id import layer_bindings, layer_id_of
+from .passes.layer_id import check_not_lowered, layer_bindings, layer_id_of
 from .plan import CALIBRATION_METHODS as METHODS
 from .qparams import ActivationQParams
 from .samples import (
@@ -40,6 +40,7 @@ from .samples import (
     SYNTHETIC_DATA,
     SYNTHETIC_KINDS,
     ImageNormalization,
+    RandomData,
     load_image,
     load_samples,
     resolve_synthetic,
@@ -134,6 +135,7 @@ def layer_input_probe(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[list[str]]]
             readers.append([])
         readers[position[data]].append(layer_id)
     if not outputs:
+        check_not_lowered(mod, "calibrate")
         raise OHQError("the model has no conv/dense layers to calibrate")
     body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(outputs)))
     probe = relax.Function(func.params, body, None, func.is_pure, func.attrs)
@@ -165,13 +167,15 @@ class Observation:
 
 
 def observe(
-    imported: ImportedModel,
+    mod: tvm.IRModule,
+    inputs: Sequence[TensorSpec],
     batches: Sequence[Mapping[str, np.ndarray]],
     progress: bool = False,
     seed: int = 0,
 ) -> dict[str, Observation]:
-    """Run the fp32 model on ``batches`` (built for the host) and record every layer's input."""
-    probe, readers = layer_input_probe(imported.mod)
+    """Run the fp32 module on ``batches`` (built for the host; ``inputs`` are ``main``'s parameters in
+    order) and record every layer's input."""
+    probe, readers = layer_input_probe(mod)
     executable = build_executable(probe, resolve_target("host"))
     vm = host_vm(executable)
     rng = np.random.default_rng(seed)
@@ -182,7 +186,7 @@ def observe(
         iterator = tqdm(batches, desc="calibrating", unit="batch")
     for batch in iterator:
         args = []
-        for spec in imported.inputs:
+        for spec in inputs:
             if spec.name not in batch:
                 raise OHQError(f"calibration sample lacks input {spec.name!r}")
             args.append(tvm.runtime.tensor(np.ascontiguousarray(batch[spec.name], dtype=spec.dtype)))
@@ -259,7 +263,7 @@ def choose_range(observation: Observation, method: str, percentile: float = 99.9
 
 
 def calibrate(
-    imported: ImportedModel,
+    model: ImportedModel | tvm.IRModule,
     method: str = "minmax",
     samples: Sequence[Mapping[str, np.ndarray]] | None = None,
     num_samples: int = 8,
@@ -267,20 +271,41 @@ def calibrate(
     percentile: float = 99.99,
     seed: int = 0,
     progress: bool = False,
+    inputs: Sequence[TensorSpec] | None = None,
 ) -> Calibration:
     """Ranges for every layer's input. ``samples`` are the user's batches; without them, ``num_samples``
-    synthetic batches of kind ``synthetic`` are used (and the result says so in ``source``)."""
+    synthetic batches of kind ``synthetic`` are used (and the result says so in ``source``).
+
+    ``model`` is what :func:`~ohq_tvm.frontend.load_onnx` returns, or a Relax module with layer ids
+    (e.g. from ``tvm.relax.frontend.onnx.from_onnx`` followed by ``AssignLayerIds(onnx_model)``); for a
+    module, ``inputs`` gives ``main``'s input specs (default: read from its parameters, which then need
+    static shapes), and synthetic data is drawn at random (``gaussian``, ``uniform``; the other kinds are
+    made from the ONNX model). Raises :class:`OHQError` for an unknown method or data kind, no samples, a
+    module whose layers ``LegalizeOps`` has already lowered, or inputs that do not match ``main``.
+    """
     if method not in METHODS:
         raise OHQError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(model, ImportedModel):
+        mod, specs = model.mod, model.inputs
+    else:
+        mod, specs = model, module_inputs(model, inputs)
     if samples is None:
-        synthetic = resolve_synthetic(imported, synthetic)
-        samples = synthetic_data(imported, num_samples, synthetic, seed)
+        if isinstance(model, ImportedModel):
+            synthetic = resolve_synthetic(model, synthetic)
+            samples = synthetic_data(model, num_samples, synthetic, seed)
+        elif isinstance(SYNTHETIC_DATA.get(synthetic), RandomData):
+            samples = synthetic_batches(specs, num_samples, synthetic, seed)
+        else:
+            raise OHQError(
+                f"calibrating a Relax module draws random synthetic data, not {synthetic!r}: give "
+                "samples=[...], or import with ohq_tvm.frontend.load_onnx"
+            )
         source = synthetic_label(synthetic)
     else:
         source = "samples"
     if not samples:
         raise OHQError("calibration got no samples")
-    observations = observe(imported, samples, progress=progress, seed=seed)
+    observations = observe(mod, specs, samples, progress=progress, seed=seed)
     ranges = {layer_id: choose_range(obs, method, percentile) for layer_id, obs in observations.items()}
     options = {"percentile": percentile} if method == "percentile" else {}
     return Calibration(method, source, len(samples), ranges, options)

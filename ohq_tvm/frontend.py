@@ -376,6 +376,44 @@ def load_onnx(
     )
 
 
+def module_inputs(mod: tvm.IRModule, given: Sequence[TensorSpec] | None = None) -> list[TensorSpec]:
+    """The inputs of ``mod``'s ``main``, in parameter order, for a module not imported by
+    :func:`load_onnx` (e.g. by ``tvm.relax.frontend.onnx.from_onnx``).
+
+    Without ``given``, read from the parameters, whose shapes must be static. With ``given``, those
+    specs, put in parameter order. Raises :class:`ModelImportError` for a dynamic shape and no spec, or a
+    ``given`` that names other inputs than ``main``'s or contradicts a static dimension.
+    """
+    params = mod["main"].params
+    by_name = {spec.name: spec for spec in given or ()}
+    names = [param.name for param in params]
+    if given is not None and sorted(by_name) != sorted(names):
+        raise ModelImportError(
+            f"input specs name {', '.join(sorted(by_name)) or 'nothing'}; main's inputs are "
+            f"{', '.join(names)}"
+        )
+    specs = []
+    for param, name in zip(params, names, strict=True):
+        info = param.ty
+        shape = getattr(info, "shape", None)
+        dims = (
+            [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in shape] if shape is not None else []
+        )
+        spec = by_name.get(name)
+        if spec is None:
+            if not dims or None in dims:
+                raise ModelImportError(
+                    f"input {name!r} of main has no static shape ({info}); give its TensorSpec"
+                )
+            spec = TensorSpec(name, tuple(dims), str(info.dtype))
+        elif len(dims) != len(spec.shape) or any(
+            d not in (None, s) for d, s in zip(dims, spec.shape, strict=True)
+        ):
+            raise ModelImportError(f"input spec {name} {list(spec.shape)} contradicts main's {info}")
+        specs.append(spec)
+    return specs
+
+
 def synthetic_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic inputs: standard-normal floats, small non-negative integers for integer inputs."""
     rng = np.random.default_rng(seed)

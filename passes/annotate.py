@@ -9,7 +9,7 @@ import tvm
 from ohq_tvm.errors import OHQError
 from ohq_tvm.precision import Precision
 
-from .layer_id import LAYERS_ATTR, layer_bindings, layer_id_of
+from .layer_id import LAYERS_ATTR, check_not_lowered, layer_bindings, layer_id_of
 
 CANDIDATES_ATTR = "ohq_candidates"
 
@@ -24,8 +24,8 @@ class AnnotateCandidates:
     ``pinned`` maps layer ids or ONNX node names to a precision, and ``pin_first_last`` keeps the first and
     last layer in fp32 (the usual guard for accuracy at the network's edges) unless ``pinned`` says
     otherwise. Needs layer ids (``AssignLayerIds``); a module with no layers is returned unchanged.
-    Raises :class:`OHQError` for a pinned name that is not a layer, or a pinned precision the board
-    lacks.
+    Raises :class:`OHQError` for a pinned name that is not a layer, a pinned precision the board
+    lacks, or a module whose layers ``LegalizeOps`` has already lowered to TIR.
     """
 
     def __init__(
@@ -42,6 +42,7 @@ class AnnotateCandidates:
         self.pin_first_last = pin_first_last
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        check_not_lowered(mod, "AnnotateCandidates")
         func = mod["main"]
         ids = [layer_id_of(b.var) for b in layer_bindings(func)]
         if not ids:

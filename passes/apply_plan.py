@@ -43,7 +43,7 @@ from .layer_compute import (
     emit_requantize,
 )
 from .layer_graph import LayerNode, layer_graph
-from .layer_id import identified_layers
+from .layer_id import check_not_lowered, identified_layers
 
 PLAN_ATTR = "ohq_plan"
 
@@ -154,7 +154,8 @@ class ApplyPlan:
     the layer's candidates. Records the plan as the function attribute ``ohq_plan``.
 
     Raises :class:`ohq_tvm.errors.PlanError` for a plan that does not fit the model (unknown or missing
-    layer, precision not allowed), integer layers without calibration, or a module already rewritten.
+    layer, precision not allowed), integer layers without calibration, or a module already rewritten;
+    :class:`~ohq_tvm.errors.OHQError` for a module whose layers ``LegalizeOps`` has already lowered to TIR.
     """
 
     def __init__(self, plan, calibration=None) -> None:
@@ -165,6 +166,7 @@ class ApplyPlan:
         func = mod["main"]
         if func.attrs and PLAN_ATTR in func.attrs:
             raise PlanError("this module already has a plan applied; apply plans to the imported model")
+        check_not_lowered(mod, "ApplyPlan")
         layer_ids = [layer_id for layer_id, _ in identified_layers(func)]
         self.plan.validate_against(layer_ids, candidates(mod) or None)
         integer = [lid for lid, p in self.plan.assignments.items() if p.is_integer]

@@ -22,9 +22,13 @@ from tvm import relax
 from tvm.ir.expr import Constant
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ohq_tvm.errors import OHQError
+
 LAYER_VAR_PREFIX = "ohq_"
 LAYERS_ATTR = "ohq_layers"
 _QUANTIZABLE_ONNX_OPS = {"Conv", "Gemm", "MatMul"}
+# What LegalizeOps (and FuseOps after it) name the TIR functions a conv2d or matmul becomes.
+_LOWERED_LAYER_NAMES = ("conv2d", "matmul")
 
 
 def constant_weight(
@@ -119,6 +123,33 @@ def layer_bindings(func: relax.Function) -> list[relax.VarBinding]:
     return found
 
 
+def lowered_layer_functions(mod: tvm.IRModule) -> list[str]:
+    """Names of the TIR functions in ``mod`` that compute a conv2d or matmul (``conv2d``,
+    ``fused_conv2d_add_relu``, ...): what the layers became once ``LegalizeOps`` (or ``relax.build``'s
+    pipeline) lowered them. Empty for a module whose layers are still Relax calls."""
+    return sorted(
+        gv.name_hint
+        for gv, func in mod.functions_items()
+        if not isinstance(func, relax.Function) and any(n in gv.name_hint for n in _LOWERED_LAYER_NAMES)
+    )
+
+
+def check_not_lowered(mod: tvm.IRModule, what: str) -> None:
+    """Raise :class:`OHQError` when ``main`` has no layer because its convs and matmuls were already
+    lowered to TIR: ``what`` (a pass name) finds nothing to work on there and says so in one line,
+    instead of failing later on an empty layer list. Does nothing when ``main`` has layers, or has none
+    and was never lowered."""
+    if layer_bindings(mod["main"]):
+        return
+    lowered = lowered_layer_functions(mod)
+    if lowered:
+        shown = ", ".join(lowered[:3]) + (", ..." if len(lowered) > 3 else "")
+        raise OHQError(
+            f"{what} finds no conv/dense layer in main: they are already lowered to TIR functions "
+            f"({shown}), as LegalizeOps and relax.build's pipeline do; run {what} before LegalizeOps"
+        )
+
+
 def layer_id_of(var: relax.Var) -> str | None:
     """The layer id carried by a binding variable, or ``None``."""
     name = var.name
@@ -146,13 +177,18 @@ class AssignLayerIds:
     With ``onnx_model`` given, each call is matched to the ONNX Conv/Gemm/MatMul whose weight initializer
     holds the same values (layout-independent), and the node's name becomes the id (sanitized, made unique).
     Calls with no match, or no model, get ``<op>_<n>`` ids. Calls that already carry an id keep it, so the
-    pass is idempotent. Does nothing to a module without quantizable calls.
+    pass is idempotent. Does nothing to a module without quantizable calls; raises :class:`OHQError` for
+    one whose layers ``LegalizeOps`` has already lowered to TIR (run this pass before it).
+
+    A module imported with TVM's own ``tvm.relax.frontend.onnx.from_onnx`` (weights kept as constants,
+    its default) gets the ONNX node names when given the same ``onnx_model``.
     """
 
     def __init__(self, onnx_model: onnx.ModelProto | None = None) -> None:
         self.owners = _onnx_weight_owners(onnx_model) if onnx_model is not None else {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        check_not_lowered(mod, "AssignLayerIds")
         func = mod["main"]
         bindings = layer_bindings(func)
         values = bound_values(func)

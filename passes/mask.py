@@ -10,7 +10,8 @@ all-zero mask is the float32 model. So one compiled module answers "what if laye
 ``p``" for every ``l`` and ``p``. Layer ``l`` is row ``l`` in program order (:func:`mask_layout`).
 
 Raises :class:`~ohq_tvm.errors.OHQError` for integer precisions without a calibration range for a layer,
-and for a module that already has masks or a plan applied.
+for a module that already has masks or a plan applied, and for one whose layers ``LegalizeOps`` has
+already lowered to TIR.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ohq_tvm.qparams import quantize_weight
 from .apply_plan import PLAN_ATTR, layer_weight
 from .layer_compute import LayerSpec
 from .layer_graph import layer_graph
+from .layer_id import check_not_lowered
 
 MASK_PARAM = "ohq_mask"
 MASK_ATTR = "ohq_mask_layout"
@@ -101,6 +103,7 @@ class InsertPrecisionMasks:
         func = mod["main"]
         if func.attrs and (PLAN_ATTR in func.attrs or MASK_ATTR in func.attrs):
             raise OHQError("insert masks into the imported model, not one already rewritten")
+        check_not_lowered(mod, "InsertPrecisionMasks")
         graph = layer_graph(func)
         if any(p.is_integer for p in self.precisions):
             if self.calibration is None:

@@ -17,7 +17,7 @@ from ohq_tvm.calibration import (
     observe,
     synthetic_batches,
 )
-from ohq_tvm.frontend import load_onnx
+from ohq_tvm.frontend import TensorSpec, load_onnx, module_inputs
 from ohq_tvm.input_stats import matched_input_statistics
 
 
@@ -59,7 +59,7 @@ def test_first_layer_minmax_is_exactly_the_data_range(tiny):
 
 def test_observed_inputs_match_the_float_model(tiny):
     batch = synthetic_batches(tiny.inputs, 1, seed=9)
-    observed = observe(tiny, batch)
+    observed = observe(tiny.mod, tiny.inputs, batch)
     np.testing.assert_array_equal(
         np.sort(observed["stem_conv"].values), np.sort(batch[0]["input"].reshape(-1))
     )
@@ -189,3 +189,16 @@ def test_matched_data_needs_a_batchnorm_after_the_first_conv(tiny):
     # The generated conv model has no BN: nothing to match, and the error says what to use instead.
     with pytest.raises(OHQError, match="use gaussian"):
         matched_input_statistics(models.conv_model())
+
+
+def test_a_relax_module_is_calibrated_on_the_inputs_its_specs_name(tiny):
+    spec = TensorSpec("input", (1, 3, 32, 32), "float32")
+    assert module_inputs(tiny.mod) == [spec]
+    with pytest.raises(OHQError, match=r"^input specs name image; main's inputs are input$"):
+        calibrate(tiny.mod, inputs=[TensorSpec("image", (1, 3, 32, 32), "float32")])
+    with pytest.raises(OHQError, match=r"^input spec input \[1, 3, 64, 64\] contradicts main's"):
+        calibrate(tiny.mod, inputs=[TensorSpec("input", (1, 3, 64, 64), "float32")])
+    with pytest.raises(OHQError, match=r"draws random synthetic data, not 'distilled'"):
+        calibrate(tiny.mod, synthetic="distilled")
+    from_module = calibrate(tiny.mod, "minmax", num_samples=2, inputs=[spec])
+    assert from_module.ranges == calibrate(tiny, "minmax", num_samples=2).ranges

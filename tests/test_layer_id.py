@@ -8,9 +8,19 @@ import tvm
 from tvm import relax
 
 from ohq_tvm import models
+from ohq_tvm.calibration import calibrate
+from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.layers import quantizable_layers
-from ohq_tvm.passes import LAYERS_ATTR, AssignLayerIds, layer_id_of
+from ohq_tvm.passes import (
+    LAYERS_ATTR,
+    AnnotateCandidates,
+    ApplyPlan,
+    AssignLayerIds,
+    InsertPrecisionMasks,
+    layer_id_of,
+)
+from ohq_tvm.plan import Plan
 
 from testing_support import host_target
 
@@ -108,3 +118,28 @@ def test_grouped_conv_is_told_apart_from_depthwise():
 def test_layer_id_of_reads_the_binding_name():
     assert layer_id_of(relax.Var("ohq_dw1", relax.TensorType((1,), "float32"))) == "dw1"
     assert layer_id_of(relax.Var("lv3", relax.TensorType((1,), "float32"))) is None
+
+
+LOWERED_REASON = (
+    r"^{} finds no conv/dense layer in main: they are already lowered to TIR functions \(conv2d, "
+    r"conv2d1, conv2d2, \.\.\.\), as LegalizeOps and relax\.build's pipeline do; run {} before LegalizeOps$"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "run"),
+    [
+        ("AssignLayerIds", lambda mod, plan: AssignLayerIds()(mod)),
+        ("AnnotateCandidates", lambda mod, plan: AnnotateCandidates(["int8"])(mod)),
+        ("ApplyPlan", lambda mod, plan: ApplyPlan(plan)(mod)),
+        ("InsertPrecisionMasks", lambda mod, plan: InsertPrecisionMasks(["fp16"])(mod)),
+        ("calibrate", lambda mod, plan: calibrate(mod)),
+    ],
+)
+def test_a_pass_after_legalize_ops_says_the_layers_were_lowered(name, run):
+    imported = load_onnx(models.tiny_cnn())
+    plan = Plan.uniform(quantizable_layers(imported.mod), "fp32")
+    lowered = relax.transform.LegalizeOps()(imported.mod)
+    assert quantizable_layers(lowered) == []
+    with pytest.raises(OHQError, match=LOWERED_REASON.format(name, name)):
+        run(lowered, plan)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import tvm
+from tvm import relax
 
 from ohq_tvm import models
+from ohq_tvm.board.threads import host_vm
 from ohq_tvm.build.elf import elf_machine
-from ohq_tvm.passes import applied_plan
+from ohq_tvm.calibration import calibrate
+from ohq_tvm.frontend import load_onnx, synthetic_inputs
+from ohq_tvm.passes import ApplyPlan, applied_plan
 from ohq_tvm.plan import Plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TINY_CNN_LAYERS = ["stem_conv", "dw1", "pw1", "expand2", "dw2", "project2", "classifier"]
 
 
 def python_blocks() -> list[str]:
@@ -51,6 +58,30 @@ def test_build_script_snippets_run(tmp_path, monkeypatch):
     assert 'out_dtype="int32"' in namespace["quantized"].script()
     qdq = onnx.load(str(tmp_path / "model.qdq.onnx"))
     assert sum(node.op_type == "QuantizeLinear" for node in qdq.graph.node) == 5  # one per int8 layer input
+
+
+def test_from_onnx_snippet_quantizes_like_load_onnx(tmp_path, monkeypatch):
+    """TVM's own importer, then AssignLayerIds, calibrate on the module and ApplyPlan: the layers carry
+    the ONNX names, the ranges are load_onnx's (BatchNormalization unfolded computes the same values) and
+    the built module computes what the load_onnx path's plan does."""
+    script = next(block for block in python_blocks() if "from_onnx" in block)
+    models.save(tiny_cnn_of_any_input_size(), tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, str(README), "exec"), namespace)
+    imported = load_onnx(tmp_path / "model.onnx", {"input": (1, 3, 224, 224)})
+    expected = calibrate(imported, "minmax")
+    calibration = namespace["calibration"]
+    assert calibration.source == "synthetic:gaussian" and calibration.num_samples == 8
+    assert sorted(calibration.ranges) == sorted(expected.ranges) == sorted(TINY_CNN_LAYERS)
+    for layer_id, (low, high) in expected.ranges.items():
+        assert calibration.ranges[layer_id] == pytest.approx((low, high), rel=1e-4, abs=1e-5)
+    assert applied_plan(namespace["lowered"]) == namespace["plan"].assignments
+    reference = ApplyPlan(namespace["plan"], expected)(imported.mod)
+    x = synthetic_inputs(imported.inputs)["input"]
+    ours = host_vm(namespace["executable"])["main"](tvm.runtime.tensor(x)).numpy()
+    theirs = host_vm(relax.build(reference, "llvm"))["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=0.05 * np.abs(theirs).max())
 
 
 def test_measurement_snippet_runs(tmp_path, monkeypatch):
