@@ -145,14 +145,25 @@ def usable_isas(target: Target) -> list[DotProductISA]:
     return [best] if best is not None else []
 
 
-def dot_product_isa(target: Target) -> DotProductISA | None:
-    """The best dot-product instruction ``target`` has (from its mcpu/mattr), or ``None``."""
+def _cpu_family(target: Target) -> str | None:
+    """``"aarch64"`` or ``"x86"`` (an LLVM target without a triple is the host, taken as x86), else
+    ``None`` (not an LLVM CPU target, or another architecture)."""
     if target.kind.name != "llvm":
         return None
     triple = str(target.attrs.get("mtriple", "") or "")
-    if triple.startswith("aarch64") or triple.startswith("arm64"):
+    if triple.startswith(("aarch64", "arm64")):
+        return "aarch64"
+    if not triple or triple.startswith(("x86_64", "i686", "i386")):
+        return "x86"
+    return None
+
+
+def dot_product_isa(target: Target) -> DotProductISA | None:
+    """The best dot-product instruction ``target`` has (from its mcpu/mattr), or ``None``."""
+    family = _cpu_family(target)
+    if family == "aarch64":
         return SDOT if _has("dotprod", target) else NEON if _has("neon", target) else None
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+    if family != "x86":
         return None
     if _has("avx512vnni", target) and _has("avx512bw", target):
         return AVX512_VNNI
@@ -165,12 +176,10 @@ def dot_product_isa(target: Target) -> DotProductISA | None:
 
 def float_isa(target: Target) -> DotProductISA | None:
     """The fp32 multiply-add form ``target`` runs (AVX-512F, AVX2 with FMA, AArch64 NEON), or ``None``."""
-    if target.kind.name != "llvm":
-        return None
-    triple = str(target.attrs.get("mtriple", "") or "")
-    if triple.startswith(("aarch64", "arm64")):
+    family = _cpu_family(target)
+    if family == "aarch64":
         return FMA_NEON
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+    if family != "x86":
         return None
     if _has("avx512f", target):
         return FMA_AVX512
