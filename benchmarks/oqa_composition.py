@@ -1,27 +1,32 @@
 """Hardware truth for OQA: do the per-operator latencies measured on the board add up to the model's?
 
-Usage: python benchmarks/oqa_composition.py [--repeats N] [--out benchmarks/results] [--models a,b]
+Usage: python benchmarks/oqa_composition.py [--repeats N] [--out benchmarks/results] [--models a,b,c]
 
-On the loopback host board (one RPC server), for each model (generated, random weights: latency does not
-depend on weight values):
+On the loopback host board (one RPC server), for each model (MobileNetV2 and EfficientNet-Lite0
+generated, ResNet-18 from its torch definition; random weights: latency does not depend on weight values):
 
-1. every workload of the model (layers in fp32 and int8, quantize/dequantize, glue) is measured into a
-   fresh database, exactly as ``ohq-tvm measure`` does (kernel by kernel, weights and output flushed from
-   the caches before each run, input warm: see ``ohq_tvm.oqa.kernel_timing``);
+1. every workload of the model (layers in fp32 and int8, quantize/dequantize as the build fuses them,
+   glue) is measured into a fresh database, exactly as ``ohq-tvm measure`` does (kernel by kernel,
+   weights and output flushed from the caches before each run, input warm: see
+   ``ohq_tvm.oqa.kernel_timing``), and so is every conversion as a standalone operator (how they were
+   timed before: the breakdown);
 2. the uniform fp32 and int8 plans are built whole and timed (``ohq_tvm.oqa.in_model``, as planning
    does), giving each precision's in-model factor;
-3. for the uniform plans and for mixed plans the factors were not fitted on (halves, alternation, random
-   80%-int8 mixes), the predicted latency, as the sum of the parts measured alone (see
-   ``ohq_tvm.oqa.cost``) and with the in-model factors, is compared with the end-to-end latency of the
-   whole model built with that plan and timed on the same board with the same timer, ``--repeats``
-   times (median reported);
-4. the XGBoost latency model's cross-validated error over all rows, and its error predicting one model's
+3. MQE estimates each layer's int8 sensitivity (2 synthetic batches); mixed plans the factors were not
+   fitted on: halves, alternation, random 80%-int8 mixes, the ILP's picks (least sensitivity) under
+   three latency budgets between uniform int8 and fp32, the greedy baseline and the bit-ops proxy at the
+   middle budget's sensitivity;
+4. each plan's predicted latency, as the sum of the parts measured alone and with the in-model factors
+   (conversions fused, what planning uses; and, for the breakdown, conversions timed as standalone
+   operators, with factors fitted the same way), is compared with the end-to-end latency of the whole
+   model built with that plan and timed on the same board with the same timer, ``--repeats`` times
+   (median reported);
+5. the XGBoost latency model's cross-validated error over all rows, and its error predicting one model's
    unseen workloads from the other model's measurements.
 
-The ratio predicted / measured on the mixed plans is the number that matters: within 0.85..1.15 the
-composition is trusted.
-Writes results/oqa_composition.json (machine, versions, every part's latency, raw end-to-end repeats)
-and results/oqa_composition.md.
+The ratio predicted / measured on the mixed plans is the number that matters (targets: mean error <= 10%,
+worst <= 15%; the ILP's picks within 5%). Writes results/oqa_composition.json (machine, versions, every
+part's latency, raw end-to-end repeats) and results/oqa_composition.md.
 """
 
 from __future__ import annotations
@@ -30,32 +35,53 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.build.module import build_executable
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.frontend import load_onnx
+from ohq_tvm.ilp import Budgets, Problem, greedy, solve
 from ohq_tvm.layers import quantizable_layers
-from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads
-from ohq_tvm.oqa.cost import plan_latency
-from ohq_tvm.oqa.in_model import measured_scales
+from ohq_tvm.mqe import estimate_sensitivity
+from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, Workload, extract_workloads
+from ohq_tvm.oqa.cost import plan_latency, plan_parts
+from ohq_tvm.oqa.in_model import InModelScales, UniformRun, measured_scales
 from ohq_tvm.oqa.latency_model import MIN_TRAINING_ROWS, LatencyModel, mape
 from ohq_tvm.oqa.measure import schedule_label
 from ohq_tvm.oqa.whole_model import time_with_measurer
+from ohq_tvm.oqa.workloads import ModelWorkloads
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan
 from ohq_tvm.plan import Plan
 from ohq_tvm.targets import resolve_target
 
 from timing import machine_record, parse_args, scratch_host_board, write_results
 
-CASES = {"mobilenet_v2": models.mobilenet_v2, "efficientnet_lite0": models.efficientnet_lite0}
+
+def resnet18() -> onnx.ModelProto:
+    """ResNet-18 from its torch definition (benchmarks/pretrained.py; random weights), as ONNX."""
+    import pretrained
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = pretrained.export_onnx(pretrained.load_resnet18(), (1, 3, 224, 224), f"{folder}/resnet18.onnx")
+        return onnx.load(path)
+
+
+CASES = {
+    "mobilenet_v2": models.mobilenet_v2,
+    "efficientnet_lite0": models.efficientnet_lite0,
+    "resnet18": resnet18,
+}
 PLANS = (Precision.FP32, Precision.INT8)
 TIMING = TimingConfig(repeat=5, min_repeat_ms=40)
 ACCEPT = (0.85, 1.15)
+# The ILP's latency budgets: uniform int8's predicted latency plus these shares of the way to fp32's.
+BUDGET_SHARES = (0.1, 0.3, 0.6)
 
 
 def mixed_plans(layers: list[str]) -> dict[str, dict[str, Precision]]:
@@ -74,25 +100,85 @@ def mixed_plans(layers: list[str]) -> dict[str, dict[str, Precision]]:
     }
 
 
+def chosen_plans(problem: Problem) -> dict[str, dict[str, Precision]]:
+    """The plans planning would pick: the ILP's least-sensitive plan under three latency budgets, the
+    greedy baseline and the bit-ops proxy (fewest bit-operations at the ILP's sensitivity) at the middle
+    one."""
+    layers = list(problem.workloads.layers)
+    fp32 = problem.evaluate(Plan.uniform(layers, Precision.FP32).assignments)["latency_ms"]
+    int8 = problem.evaluate(Plan.uniform(layers, Precision.INT8).assignments)["latency_ms"]
+    plans = {}
+    for share in BUDGET_SHARES:
+        budget = int8 + share * (fp32 - int8)
+        plans[f"ilp, latency <= int8 + {share:g} (fp32 - int8)"] = solve(
+            problem, budgets=Budgets(latency_ms=budget)
+        )
+    middle_share = BUDGET_SHARES[1]
+    middle = plans[f"ilp, latency <= int8 + {middle_share:g} (fp32 - int8)"]
+    plans[f"greedy, same budget as ilp {middle_share:g}"] = greedy(problem, middle.predicted["latency_ms"])
+    plans[f"bit-ops proxy, sensitivity of ilp {middle_share:g}"] = solve(
+        problem, "bops", Budgets(sensitivity=middle.predicted["sensitivity"])
+    )
+    return {label: dict(plan.assignments) for label, plan in plans.items()}
+
+
+def standalone_conversions(workloads: ModelWorkloads) -> ModelWorkloads:
+    """``workloads`` with every conversion a standalone operator (quantize of the layer's input, a
+    dequantize of its output), as they were timed before conversions were timed fused."""
+    quantize = {
+        lid: Workload("quantize", "quantize", Precision.INT8, info.input_shape, info.input_shape)
+        for lid, info in workloads.infos.items()
+        if lid in workloads.quantize
+    }
+    dequantize = {
+        lid: Workload("dequantize", "dequantize", Precision.INT8, info.output_shape, info.output_shape)
+        for lid, info in workloads.infos.items()
+        if lid in workloads.dequantize
+    }
+    return replace(workloads, quantize=quantize, dequantize=dequantize)
+
+
+def fitted(workloads: ModelWorkloads, latencies: dict, scales: InModelScales) -> dict[str, float]:
+    """``latencies`` scaled by factors fitted on the same uniform plans' whole timings, with
+    ``workloads``' conversions (the factors depend on what the conversions are taken to cost)."""
+    runs = {}
+    for precision, run in scales.runs.items():
+        parts = plan_latency(workloads, dict.fromkeys(workloads.layers, precision), latencies)
+        layers_ms = parts.by_kind().get("layer", 0.0)
+        runs[precision] = UniformRun(precision, run.measured_ms, layers_ms, parts.total_ms - layers_ms)
+    return InModelScales(runs).apply(workloads, latencies)
+
+
+def boundaries(workloads: ModelWorkloads, assignments) -> int:
+    return sum(1 for _, w in plan_parts(workloads, assignments) if w.kind in ("quantize", "dequantize"))
+
+
 def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, repeats: int) -> dict:
     imported = load_onnx(model)
     annotated = AnnotateCandidates(list(PLANS), pin_first_last=False)(imported.mod)
     workloads = extract_workloads(annotated)
+    alone = standalone_conversions(workloads)
     measurer = Measurer(board, spec, db, timing=TIMING)
     started = time.perf_counter()
-    summary = measurer.run(workloads.unique())
+    everything = list({w.key: w for w in workloads.unique() + alone.unique()}.values())
+    summary = measurer.run(everything)
     print(f"{name}: {summary.measured} workloads measured, {len(summary.failed)} failed", flush=True)
     measure_s = time.perf_counter() - started
-    latencies = measurer.latencies(workloads.unique())
+    latencies = measurer.latencies(everything)
     started = time.perf_counter()
     scales = measured_scales(measurer, imported, workloads, progress=print)
     whole_s = time.perf_counter() - started
     in_model = scales.apply(workloads, latencies)
+    in_model_alone = fitted(alone, latencies, scales)
     layers = quantizable_layers(imported.mod)
     calibration = calibrate(imported, "minmax", num_samples=4)
-    plans = {p.value: Plan.uniform(layers, p).assignments for p in PLANS} | mixed_plans(
-        list(workloads.layers)
-    )
+    started = time.perf_counter()
+    sensitivity = estimate_sensitivity(imported, [Precision.INT8], calibration, num_batches=2, board=board)
+    mqe_s = time.perf_counter() - started
+    problem = Problem(workloads, in_model, sensitivity.values)
+    picked = chosen_plans(problem)
+    plans = {p.value: Plan.uniform(layers, p).assignments for p in PLANS}
+    plans |= mixed_plans(list(workloads.layers)) | picked
     libraries = {}
     with tempfile.TemporaryDirectory() as scratch:
         for index, (label, assignments) in enumerate(plans.items()):
@@ -107,15 +193,27 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
     for label, assignments in plans.items():
         parts = plan_latency(workloads, assignments, latencies)
         scaled = plan_latency(workloads, assignments, in_model)
+        scaled_alone = plan_latency(alone, assignments, in_model_alone)
+        by_kind = scaled.by_kind()
         measured = timed[label].median_ms
         rows[label] = {
             "fitted": label in {p.value for p in scales.runs},
+            "chosen": label in picked,
             "counts": Plan(dict(assignments)).counts(),
+            "boundaries": boundaries(workloads, assignments),
             "parts_ms": parts.total_ms,
             "in_model_ms": scaled.total_ms,
+            "in_model_standalone_conversions_ms": scaled_alone.total_ms,
             "measured_ms": measured,
             "parts_ratio": parts.total_ms / measured,
             "in_model_ratio": scaled.total_ms / measured,
+            "standalone_ratio": scaled_alone.total_ms / measured,
+            "conversions_fused_ms": by_kind.get("quantize", 0.0) + by_kind.get("dequantize", 0.0),
+            "conversions_standalone_ms": sum(
+                scaled_alone.by_kind().get(kind, 0.0) for kind in ("quantize", "dequantize")
+            ),
+            # What the conversions cost inside the model, if the scaled layers and glue are right.
+            "conversions_in_model_ms": measured - by_kind.get("layer", 0.0) - by_kind.get("glue", 0.0),
             "parts_by_kind_ms": parts.by_kind(),
             "measured_repeats_ms": list(timed[label].repeats_ms),
             "parts": [
@@ -123,8 +221,8 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
             ],
         }
         print(
-            f"{name} {label}: parts {parts.total_ms:.2f}, in-model {scaled.total_ms:.2f}, measured "
-            f"{measured:.2f} ms",
+            f"{name} {label}: parts {parts.total_ms:.2f}, in-model {scaled.total_ms:.2f} (standalone "
+            f"conversions {scaled_alone.total_ms:.2f}), measured {measured:.2f} ms",
             flush=True,
         )
     return latencies, {
@@ -134,6 +232,7 @@ def bench(name: str, model, board: LoopbackBoard, spec, db: LatencyDatabase, rep
         "failed": summary.failed,
         "measure_seconds": measure_s,
         "whole_model_seconds": whole_s,
+        "mqe_seconds": mqe_s,
         "quiet_gate": measurer.gate.to_json(),
         "retimed": summary.retimed,
         "in_model": scales.to_json(),
@@ -174,31 +273,64 @@ def main() -> None:
         "speed (the canary of `ohq_tvm.oqa.quiet`) and is redone if it slowed down meanwhile. "
         "*parts*: the sum of the parts as measured alone; *in-model*: each layer scaled by its "
         "precision's factor, fitted on the uniform fp32 and int8 plans timed whole in a separate run "
-        "(`ohq_tvm.oqa.in_model`, what planning uses). The mixed plans were not fitted on. "
+        "(`ohq_tvm.oqa.in_model`), conversions timed fused into their layers: what planning uses; "
+        "*standalone conv.*: the same with every quantize/dequantize timed as an operator of its own (as "
+        "before; factors fitted the same way). The mixed plans were not fitted on; *chosen*: the plans the "
+        "ILP, greedy and the bit-ops proxy pick (MQE sensitivity, 2 synthetic batches). "
         f"Accepted when the ratio is in {ACCEPT[0]}..{ACCEPT[1]}.",
         "",
-        "| model | plan | layers fp32/int8 | parts ms | in-model ms | measured ms | parts / measured "
-        "| in-model / measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | plan | layers fp32/int8 | boundaries | parts ms | in-model ms | standalone conv. ms "
+        "| measured ms | in-model / measured | standalone conv. / measured |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         for plan, row in result["plans"].items():
             counts = row["counts"]
+            tag = " (fitted)" if row["fitted"] else " (chosen)" if row["chosen"] else ""
             lines.append(
-                f"| {result['model']} | {plan}{' (fitted)' if row['fitted'] else ''} | "
-                f"{counts.get('fp32', 0)}/{counts.get('int8', 0)} | {row['parts_ms']:.2f} | "
-                f"{row['in_model_ms']:.2f} | {row['measured_ms']:.2f} | {row['parts_ratio']:.3f} | "
-                f"{row['in_model_ratio']:.3f} |"
+                f"| {result['model']} | {plan}{tag} | {counts.get('fp32', 0)}/{counts.get('int8', 0)} | "
+                f"{row['boundaries']} | {row['parts_ms']:.2f} | {row['in_model_ms']:.2f} | "
+                f"{row['in_model_standalone_conversions_ms']:.2f} | {row['measured_ms']:.2f} | "
+                f"{row['in_model_ratio']:.3f} | {row['standalone_ratio']:.3f} |"
+            )
+    lines += ["", "Errors of the predictions, |predicted / measured - 1|:", ""]
+    lines += [
+        "| model | plans | n | in-model mean | in-model worst | standalone conv. mean "
+        "| standalone conv. worst | parts mean | parts worst |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    pooled: dict[str, list[dict]] = {"mixed": [], "chosen": []}
+    for result in results:
+        held_out = [row for row in result["plans"].values() if not row["fitted"]]
+        chosen = [row for row in held_out if row["chosen"]]
+        pooled["mixed"] += held_out
+        pooled["chosen"] += chosen
+        for label, group in (("all mixed", held_out), ("chosen", chosen)):
+            lines.append(f"| {result['model']} | {label} | {error_cells(group)}")
+    for label, group in (("all mixed", pooled["mixed"]), ("chosen", pooled["chosen"])):
+        lines.append(f"| all models | {label} | {error_cells(group)}")
+    lines += [
+        "",
+        "Conversions, ms (the breakdown): per plan, the quantize/dequantize parts as planning now "
+        "prices them (fused into their layers), as standalone operators, and what the whole model "
+        "leaves for them (measured minus the scaled layers and glue; it also carries the layers' "
+        "own error):",
+        "",
+    ]
+    lines += [
+        "| model | plan | boundaries | fused | standalone | measured - layers - glue |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for plan, row in result["plans"].items():
+            if row["boundaries"] <= 2:  # uniform plans: the model input and the classifier only
+                continue
+            lines.append(
+                f"| {result['model']} | {plan} | {row['boundaries']} | {row['conversions_fused_ms']:.3f} | "
+                f"{row['conversions_standalone_ms']:.3f} | {row['conversions_in_model_ms']:.3f} |"
             )
     lines.append("")
     for result in results:
-        held_out = [row for row in result["plans"].values() if not row["fitted"]]
-        for key, label in (("parts_ratio", "parts"), ("in_model_ratio", "in-model")):
-            errors = [abs(row[key] - 1) * 100 for row in held_out]
-            lines.append(
-                f"- {result['model']}, {label}, mixed plans: mean |error| {statistics.mean(errors):.1f}%, "
-                f"worst {max(errors):.1f}%"
-            )
         scales = ", ".join(f"{p} x{run['scale']:.3f}" for p, run in result["in_model"].items())
         lines.append(f"- {result['model']}: in-model factors {scales}")
     lines.append("")
@@ -206,7 +338,7 @@ def main() -> None:
         lines.append(
             f"{result['model']}: {result['workloads']} unique workloads measured in "
             f"{result['measure_seconds']:.0f} s, {len(result['failed'])} failed; uniform plans built and "
-            f"timed whole in {result['whole_model_seconds']:.0f} s."
+            f"timed whole in {result['whole_model_seconds']:.0f} s; MQE in {result['mqe_seconds']:.0f} s."
         )
     loads = record["load_average_1_5_15"]
     lines.append(
@@ -232,6 +364,17 @@ def main() -> None:
                 f"{item['test']} it has not seen: MAPE {item['mape_percent']:.1f}%"
             )
     write_results(args.out, "oqa_composition", record, lines)
+
+
+def error_cells(rows: list[dict]) -> str:
+    """n, then mean and worst |ratio - 1| in percent of the in-model, standalone and parts predictions."""
+    if not rows:
+        return "0 | | | | | | |"
+    cells = [str(len(rows))]
+    for key in ("in_model_ratio", "standalone_ratio", "parts_ratio"):
+        errors = [abs(row[key] - 1) * 100 for row in rows]
+        cells += [f"{statistics.mean(errors):.1f}%", f"{max(errors):.1f}%"]
+    return " | ".join(cells) + " |"
 
 
 def _latency_model(names, measured, rows) -> dict:

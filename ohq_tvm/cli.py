@@ -31,6 +31,7 @@ from .interrupts import watch_interrupts
 from .pipeline import compile_model
 from .plan import CALIBRATION_METHODS
 from .precision import Precision
+from .report import prediction_miss
 from .samples import NORMALIZATIONS, synthetic_choices
 from .targets import list_boards, resolve_target
 
@@ -115,6 +116,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     else:
         print(f"built, not verified: {result.skipped_verification}")
     warn_unreliable(result.planning)
+    if result.planning is not None:
+        miss = prediction_miss(result.planning.plan.predicted.get("latency_ms"), result.measured_ms)
+        if miss is not None:
+            print(f"warning: {miss}")
     return 0
 
 

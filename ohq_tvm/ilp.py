@@ -10,6 +10,12 @@ boundary indicators that make the precision-boundary costs linear:
   and ``d[l] >= I(l)`` when glue or the model output reads it: the ``dequantize`` is paid exactly when
   something float reads an integer layer.
 
+Both are bounded from above as well (``q[s] <= Σ I(l)`` over its readers, ``q[s] <= 1 - I(producer)``;
+``d[l] <= I(l)``, ``d[l] <= Σ (1 - I(r))`` over its readers, glue counting as float), so with binary
+``x`` they equal the indicator exactly: a conversion fused into a layer may cost less than nothing (an
+integer layer writing float32 straight from its accumulator can be faster than its requantize), and the
+solver must not switch such a term on where no boundary is.
+
 Latency = layers + quantize + dequantize + glue, the composition of :mod:`ohq_tvm.oqa.cost` (its
 :func:`~ohq_tvm.oqa.cost.plan_latency` is the reference the tests hold the solver to). Peak memory = the
 largest per-layer working set (weights + input + output at the layer's precision); its budget is one row
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import PlanError
-from .oqa.cost import plan_latency
+from .oqa.cost import conversion_ms, plan_latency
 from .oqa.workloads import ModelWorkloads
 from .plan import Plan
 from .precision import Precision
@@ -132,7 +138,7 @@ class _Program:
             source = w.sources[layer_id]
             if source not in self.q:
                 self.q[source] = count + len(self.q)
-                self.q_cost[source] = problem.latencies_ms[w.quantize[layer_id].key]
+                self.q_cost[source] = conversion_ms(w.quantize[layer_id], problem.latencies_ms)
         count += len(self.q)
         self.d = {lid: count + i for i, lid in enumerate(self.integer_capable)}
         self.size = count + len(self.d)
@@ -164,7 +170,7 @@ class _Program:
             for source, index in self.q.items():
                 row[index] = self.q_cost[source]
             for layer_id, index in self.d.items():
-                row[index] = p.latencies_ms[p.workloads.dequantize[layer_id].key]
+                row[index] = conversion_ms(p.workloads.dequantize[layer_id], p.latencies_ms)
             constant = self.glue_ms
         return row, constant
 
@@ -204,6 +210,36 @@ class _Program:
                 rows.append(row)
                 lower.append(0)
                 upper.append(np.inf)
+            row = np.zeros(self.size)  # d[l] - I(l) <= 0
+            row[self.d[layer_id]] = 1
+            self.integer_row(layer_id, -1, row)
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(0)
+            row = np.zeros(self.size)  # d[l] + Σ I(reader) <= number of readers
+            row[self.d[layer_id]] = 1
+            for reader in w.readers[layer_id]:
+                self.integer_row(reader, 1, row)
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(len(w.readers[layer_id]))
+        readers: dict[str, list[str]] = {}
+        for layer_id in self.integer_capable:
+            readers.setdefault(w.sources[layer_id], []).append(layer_id)
+        for source, index in self.q.items():
+            row = np.zeros(self.size)  # q[s] - Σ I(l) <= 0
+            row[index] = 1
+            for layer_id in readers[source]:
+                self.integer_row(layer_id, -1, row)
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(0)
+            row = np.zeros(self.size)  # q[s] + I(producer) <= 1
+            row[index] = 1
+            self.integer_row(w.producers[readers[source][0]], 1, row)
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(1)
         return [LinearConstraint(np.array(rows), lower, upper)]
 
     def decode(self, solution: np.ndarray) -> dict[str, Precision]:

@@ -25,6 +25,27 @@ if TYPE_CHECKING:  # the planner imports TVM; a report needs only the objects it
 
 PREDICTED_MARK = "~"  # a latency the latency model predicted instead of the board measuring it
 
+# A chosen plan measured whole further than this from its prediction is reported: planning rested on
+# numbers the board does not bear out (benchmarks/results/oqa_composition.md gives the usual error).
+PREDICTION_BOUND = 0.15
+
+
+def prediction_miss(predicted_ms: float | None, measured_ms: float | None) -> str | None:
+    """One sentence when a plan measured whole is more than :data:`PREDICTION_BOUND` off its predicted
+    latency (``None`` when it is within, or either number is missing)."""
+    if not predicted_ms or measured_ms is None:
+        return None
+    error = measured_ms / predicted_ms - 1
+    if abs(error) <= PREDICTION_BOUND:
+        return None
+    direction = "slower" if error > 0 else "faster"
+    return (
+        f"the chosen plan measures {measured_ms:.3f} ms whole, {abs(error) * 100:.0f}% {direction} than the "
+        f"{predicted_ms:.3f} ms predicted (bound {PREDICTION_BOUND * 100:.0f}%): the plan was chosen on "
+        "numbers the whole model does not bear out; compile again on a quiet board, and if it persists, "
+        "this model's operators timed alone do not add up to it"
+    )
+
 
 def write_report(
     path: str | os.PathLike,
@@ -218,6 +239,9 @@ def _totals_section(
                 "board was likely busy or in a slow spell, so the measured total and its ratio to the "
                 "prediction may be off; compile again on a quiet board.\n"
             )
+    miss = prediction_miss(predicted_ms, measured_ms)
+    if miss is not None:
+        noise += f"\n**Warning: {miss}.**\n"
     in_model = planning.measurement.in_model
     if in_model is None:
         note = "Predicted from the operators as measured alone."
@@ -306,4 +330,4 @@ def _layers_section(planning: PlanningResult) -> str:
     return "## Layers\n\n" + _table(header, table) + "\n" + "\n".join(notes) + "\n"
 
 
-__all__ = ["PREDICTED_MARK", "plot_pareto", "write_report"]
+__all__ = ["PREDICTED_MARK", "PREDICTION_BOUND", "plot_pareto", "prediction_miss", "write_report"]

@@ -13,7 +13,7 @@ from ohq_tvm.errors import BoardError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, extract_workloads
 from ohq_tvm.oqa import whole_model as whole_model_module
-from ohq_tvm.oqa.cost import plan_latency
+from ohq_tvm.oqa.cost import conversion_ms, plan_latency
 from ohq_tvm.oqa.in_model import (
     SCALE_BOUNDS,
     SPREAD_BOUND,
@@ -43,13 +43,17 @@ def _workloads(pin_first_last=False):
 
 
 def _fake_latencies(workloads):
-    """Distinct made-up latencies: 1 ms per fp32 layer, 0.5 per int8 layer, 0.01 per conversion/glue."""
+    """Distinct made-up latencies: 1 ms per fp32 layer, 0.5 per int8 layer, 0.01 per conversion/glue (a
+    conversion fused into a layer: the layer's latency + 0.01)."""
     latencies = {}
     for workload in workloads.unique():
         if workload.kind == "layer":
             latencies[workload.key] = 1.0 if workload.precision is Precision.FP32 else 0.5
-        else:
+        elif workload.fused_layer is None:
             latencies[workload.key] = 0.01
+    for workload in workloads.unique():
+        if workload.fused_layer is not None:
+            latencies[workload.key] = latencies[workload.fused_layer.key] + 0.01
     return latencies
 
 
@@ -79,8 +83,10 @@ def test_scaled_parts_give_each_uniform_plan_its_whole_latency_and_leave_convers
         if workload.kind == "layer":
             factor = scales.scales[workload.precision]
             assert scaled[workload.key] == pytest.approx(latencies[workload.key] * factor)
-        else:
+        elif workload.fused_layer is None:
             assert scaled[workload.key] == latencies[workload.key]
+        else:  # what a fused conversion adds to its layer stays as measured
+            assert conversion_ms(workload, scaled) == pytest.approx(conversion_ms(workload, latencies))
     # A mixed plan: each layer at its own precision's factor, conversions as measured.
     mixed = {lid: Precision.INT8 if i % 2 else Precision.FP32 for i, lid in enumerate(layers)}
     raw = plan_latency(workloads, mixed, latencies)
@@ -216,14 +222,20 @@ def test_the_outlier_parts_are_the_slowest_until_they_make_up_most_of_the_plan()
     layers = list(workloads.layers)
     big = workloads.layers[layers[2]][Precision.INT8].key
     latencies[big] = 5.0
+    latencies[workloads.dequantize[layers[2]].key] = 5.01
     chosen = outlier_parts(workloads, Precision.INT8, latencies)
-    assert chosen[0].key == big
-    assert all(w.precision is Precision.INT8 and w.kind == "layer" for w in chosen)
+    slowest = [w for w in chosen if w.fused_layer is None]
+    fused = [w for w in chosen if w.fused_layer is not None]
+    assert chosen[0].key == big and chosen == slowest + fused
+    assert all(w.precision is Precision.INT8 and w.kind == "layer" for w in slowest)
+    # With each layer timed again, the conversions fused into it (each a difference of the two timings).
+    assert workloads.dequantize[layers[2]] in fused
+    assert {w.fused_layer.key for w in fused} <= {w.key for w in slowest}
     # int8 parts: 5 + 0.5 per other layer + 0.01 per conversion and glue; 80% is covered by the big one
     # and the other layers, most of them.
     total = plan_latency(workloads, dict.fromkeys(layers, Precision.INT8), latencies).total_ms
-    covered = sum(latencies[w.key] for w in chosen)
-    assert covered >= 0.8 * total and covered - latencies[chosen[-1].key] < 0.8 * total
+    covered = sum(latencies[w.key] for w in slowest)
+    assert covered >= 0.8 * total and covered - latencies[slowest[-1].key] < 0.8 * total
 
 
 def _scripted_scales(board, workloads, latencies, db, **options):

@@ -9,7 +9,7 @@ from ohq_tvm import Precision, models
 from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import Workload, extract_workloads
-from ohq_tvm.oqa.cost import plan_latency, plan_parts
+from ohq_tvm.oqa.cost import conversion_ms, part_ms, plan_latency, plan_parts
 from ohq_tvm.passes import AnnotateCandidates
 
 from testing_support import run_local
@@ -113,12 +113,52 @@ def test_plan_parts_charge_conversions_only_at_precision_boundaries(tiny):
     assert "stem_conv:dequantize" in names and "pw1:quantize" in names
 
 
+def test_conversions_are_timed_as_the_build_fuses_them(tiny):
+    # A dequantize is its integer layer writing float32 from the accumulator (ApplyPlan's form).
+    dequantize = tiny.dequantize["dw1"]
+    assert dequantize.fused_layer == tiny.layers["dw1"][INT8]
+    assert dequantize.label.startswith("dequantize fused into depthwise_conv2d")
+    main = dequantize.module()["main"]
+    assert str(main.params[0].ty.dtype) == "uint8" and str(main.ret_ty.dtype) == "float32"
+    assert "R.dequantize" in dequantize.module().script()
+    assert dequantize.macs == tiny.layers["dw1"][INT8].macs
+    # dw1 reads stem_conv, whose only reader it is: the quantize is stem_conv's fp32 layer quantizing its
+    # output in the same kernel (float32 in, uint8 out).
+    quantize = tiny.quantize["dw1"]
+    assert quantize.fused_layer == tiny.layers["stem_conv"][FP32]
+    main = quantize.module()["main"]
+    assert str(main.params[0].ty.dtype) == "float32" and str(main.ret_ty.dtype) == "uint8"
+    # The model input, glue (the pooled features) and a layer another op also reads (pw1 feeds the
+    # residual add) leave the quantize a standalone operator, as in the built model.
+    for layer_id in ("stem_conv", "classifier", "expand2"):
+        assert tiny.quantize[layer_id].fused_layer is None and tiny.quantize[layer_id].op == "quantize"
+
+
+def test_a_fused_conversion_costs_what_it_adds_to_its_layer(tiny):
+    plan = {lid: INT8 for lid in tiny.layers}
+    parts = plan_parts(tiny, plan)
+    latencies = {w.key: float(i + 1) for i, (_, w) in enumerate(parts)}
+    for _, w in parts:  # the fused conversions' layers, timed alone
+        if w.fused_layer is not None:
+            latencies.setdefault(w.fused_layer.key, 0.25)
+    pw1 = tiny.dequantize["pw1"]
+    latencies[pw1.key] = latencies[pw1.fused_layer.key] - 0.5  # float32 out faster than the requantize
+    assert conversion_ms(pw1, latencies) == pytest.approx(-0.5)
+    result = plan_latency(tiny, plan, latencies)
+    expected = sum(
+        latencies[w.key] - (latencies[w.fused_layer.key] if w.fused_layer is not None else 0.0)
+        for _, w in parts
+    )
+    assert result.total_ms == pytest.approx(expected)
+    assert dict((what, ms) for what, _, ms in result.parts)["pw1:dequantize"] == pytest.approx(-0.5)
+
+
 def test_plan_latency_sums_the_parts_and_names_what_is_missing(tiny):
     plan = {lid: INT8 for lid in tiny.layers}
     parts = plan_parts(tiny, plan)
     latencies = {w.key: float(i + 1) for i, (_, w) in enumerate(parts)}
     result = plan_latency(tiny, plan, latencies)
-    assert result.total_ms == pytest.approx(sum(latencies[w.key] for _, w in parts))
+    assert result.total_ms == pytest.approx(sum(part_ms(w, latencies) for _, w in parts))
     assert set(result.by_kind()) == {"layer", "quantize", "dequantize", "glue"}
     del latencies[tiny.layers["dw2"][INT8].key]
     with pytest.raises(OHQError, match="dw2"):

@@ -12,7 +12,7 @@ from ohq_tvm import Precision
 from ohq_tvm.board import LatencyStats
 from ohq_tvm.plan import Plan
 from ohq_tvm.planner import PlanningResult
-from ohq_tvm.report import plot_pareto, write_report
+from ohq_tvm.report import plot_pareto, prediction_miss, write_report
 
 from testing_support import (
     DEQUANTIZE_MS,
@@ -139,6 +139,20 @@ def test_the_measured_latency_s_spread_and_a_noise_warning(tmp_path, planning, r
     assert (warning in totals) is noisy
 
 
+@pytest.mark.parametrize("ratio, warned", [(1.25, "25% slower"), (0.8, "20% faster"), (1.1, None)])
+def test_a_plan_measuring_far_from_its_prediction_is_a_warning(tmp_path, planning, ratio, warned):
+    predicted_ms = planning.plan.predicted["latency_ms"]
+    totals = _section(
+        _report(tmp_path, planning, measured_ms=ratio * predicted_ms), "Totals: predicted vs measured"
+    )
+    miss = prediction_miss(predicted_ms, ratio * predicted_ms)
+    if warned is None:
+        assert miss is None and "Warning" not in totals
+    else:
+        assert warned in miss and f"**Warning: {miss}.**" in totals
+    assert prediction_miss(predicted_ms, None) is None and prediction_miss(None, 1.0) is None
+
+
 def test_header_names_budgets_board_database_and_mqe(tmp_path, planning):
     header = _report(tmp_path, planning).split("\n## ", 1)[0]
     assert header.startswith("# OHQ report: tiny_cnn on host\n")
@@ -147,7 +161,7 @@ def test_header_names_budgets_board_database_and_mqe(tmp_path, planning):
         in header
     )
     assert "host-loopback `0123456789abcdef`, schedule `default/r2`" in header
-    assert "26 unique: 5 measured now, 20 reused from the database, 0 failed, 1 predicted" in header
+    assert "31 unique: 10 measured now, 20 reused from the database, 0 failed, 1 predicted" in header
     assert "(MAPE 12.5%)" in header
     assert "`/tmp/ohq/measurements.sqlite`" in header
     assert "32 forward passes in 2.5 s on host, data `synthetic:gaussian`, 4 batches" in header

@@ -331,7 +331,9 @@ def made_up_planning() -> PlanningResult:
         for precision, workload in options.items():
             latencies[workload.key] = LAYERS[layer_id][0 if precision is Precision.FP32 else 1]
     for table, ms in ((workloads.quantize, QUANTIZE_MS), (workloads.dequantize, DEQUANTIZE_MS)):
-        latencies.update({workload.key: ms for workload in table.values()})
+        for workload in table.values():  # a conversion fused into a layer: the layer's latency + ms
+            layer = workload.fused_layer
+            latencies[workload.key] = ms + (latencies[layer.key] if layer is not None else 0.0)
     latencies.update({workload.key: GLUE_MS for workload in workloads.glue})
     predicted_key = workloads.layers[PREDICTED_LAYER][Precision.INT8].key
     measured = {key: ms for key, ms in latencies.items() if key != predicted_key}

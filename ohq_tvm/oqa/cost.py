@@ -2,7 +2,8 @@
 
 ``latency(plan) = Σ layers at their precision + Σ quantize where an integer layer's input comes from
 float + Σ dequantize where anything but an integer layer reads an integer layer + Σ glue``. The same
-composition, written as linear terms, is what the solver minimises.
+composition, written as linear terms, is what the solver minimises. A conversion the build fuses into a
+layer costs what it adds to that layer (:func:`conversion_ms`).
 """
 
 from __future__ import annotations
@@ -68,18 +69,42 @@ def plan_parts(workloads: ModelWorkloads, assignments) -> list[tuple[str, Worklo
     return parts
 
 
+def conversion_ms(workload: Workload, latencies_ms: Mapping[str, float]) -> float:
+    """What a ``quantize``/``dequantize`` part costs a plan: a standalone conversion its own latency; one
+    fused into a layer (:attr:`~.workloads.Workload.fused_layer`) what it adds to the layer timed alone,
+    which can be less than nothing (an integer layer writing float32 straight from its accumulator skips
+    the requantize's rounding and clipping). Raises ``KeyError`` for a latency not in ``latencies_ms``."""
+    layer = workload.fused_layer
+    if layer is None:
+        return latencies_ms[workload.key]
+    return latencies_ms[workload.key] - latencies_ms[layer.key]
+
+
+def part_ms(workload: Workload, latencies_ms: Mapping[str, float]) -> float:
+    """A part's latency in a plan: a layer's or glue's own, a conversion's :func:`conversion_ms`."""
+    if workload.kind in ("quantize", "dequantize"):
+        return conversion_ms(workload, latencies_ms)
+    return latencies_ms[workload.key]
+
+
+def measured(workload: Workload, latencies_ms: Mapping[str, float]) -> bool:
+    """Whether ``latencies_ms`` has what :func:`part_ms` needs for ``workload``."""
+    layer = workload.fused_layer
+    return workload.key in latencies_ms and (layer is None or layer.key in latencies_ms)
+
+
 def plan_latency(workloads: ModelWorkloads, assignments, latencies_ms: Mapping[str, float]) -> PlanLatency:
     """Sum the measured parts of a plan. Raises :class:`OHQError` naming any part not yet measured."""
     result = PlanLatency()
     unmeasured = []
     for what, workload in plan_parts(workloads, assignments):
-        if workload.key not in latencies_ms:
+        if not measured(workload, latencies_ms):
             unmeasured.append(f"{what} ({workload.label})")
             continue
-        result.add(what, workload, latencies_ms[workload.key])
+        result.add(what, workload, part_ms(workload, latencies_ms))
     if unmeasured:
         raise OHQError(f"{len(unmeasured)} part(s) of the plan are not measured: {', '.join(unmeasured[:5])}")
     return result
 
 
-__all__ = ["PlanLatency", "plan_latency", "plan_parts"]
+__all__ = ["PlanLatency", "conversion_ms", "measured", "part_ms", "plan_latency", "plan_parts"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from ..frontend import ImportedModel
 from ..precision import Precision
-from .cost import plan_latency
+from .cost import measured, plan_latency
 from .database import LatencyDatabase
 from .whole_model import UniformBuilds, WholeTiming
 from .workloads import ModelWorkloads, Workload
@@ -148,12 +148,20 @@ class InModelScales:
         return len(self.retimed_ms)
 
     def apply(self, workloads: ModelWorkloads, latencies_ms: Mapping[str, float]) -> dict[str, float]:
-        """``latencies_ms`` with every layer workload scaled by its precision's factor (1 without one)."""
+        """``latencies_ms`` with every layer workload scaled by its precision's factor (1 without one).
+        A conversion fused into a layer keeps what it adds to the layer unscaled, as the factors were
+        fitted (conversions and glue are not scaled)."""
         scaled = dict(latencies_ms)
         for options in workloads.layers.values():
             for precision, workload in options.items():
                 if workload.key in latencies_ms:
                     scaled[workload.key] = latencies_ms[workload.key] * self.scales.get(precision, 1.0)
+        for table in (workloads.quantize, workloads.dequantize):
+            for workload in table.values():
+                layer = workload.fused_layer
+                if layer is not None and measured(workload, latencies_ms) and layer.key in scaled:
+                    added = latencies_ms[workload.key] - latencies_ms[layer.key]
+                    scaled[workload.key] = scaled[layer.key] + added
         return scaled
 
     def describe(self) -> str:
@@ -215,7 +223,8 @@ def outlier_parts(
 ) -> list[Workload]:
     """The parts of the uniform ``precision`` plan most likely to carry a disagreement with the whole:
     the slowest (distinct) ones, until they make up :data:`OUTLIER_SHARE` of its parts' sum, at most
-    :data:`MAX_OUTLIERS`."""
+    :data:`MAX_OUTLIERS`; with each chosen layer, the conversions fused into it (what they add to the
+    layer is a difference of two timings, which must be taken under the same conditions)."""
     plan = dict.fromkeys(workloads.layers, precision)
     found: dict[str, Workload] = {}
     share_ms: dict[str, float] = {}  # a workload the plan runs more than once weighs that much more
@@ -229,7 +238,15 @@ def outlier_parts(
             break
         chosen.append(found[key])
         covered_ms += share_ms[key]
-    return chosen
+    layers = {w.key for w in chosen if w.kind == "layer"}
+    fused = {
+        w.key: w
+        for table in (workloads.quantize, workloads.dequantize)
+        for w in table.values()
+        if w.fused_layer is not None and w.fused_layer.key in layers
+    }
+    chosen_keys = {w.key for w in chosen}
+    return chosen + [w for key, w in fused.items() if key not in chosen_keys]
 
 
 def time_uniform_plans(

@@ -39,8 +39,9 @@ def features(workload: Workload) -> list[float]:
     in_bytes = in_elements * _ACTIVATION_BYTES[workload.input_dtype()]
     integer_out = workload.kind == "quantize" or (workload.kind == "layer" and precision.is_integer)
     out_bytes = out_elements * (1 if integer_out else 4)
-    weight_bytes = weight_elements * precision.weight_bits / 8 if workload.kind == "layer" else 0
-    kernel = workload.weight_shape[-1] if workload.kind == "layer" and workload.op != "dense" else 1
+    computes = workload.kind == "layer" or workload.fused_layer is not None  # a conv/dense runs
+    weight_bytes = weight_elements * precision.weight_bits / 8 if computes else 0
+    kernel = workload.weight_shape[-1] if computes and workload.op != "dense" else 1
     stride = workload.strides[0] if workload.strides else 1
     shape = workload.output_shape or workload.input_shape
     out_channels = shape[1] if len(shape) == 4 else shape[-1]

@@ -216,7 +216,9 @@ class Measurer:
             return pending[:budget]
         model = LatencyModel.train([m.workload for m in rows], [m.median_ms for m in rows])
         predicted = model.predict_ms(pending)
-        order = sorted(range(len(pending)), key=lambda i: -predicted[i])
+        # A conversion fused into a layer weighs in a plan what it adds to the layer, not its own time:
+        # those come after every other workload.
+        order = sorted(range(len(pending)), key=lambda i: (pending[i].fused_layer is not None, -predicted[i]))
         chosen = [pending[i] for i in sorted(order[:budget])]
         summary.predicted_ms = {pending[i].key: float(predicted[i]) for i in order[budget:]}
         summary.model_mape_percent = model.cv_mape_percent
@@ -238,8 +240,9 @@ class Measurer:
 
         With a ``budget`` (at most that many measurements), the workloads the latency model trained on
         this board's stored rows predicts slowest are measured first (they weigh most in a plan's
-        latency), or model order without enough rows to train; the rest get predictions in
-        ``summary.predicted_ms``, with the model's cross-validated error in ``summary.model_mape_percent``.
+        latency; conversions fused into a layer last), or model order without enough rows to train;
+        the rest get predictions in ``summary.predicted_ms``, with the model's cross-validated error in
+        ``summary.model_mape_percent``.
         """
         unique = list({w.key: w for w in workloads}.values())
         fingerprint = self.fingerprint

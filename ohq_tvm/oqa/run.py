@@ -22,6 +22,7 @@ from ..passes.apply_plan import ApplyPlan
 from ..plan import Plan
 from ..precision import Precision
 from ..targets import BoardSpec, resolve_target
+from .cost import conversion_ms
 from .database import LatencyDatabase
 from .in_model import InModelScales, measured_scales
 from .measure import MeasureEvent, Measurer, MeasureSummary, TimingConfig
@@ -51,6 +52,15 @@ class ModelMeasurement:
         """Measured median, else the latency model's prediction (see :meth:`is_predicted`), else None."""
         return self.latencies_ms.get(workload.key, self.summary.predicted_ms.get(workload.key))
 
+    def conversion_of(self, workload: Workload) -> float | None:
+        """A conversion's cost to a plan (:func:`~ohq_tvm.oqa.cost.conversion_ms`) from :meth:`latency_of`
+        values, or None when one of them is missing."""
+        needed = [workload] + ([workload.fused_layer] if workload.fused_layer is not None else [])
+        values = {w.key: self.latency_of(w) for w in needed}
+        if None in values.values():
+            return None
+        return conversion_ms(workload, values)
+
     def is_predicted(self, workload: Workload) -> bool:
         return workload.key not in self.latencies_ms and workload.key in self.summary.predicted_ms
 
@@ -66,7 +76,7 @@ class ModelMeasurement:
                 ("quantize", self.workloads.quantize),
                 ("dequantize", self.workloads.dequantize),
             ):
-                row[f"{kind}_ms"] = self.latency_of(table[layer_id]) if layer_id in table else None
+                row[f"{kind}_ms"] = self.conversion_of(table[layer_id]) if layer_id in table else None
             rows.append(row)
         return rows
 

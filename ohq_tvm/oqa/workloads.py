@@ -11,6 +11,16 @@ A model's running time under a plan is modelled as a sum of parts that can each 
   reads it;
 - ``glue``: every other operator (residual adds, pooling, reshapes), always float32.
 
+A conversion is timed the way the build runs it (see :meth:`Workload.fused_layer`). The build fuses a
+``dequantize`` into the integer layer that produces the value (its int32 accumulator becomes float32
+instead of uint8), and a ``quantize`` into the float layer that produces its input when every reader of
+that layer is a layer (the tensor is then needed in no other form). Timed alone, each would pay a pass
+over memory and a parallel launch that the model does not (on MobileNetV2 the mixed plans were predicted
+up to 37% high that way, growing with the number of boundaries). So such a conversion's workload is its
+layer with the conversion fused, and its cost is what that adds to the layer timed alone
+(:func:`~ohq_tvm.oqa.cost.conversion_ms`). A quantize whose input comes from glue, a model input, or a
+layer whose output something else also reads stays a standalone operator, as it is in the model.
+
 A workload is described by shapes and attributes only (weights are synthetic: latency does not depend on
 their values), so its key is shared by every model containing the same operator.
 """
@@ -20,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import numpy as np
@@ -33,6 +43,7 @@ from ..passes.annotate import candidates
 from ..passes.layer_compute import (
     LayerSpec,
     emit_accumulator,
+    emit_dequantize,
     emit_half,
     emit_quantize,
     emit_requantize,
@@ -97,15 +108,25 @@ class Workload:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     @property
+    def fused_layer(self) -> Workload | None:
+        """For a conversion fused into a layer (a ``quantize``/``dequantize`` whose op is the layer's), the
+        layer alone in the same precision; ``None`` for a layer, glue, or a standalone conversion."""
+        if self.kind in ("quantize", "dequantize") and self.op != self.kind:
+            return replace(self, kind="layer")
+        return None
+
+    @property
     def label(self) -> str:
         shape = "x".join(map(str, self.input_shape))
         if self.kind == "layer":
             return f"{self.op} {shape} w{'x'.join(map(str, self.weight_shape))} @{self.precision}"
+        if self.fused_layer is not None:
+            return f"{self.kind} fused into {self.fused_layer.label}"
         return f"{self.op if self.kind == 'glue' else self.kind} {shape}"
 
     @property
     def macs(self) -> int:
-        if self.kind != "layer":
+        if self.kind != "layer" and self.fused_layer is None:
             return 0
         if self.op == "dense":
             return math.prod(self.output_shape) * self.weight_shape[0]
@@ -113,9 +134,10 @@ class Workload:
 
     # -- building ------------------------------------------------------------------------------------
     def input_dtype(self) -> str:
-        if self.kind == "dequantize" or (self.kind == "layer" and self.precision.is_integer):
+        if self.kind == "dequantize":  # standalone, or fused into its integer layer
             return ACTIVATION_DTYPE
-        return "float32"
+        layer = self if self.kind == "layer" else self.fused_layer
+        return ACTIVATION_DTYPE if layer is not None and layer.precision.is_integer else "float32"
 
     def module(self) -> tvm.IRModule:
         """A one-operator Relax module ``main(x) -> y`` with synthetic weights (seeded by the key)."""
@@ -132,9 +154,9 @@ class Workload:
         return bb.get()
 
     def _emit(self, bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        if self.kind == "quantize":
+        if self.kind == "quantize" and self.op == "quantize":
             return emit_quantize(bb, x, _SYNTHETIC_QP_SHIFTED)
-        if self.kind == "dequantize":
+        if self.kind == "dequantize" and self.op == "dequantize":
             qp = _SYNTHETIC_QP_SHIFTED
             return relax.op.dequantize(
                 x, relax.const(qp.scale, "float32"), relax.const(qp.zero_point, "int32"), axis=-1
@@ -154,6 +176,8 @@ class Workload:
         if self.precision.is_integer:
             qp = _SYNTHETIC_QP_SHIFTED if self.input_zero_point else _SYNTHETIC_QP
             acc = emit_accumulator(bb, x, spec, self.precision, qp, bias, len(self.output_shape))
+            if self.kind == "dequantize":  # the layer's output read by float: float32 from the accumulator
+                return emit_dequantize(bb, acc, bounds)
             return emit_requantize(bb, acc, _SYNTHETIC_QP, bounds)
         if self.precision is Precision.FP16:
             y = emit_half(bb, bb.emit(relax.op.astype(x, "float16")), spec)
@@ -166,6 +190,8 @@ class Workload:
         if bounds is not None:
             low, high = bounds
             y = relax.op.nn.relu(y) if np.isinf(high) else relax.op.clip(y, low, high)
+        if self.kind == "quantize":  # an integer layer reads the output: quantized in the same kernel
+            return emit_quantize(bb, bb.emit(y), _SYNTHETIC_QP_SHIFTED)
         return y
 
     def synthetic_inputs(self, seed: int = 0) -> list[np.ndarray]:
@@ -216,6 +242,18 @@ def _layer_workload(info: LayerInfo, graph: LayerGraph, precision: Precision) ->
         activation=_activation_text(node.bounds),
         input_zero_point=precision.is_integer and not node.input_nonnegative,
     )
+
+
+def _quantize_workload(
+    info: LayerInfo, graph: LayerGraph, layers: dict[str, dict[Precision, Workload]]
+) -> Workload:
+    """The quantize of ``info``'s input as the build runs it: fused into the float layer producing it
+    when every reader of that layer is a layer, else a standalone operator."""
+    producer = graph.nodes[info.layer_id].producer
+    fusable = producer is not None and all(r is not None for r in graph.nodes[producer].readers)
+    if fusable and Precision.FP32 in layers[producer]:
+        return replace(layers[producer][Precision.FP32], kind="quantize")
+    return Workload("quantize", "quantize", Precision.INT8, info.input_shape, info.input_shape)
 
 
 def _substitute(call: relax.Call, mapping: dict[relax.Var, relax.Var]) -> relax.Call:
@@ -316,13 +354,10 @@ def extract_workloads(mod: tvm.IRModule, precisions: list[Precision] | None = No
     for layer_id, info in infos.items():
         options = annotated.get(layer_id) or default
         layers[layer_id] = {p: _layer_workload(info, graph, p) for p in options}
-        if any(p.is_integer for p in options):
-            quantize[layer_id] = Workload(
-                "quantize", "quantize", Precision.INT8, info.input_shape, info.input_shape
-            )
-            dequantize[layer_id] = Workload(
-                "dequantize", "dequantize", Precision.INT8, info.output_shape, info.output_shape
-            )
+        integer = [p for p in options if p.is_integer]
+        if integer:
+            quantize[layer_id] = _quantize_workload(info, graph, layers)
+            dequantize[layer_id] = replace(layers[layer_id][integer[0]], kind="dequantize")
     glue = [w for w in (_glue_workload(b, mod) for b in graph.glue) if w is not None]
     return ModelWorkloads(
         layers,
