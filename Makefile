@@ -15,7 +15,10 @@ $(BIN)/python:
 venv: $(BIN)/python
 
 # A normal (not editable) install: the tests import what users get, package-data and folder mapping included.
+# pip builds in ./build, and setuptools packs whatever build/lib holds, stale files included: a module
+# deleted or renamed since the last install (ohq_tvm/build/, now ohq_tvm/codegen/) would come back.
 install: venv
+	rm -rf build
 	$(PIP) install -q ".[dev]"
 
 # Real pretrained weights for the accuracy benchmarks (benchmarks/pretrained.py). torch==2.13.0 exactly:

@@ -53,8 +53,8 @@ from tvm import relax
 
 from ohq_tvm import OHQError, Precision
 from ohq_tvm.board import host_vm, sigterm_as_exit
-from ohq_tvm.build import build_executable
 from ohq_tvm.calibration import SYNTHETIC_KINDS, calibrate, synthetic_data
+from ohq_tvm.codegen import build_executable
 from ohq_tvm.distill import distillable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.input_stats import matched_input_statistics

@@ -17,7 +17,7 @@ from tvm import relax
 
 from ohq_tvm import models
 from ohq_tvm.board import sigterm_as_exit
-from ohq_tvm.build import build_scheduled
+from ohq_tvm.codegen import build_scheduled
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.targets import resolve_target
 

@@ -23,7 +23,7 @@ import tvm
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import host_vm, sigterm_as_exit
-from ohq_tvm.build import build_executable
+from ohq_tvm.codegen import build_executable
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.oqa.quiet import QuietGate
 from ohq_tvm.oqa.workloads import Workload

@@ -40,8 +40,8 @@ from peer_engines import build_peers, peer_settings, real_model, target_lines
 
 from ohq_tvm import Precision
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit, use_host_threads
-from ohq_tvm.build import build_executable, tune_module
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen import build_executable, tune_module
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.kernels import dot_product_isa
 from ohq_tvm.layers import quantizable_layers

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
-from ohq_tvm.build.module import build_executable
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen.module import build_executable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity

@@ -43,8 +43,8 @@ import onnx
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
-from ohq_tvm.build.module import build_executable
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen.module import build_executable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, greedy, solve
 from ohq_tvm.layers import quantizable_layers

@@ -21,8 +21,8 @@ import tvm
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board import host_vm, sigterm_as_exit
-from ohq_tvm.build import build_scheduled
 from ohq_tvm.calibration import calibrate, synthetic_batches
+from ohq_tvm.codegen import build_scheduled
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers
 from ohq_tvm.passes import ApplyPlan

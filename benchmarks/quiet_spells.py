@@ -23,7 +23,7 @@ from tvm import s_tir, te, tirx
 
 from ohq_tvm import models
 from ohq_tvm.board import host_vm, sigterm_as_exit, use_host_threads
-from ohq_tvm.build.module import build_executable
+from ohq_tvm.codegen.module import build_executable
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa.quiet import CANARY_SYMBOL, QuietGate, canary_executable
 from ohq_tvm.targets import resolve_target

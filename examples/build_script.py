@@ -17,8 +17,8 @@ from tvm import relax
 from ohq_tvm import models
 from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.budget import BudgetSpec
-from ohq_tvm.build import build_executable, find_toolchain
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen import build_executable, find_toolchain
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Budgets, Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tvm import relax
 
 from .board.threads import host_vm
-from .build.module import build_executable
+from .codegen.module import build_executable
 from .errors import OHQError
 from .frontend import ImportedModel, TensorSpec, module_inputs
 from .jsonfile import read_json, write_json

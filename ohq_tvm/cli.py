@@ -10,7 +10,6 @@ from typing import NoReturn
 
 from . import models
 from .board import NOT_THE_BOARDS, EmulatedBoard, Stopped, sigterm_as_exit
-from .build.verify import Verification
 from .cli_planning import (
     BUDGET_HELP,
     add_mqe_data_argument,
@@ -25,6 +24,7 @@ from .cli_planning import (
     warn_unreliable,
 )
 from .cli_progress import StageBars
+from .codegen.verify import Verification
 from .errors import BoardError, OHQError, VerificationError
 from .frontend import parse_input_shapes
 from .interrupts import watch_interrupts

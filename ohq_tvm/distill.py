@@ -25,7 +25,7 @@ import tvm
 from tvm import relax
 
 from .board.threads import host_vm
-from .build.module import build_executable
+from .codegen.module import build_executable
 from .errors import OHQError
 from .frontend import ImportedModel
 from .onnx_fold import graph_constants

@@ -22,9 +22,9 @@ import tvm
 from tvm import relax
 
 from .board import Board, host_vm
-from .build.module import build_executable
-from .build.toolchain import find_toolchain
 from .calibration import Calibration, calibrate
+from .codegen.module import build_executable
+from .codegen.toolchain import find_toolchain
 from .errors import OHQError
 from .frontend import ImportedModel
 from .jsonfile import read_json, write_json

@@ -20,7 +20,8 @@ import onnx
 
 from .board import NOT_THE_BOARDS, Board, BoardConnection, open_board
 from .budget import BudgetSpec
-from .build import (
+from .calibration import Calibration
+from .codegen import (
     FP32_TOLERANCE,
     QUANTIZED_TOLERANCE,
     ExportedModule,
@@ -34,8 +35,7 @@ from .build import (
     tune_module,
     verify_vm,
 )
-from .build.fidelity import Fidelity, agreement_failure, check_fidelity, describe
-from .calibration import Calibration
+from .codegen.fidelity import Fidelity, agreement_failure, check_fidelity, describe
 from .errors import BoardError, PlanError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
 from .interrupts import reraise_interrupt

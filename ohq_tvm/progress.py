@@ -28,7 +28,7 @@ class StageProgress:
         """MQE ran ``done`` of ``total`` forward passes."""
 
     def tuning(self, event) -> None:
-        """MetaSchedule measured a batch of candidates (a :class:`~ohq_tvm.build.tune.TuningProgress`)."""
+        """MetaSchedule measured a batch of candidates (a :class:`~ohq_tvm.codegen.tune.TuningProgress`)."""
 
 
 class _Messages(StageProgress):

@@ -15,8 +15,8 @@ import pytest
 from ohq_tvm import cli, models, pipeline
 from ohq_tvm.board import ANSWER_TIMEOUT_ENV, LatencyStats
 from ohq_tvm.board.boards import _free_port
-from ohq_tvm.build.verify import OutputAgreement, Verification
 from ohq_tvm.cli import main, print_verification
+from ohq_tvm.codegen.verify import OutputAgreement, Verification
 from ohq_tvm.oqa import LatencyDatabase
 from ohq_tvm.targets import resolve_target
 

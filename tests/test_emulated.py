@@ -24,10 +24,10 @@ from tvm import relax
 from ohq_tvm import models
 from ohq_tvm.board import BoardConnection, EmulatedBoard, TrackerBoard, open_board
 from ohq_tvm.board.emulated import RUNTIME_ENV, emulated_cpu, find_arm_runtime
-from ohq_tvm.build import build_executable, find_toolchain
-from ohq_tvm.build.module import lower_for_board
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.cli import main
+from ohq_tvm.codegen import build_executable, find_toolchain
+from ohq_tvm.codegen.module import lower_for_board
 from ohq_tvm.errors import BoardError, TargetError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.kernels import NEON, SDOT, schedule_default

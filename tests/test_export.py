@@ -11,7 +11,7 @@ import pytest
 import tvm
 
 from ohq_tvm import models
-from ohq_tvm.build import build_executable, export_module, find_toolchain
+from ohq_tvm.codegen import build_executable, export_module, find_toolchain
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.targets import resolve_target
 

@@ -168,7 +168,7 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
         raise AssertionError("rebuilt a uniform plan that was stored")
 
     if not scales.unreliable:
-        monkeypatch.setattr("ohq_tvm.build.module.build_executable", no_build)
+        monkeypatch.setattr("ohq_tvm.codegen.module.build_executable", no_build)
         again = measure_model(imported, HOST, whole_model=True, **common)
         assert all(run.reused for run in again.in_model.runs.values())
         assert again.planning_latencies() == measured.planning_latencies()

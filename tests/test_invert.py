@@ -10,8 +10,8 @@ from onnx import numpy_helper
 from tvm import relax
 
 from ohq_tvm import Precision, models
-from ohq_tvm.build.module import build_executable
 from ohq_tvm.calibration import resolve_synthetic, synthetic_batches, synthetic_data
+from ohq_tvm.codegen.module import build_executable
 from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.invert import (

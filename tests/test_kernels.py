@@ -12,8 +12,8 @@ from tvm import relax, te
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from ohq_tvm import models
-from ohq_tvm.build.schedules import CPUDefaultRule
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen.schedules import CPUDefaultRule
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.kernels import (
     AVX2,
@@ -422,7 +422,7 @@ def test_float_pointwise_model_gives_the_same_outputs():
     with host_target():
         plain = relax.build(mod, host_target())
     outs = [relax.VirtualMachine(plain, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()]
-    from ohq_tvm.build import build_executable
+    from ohq_tvm.codegen import build_executable
     from ohq_tvm.targets import resolve_target
 
     ex = build_executable(mod, resolve_target("host"))
@@ -480,7 +480,7 @@ def test_requantize_is_fused_into_the_kernel(int8_tiny_cnn):
 def test_a_residual_add_runs_in_the_kernel_s_tiles_and_no_parallel_loop_is_empty(int8_tiny_cnn):
     # The residual add reads the skip's dequantize besides the kernel's output: it used to be left as a
     # scalar parallel pass of its own after the kernel (a thread-pool launch, no vectors).
-    from ohq_tvm.build.module import lower_for_board
+    from ohq_tvm.codegen.module import lower_for_board
     from ohq_tvm.targets import resolve_target
 
     _imported, mod = int8_tiny_cnn

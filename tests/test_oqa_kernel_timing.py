@@ -10,7 +10,7 @@ import tvm
 from tvm import relax, tirx
 
 from ohq_tvm import Precision, models
-from ohq_tvm.build.module import build_executable, lower_for_board
+from ohq_tvm.codegen.module import build_executable, lower_for_board
 from ohq_tvm.errors import OHQError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import Workload, extract_workloads

@@ -86,7 +86,7 @@ def _source_tree(tmp_path: Path) -> Path:
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         skipped = set(skip_anywhere(folder, names))
-        if Path(folder) == repo:  # build outputs and environments at the top only (ohq_tvm/build stays)
+        if Path(folder) == repo:  # build outputs and environments at the top only, not nested folders
             skipped |= {".venv", ".git", "build", "dist", "demo-out"} & set(names)
         return skipped
 
@@ -132,6 +132,10 @@ def test_normal_install_maps_passes_and_targets_into_the_package(tmp_path):
     assert found["targets"] == str(site_dir / "ohq_tvm" / "targets" / "__init__.py")
     assert (site_dir / "ohq_tvm" / "targets" / "rpi4b.toml").is_file()
     assert {"host", "rpi4b"} <= set(found["boards"])
+    # The renamed package, and its old name as a plain module (a folder would shadow it).
+    assert (site_dir / "ohq_tvm" / "codegen" / "verify.py").is_file()
+    assert (site_dir / "ohq_tvm" / "build.py").is_file()
+    assert not (site_dir / "ohq_tvm" / "build").exists()
 
 
 def test_editable_install_maps_passes_and_targets_to_the_source_folders(tmp_path):

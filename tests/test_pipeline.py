@@ -9,8 +9,8 @@ import pytest
 
 from ohq_tvm import models
 from ohq_tvm.budget import BudgetSpec
-from ohq_tvm.build import ExportedModule
-from ohq_tvm.build import verify as verify_module
+from ohq_tvm.codegen import ExportedModule
+from ohq_tvm.codegen import verify as verify_module
 from ohq_tvm.errors import VerificationError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import quantizable_layers

@@ -8,7 +8,7 @@ import pytest
 import tvm
 
 from ohq_tvm import Precision, models
-from ohq_tvm.build.module import lower_for_board
+from ohq_tvm.codegen.module import lower_for_board
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig, extract_workloads, kernel_timing
 from ohq_tvm.oqa.kernel_timing import build_kernel_library, time_kernels

@@ -13,8 +13,8 @@ from tvm import relax
 
 from ohq_tvm import models
 from ohq_tvm.board.threads import host_vm
-from ohq_tvm.build.elf import elf_machine
 from ohq_tvm.calibration import calibrate
+from ohq_tvm.codegen.elf import elf_machine
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.passes import ApplyPlan, applied_plan
 from ohq_tvm.plan import Plan

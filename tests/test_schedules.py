@@ -9,8 +9,8 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
 from ohq_tvm import models
-from ohq_tvm.build import build_scheduled, default_cpu_schedule, unscheduled_functions
-from ohq_tvm.build.conv_schedule import _depthwise_vector, regular_vector
+from ohq_tvm.codegen import build_scheduled, default_cpu_schedule, unscheduled_functions
+from ohq_tvm.codegen.conv_schedule import _depthwise_vector, regular_vector
 from ohq_tvm.frontend import load_onnx, synthetic_inputs
 from ohq_tvm.kernels.loops import REGISTER_TILE, vector_factor
 

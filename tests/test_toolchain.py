@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from ohq_tvm.build import find_toolchain, host_arch, triple_arch
-from ohq_tvm.build.elf import elf_machine
-from ohq_tvm.build.toolchain import _zig_triple
+from ohq_tvm.codegen import find_toolchain, host_arch, triple_arch
+from ohq_tvm.codegen.elf import elf_machine
+from ohq_tvm.codegen.toolchain import _zig_triple
 from ohq_tvm.errors import BuildError
 
 

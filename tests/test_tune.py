@@ -18,7 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from ohq_tvm.board import ServerBoard, TrackerBoard
 from ohq_tvm.board.boards import _free_port
-from ohq_tvm.build import (
+from ohq_tvm.codegen import (
     TUNING_DIR_ENV,
     TuningDatabase,
     build_executable,
@@ -28,10 +28,10 @@ from ohq_tvm.build import (
     tune_module,
     unscheduled_functions,
 )
-from ohq_tvm.build.elf import elf_machine
-from ohq_tvm.build.tune_builder import build_candidate
-from ohq_tvm.build.tuned_build import fuse, scheduled_module
-from ohq_tvm.build.tuning_database import register_cpu_intrinsics, target_fingerprint, tuning_target
+from ohq_tvm.codegen.elf import elf_machine
+from ohq_tvm.codegen.tune_builder import build_candidate
+from ohq_tvm.codegen.tuned_build import fuse, scheduled_module
+from ohq_tvm.codegen.tuning_database import register_cpu_intrinsics, target_fingerprint, tuning_target
 from ohq_tvm.errors import BoardError, BuildError, TuningError
 from ohq_tvm.kernels import dot_product_isa
 from ohq_tvm.oqa.workloads import Workload

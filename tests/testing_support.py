@@ -115,7 +115,7 @@ def run_local(mod: tvm.IRModule, *inputs) -> list:
     """Build ``mod`` for the host with the default schedule and return its outputs as numpy arrays."""
     import numpy as np
 
-    from ohq_tvm.build.schedules import build_scheduled
+    from ohq_tvm.codegen.schedules import build_scheduled
 
     vm = relax.VirtualMachine(build_scheduled(mod, host_target()), tvm.cpu())
     result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])

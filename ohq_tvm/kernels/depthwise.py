@@ -12,7 +12,7 @@ uint8 input converted once there, not at each of the ``KH·KW`` taps); with a co
 plane is stored as ``s`` phases, ``plane[y, p, j] = padded[y, j·s + p]``, so the taps of a strided conv
 read contiguous vectors instead of gathering every other element. The stage carries the rows and
 columns where it is a plain copy of the input (:data:`INTERIOR`), which the schedule
-(:mod:`ohq_tvm.build.conv_schedule`) uses to vectorise the copy and test the padding only at the border.
+(:mod:`ohq_tvm.codegen.conv_schedule`) uses to vectorise the copy and test the padding only at the border.
 The int8 result is int32 NCHW and the float one float32 NCHW, so the epilogue that follows (bias,
 activation, requantize or dequantize) fuses into the kernel unchanged.
 """

@@ -1,5 +1,5 @@
 """Loop arithmetic and schedule steps shared by the kernels' schedules and the default schedules of
-:mod:`ohq_tvm.build`: extents, vector widths, parallel loops, folding fused neighbours into a block."""
+:mod:`ohq_tvm.codegen`: extents, vector widths, parallel loops, folding fused neighbours into a block."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ outweigh their activations, the 5 MB classifier, and the 112x112 layers, whose o
 run 10-130% slower there); timed with everything but their input flushed before each run they sum to
 23.0 ms. Flushing the input too overshoots (26.7 ms).
 
-So the workload is lowered as the model would be (:func:`~ohq_tvm.build.module.lower_for_board`), the
+So the workload is lowered as the model would be (:func:`~ohq_tvm.codegen.module.lower_for_board`), the
 kernels its ``main`` calls are compiled into a plain library, each with the activation it reads (the
 most recently written one) moved to the first parameter, and the board times each with TVM's
 ``cache_flush_cpu_non_first_arg`` before every run (``clflush`` on x86-64, ``dc civac`` on AArch64; on

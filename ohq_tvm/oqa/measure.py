@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..board import Board, LoopbackBoard
-from ..build.module import lower_for_board
-from ..build.toolchain import Toolchain, find_toolchain
-from ..build.tuning_database import TuningDatabase
+from ..codegen.module import lower_for_board
+from ..codegen.toolchain import Toolchain, find_toolchain
+from ..codegen.tuning_database import TuningDatabase
 from ..errors import BoardError, OHQError
 from ..interrupts import reraise_interrupt
 from ..targets import BoardSpec

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import onnx
 
 from ..board import Board, BoardConnection, open_board
-from ..build.tune import TuningProgress, tune_module
-from ..build.tuning_database import TuningDatabase
 from ..calibration import calibrate
+from ..codegen.tune import TuningProgress, tune_module
+from ..codegen.tuning_database import TuningDatabase
 from ..errors import OHQError, TargetError
 from ..frontend import ImportedModel, load_onnx
 from ..layers import quantizable_layers

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 from ..board import Board
 from ..board.session import LatencyStats
-from ..build.module import build_executable
-from ..build.toolchain import find_toolchain
 from ..calibration import calibrate
+from ..codegen.module import build_executable
+from ..codegen.toolchain import find_toolchain
 from ..errors import BoardError
 from ..frontend import ImportedModel, synthetic_inputs
 from ..layers import quantizable_layers

@@ -1,14 +1,14 @@
 """Tune a Relax module's fused TIR functions with MetaSchedule, measuring candidates on the board.
 
 Each fused TIR function (a *task*) whose workload has no valid record in the target's
-:class:`~ohq_tvm.build.tuning_database.TuningDatabase` is tuned: evolutionary search guided by MetaSchedule's
-XGBoost cost model, candidates compiled here (cross-compiled and linked with our toolchain for other
-architectures) and timed on the board through an RPC tracker (MetaSchedule's ``RPCRunner``). Tasks that
-already have a record, from this model or any other on the same target, are not measured again: a second
-run over the same module measures nothing. Every record is appended to the database as it is measured, so
-an interrupted run keeps what it found. After the search the few best records of each task and its
-default schedule are timed again side by side, and the fastest is the one builds take;
-:func:`~ohq_tvm.build.tuned_build.build_tuned` then builds with it.
+:class:`~ohq_tvm.codegen.tuning_database.TuningDatabase` is tuned: evolutionary search guided by
+MetaSchedule's XGBoost cost model, candidates compiled here (cross-compiled and linked with our toolchain for
+other architectures) and timed on the board through an RPC tracker (MetaSchedule's ``RPCRunner``). Tasks that
+already have a record, from this model or any other on the same target, are not measured again: a second run
+over the same module measures nothing. Every record is appended to the database as it is measured, so an
+interrupted run keeps what it found. After the search the few best records of each task and its default
+schedule are timed again side by side, and the fastest is the one builds take;
+:func:`~ohq_tvm.codegen.tuned_build.build_tuned` then builds with it.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _last_line(text: str) -> str:
 @contextmanager
 def _task_logger(tuning: TuningDatabase) -> Iterator[logging.Logger]:
     """MetaSchedule's per-task log goes to ``<database>/logs/tune.log``, not to the console."""
-    logger = logging.getLogger("ohq_tvm.build.tune.metaschedule")
+    logger = logging.getLogger("ohq_tvm.codegen.tune.metaschedule")
     logger.propagate = False
     logger.setLevel(logging.INFO)
     (tuning.path / "logs").mkdir(exist_ok=True)

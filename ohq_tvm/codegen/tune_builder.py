@@ -4,7 +4,7 @@ MetaSchedule's ``LocalBuilder`` starts fresh worker processes for every batch, a
 imports ``tvm.s_tir.tensor_intrin`` (every intrinsic TVM has, CUDA included: 35+ s per worker on two
 cores). :class:`CandidateBuilder` keeps one pool for the whole tuning run and builds without that import
 (candidates arrive already tensorized). Each candidate is cross-compiled by LLVM for the target and linked
-into a shared library by :class:`~ohq_tvm.build.toolchain.Toolchain` (native, GNU cross g++ or zig), which
+into a shared library by :class:`~ohq_tvm.codegen.toolchain.Toolchain` (native, GNU cross g++ or zig), which
 the RPC runner uploads to the board.
 """
 

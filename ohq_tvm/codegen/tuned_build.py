@@ -1,9 +1,9 @@
 """Build with tuning records: MetaSchedule's best schedule where the database has one, our default elsewhere.
 
-The pipeline is :func:`~ohq_tvm.build.schedules.cpu_pipeline` with ``MetaScheduleApplyDatabase`` run between
-fusion and :func:`~ohq_tvm.build.schedules.default_cpu_schedule`: a fused TIR function with a valid record
+The pipeline is :func:`~ohq_tvm.codegen.schedules.cpu_pipeline` with ``MetaScheduleApplyDatabase`` run between
+fusion and :func:`~ohq_tvm.codegen.schedules.default_cpu_schedule`: a fused TIR function with a valid record
 gets the record's schedule (and is marked scheduled), every other one gets the zero-budget schedule, so
-no function is left naive. Task extraction (:mod:`ohq_tvm.build.tune`) runs the same passes up to fusion,
+no function is left naive. Task extraction (:mod:`ohq_tvm.codegen.tune`) runs the same passes up to fusion,
 so the functions it tunes are exactly the ones this pipeline looks up.
 """
 
@@ -48,7 +48,7 @@ def tuned_cpu_pipeline(tuning: TuningDatabase) -> tvm.transform.Pass:
 def build_tuned(mod: tvm.IRModule, tuning: TuningDatabase) -> relax.Executable:
     """``relax.build`` for ``tuning.target`` with :func:`tuned_cpu_pipeline`.
 
-    Raises whatever TVM raises (:func:`~ohq_tvm.build.module.build_executable` turns it into a
+    Raises whatever TVM raises (:func:`~ohq_tvm.codegen.module.build_executable` turns it into a
     :class:`~ohq_tvm.errors.BuildError`).
     """
     register_cpu_intrinsics()  # records may replay tensorized schedules (VNNI, dot-product)

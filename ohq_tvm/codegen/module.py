@@ -44,7 +44,7 @@ def build_executable(
 
     ``schedule="default"`` gives every TIR function the zero-budget CPU schedule (parallel, vectorised);
     ``"none"`` is Relax's own pipeline, which leaves them as naive single-threaded loops (kept for
-    comparison). With a ``tuning`` database (see :func:`~ohq_tvm.build.tune.tune_module`), functions it
+    comparison). With a ``tuning`` database (see :func:`~ohq_tvm.codegen.tune.tune_module`), functions it
     has records for get MetaSchedule's best schedule and the rest the default one. Raises
     :class:`BuildError` for a tuning database with ``schedule="none"`` or for another target, and with
     TVM's last message line when compilation fails.

@@ -7,7 +7,7 @@ names. Inside: MetaSchedule's ``database_workload.json`` / ``database_tuning_rec
 function, so a conv2d tuned in one model is reused by every model that has the same conv2d.
 
 ``confirmed/`` holds, per workload, the schedule a build uses: the fastest of the search's best records
-re-timed side by side after the search (see :func:`~ohq_tvm.build.tune.tune_module`). Builds look there
+re-timed side by side after the search (see :func:`~ohq_tvm.codegen.tune.tune_module`). Builds look there
 first and fall back to the search's best record for workloads tuned before it existed.
 """
 

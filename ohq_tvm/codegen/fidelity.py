@@ -1,6 +1,6 @@
 """How close a compiled (quantized) module's outputs are to the float32 model's, on the board.
 
-Verification (:mod:`ohq_tvm.build.verify`) checks the arithmetic: the module computes what its plan says.
+Verification (:mod:`ohq_tvm.codegen.verify`) checks the arithmetic: the module computes what its plan says.
 Fidelity measures what the plan costs: the module's first output against ONNX Runtime running the
 original float32 model, on synthetic batches and, when the user has them, real samples.
 """

@@ -1,4 +1,7 @@
-"""Build, export and verify deployable modules."""
+"""Code generation: schedule, tune, build, export and verify deployable modules.
+
+Formerly ``ohq_tvm.build``, which still imports as a deprecated alias (:mod:`ohq_tvm.build`).
+"""
 
 from .module import SCHEDULES, ExportedModule, build_executable, export_module, sha256_file
 from .schedules import build_scheduled, default_cpu_schedule, unscheduled_functions
