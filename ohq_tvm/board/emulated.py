@@ -52,8 +52,8 @@ def find_arm_runtime(directory: str | os.PathLike | None = None) -> ArmRuntime:
     if not given:
         raise BoardError(
             f"an emulated board needs TVM's RPC server built for aarch64: pass --arm-runtime DIR or set "
-            f"${RUNTIME_ENV} to the folder holding {SERVER} and its libtvm_*.so (README, Boards: "
-            f"emulated boards), and install {_PACKAGES}"
+            f"${RUNTIME_ENV} to the folder holding {SERVER} and its libtvm_*.so (docs/boards.md, "
+            f"Emulated ARM boards), and install {_PACKAGES}"
         )
     server = Path(given) / SERVER
     if not server.is_file() or not os.access(server, os.X_OK):
