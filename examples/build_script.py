@@ -20,7 +20,7 @@ from ohq_tvm.budget import BudgetSpec
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.codegen import build_executable, find_toolchain
 from ohq_tvm.frontend import load_onnx
-from ohq_tvm.ilp import Budgets, Problem, solve
+from ohq_tvm.ilp import Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
 from ohq_tvm.oqa.run import measure_model
 from ohq_tvm.passes import AnnotateCandidates, ApplyPlan, UseCPUKernels
@@ -53,11 +53,7 @@ def main() -> None:
     # ILP: the least sensitive plan within the budget (relative limits against the uniform plans).
     layers = list(measured.workloads.layers)
     references = {p.value: problem.evaluate(Plan.uniform(layers, p).assignments) for p in precisions}
-    spec = BudgetSpec.parse(args.budget)
-    budgets = Budgets(
-        latency_ms=spec.latency.resolve("latency_ms", references) if spec.latency else None,
-        size_bytes=spec.size.resolve("size_bytes", references) if spec.size else None,
-    )
+    budgets = BudgetSpec.parse(args.budget).resolve(references)
     plan = solve(problem, "sensitivity", budgets, model_sha256=imported.sha256, target=board.name)
     plan.save(out / "plan.json")
 

@@ -64,6 +64,17 @@ class Limit:
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """Upper bounds in the quantities' units (what the solver reads); ``None`` leaves a quantity free."""
+
+    latency_ms: float | None = None
+    size_bytes: float | None = None
+    memory_bytes: float | None = None  # each layer's working set, hence the plan's peak
+    bops: float | None = None
+    sensitivity: float | None = None
+
+
+@dataclass(frozen=True)
 class BudgetSpec:
     """What the chosen plan must meet; empty means "least loss", i.e. the most accurate plan."""
 
@@ -99,6 +110,19 @@ class BudgetSpec:
     def knee(self) -> bool:
         """Only a frontier was asked for: the plan to build is its knee."""
         return self.pareto_points > 0 and self.latency is None and self.size is None and self.memory is None
+
+    def resolve(self, references: Mapping[str, Mapping[str, float]]) -> Budgets:
+        """The limits in ms and bytes: a relative term times its reference plan's number in ``references``
+        (plan name -> ``latency_ms``, ``size_bytes``, ``memory_bytes``, as :func:`~ohq_tvm.planner.
+        reference_numbers` gives them). Raises :class:`BudgetError` for a reference plan not there."""
+        quantities = {"latency": "latency_ms", "size": "size_bytes", "memory": "memory_bytes"}
+        return Budgets(
+            **{
+                quantity: limit.resolve(quantity, references)
+                for name, quantity in quantities.items()
+                if (limit := getattr(self, name)) is not None
+            }
+        )
 
     def references(self) -> set[str]:
         limits = (self.latency, self.size, self.memory)
@@ -151,4 +175,4 @@ def _number(term: str, text: str) -> float:
     return number
 
 
-__all__ = ["DEFAULT_PARETO_POINTS", "BudgetError", "BudgetSpec", "Limit"]
+__all__ = ["DEFAULT_PARETO_POINTS", "BudgetError", "BudgetSpec", "Budgets", "Limit"]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .budget import Budgets
 from .errors import PlanError
 from .oqa.cost import conversion_ms, plan_latency
 from .oqa.workloads import ModelWorkloads
@@ -104,17 +105,6 @@ class Problem:
             "bops": sum(self.bops(lid, p) for lid, p in assignments.items()),
             "sensitivity": sum(self.sensitivity_of(lid, p) for lid, p in assignments.items()),
         }
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Upper bounds; ``None`` leaves a quantity free."""
-
-    latency_ms: float | None = None
-    size_bytes: float | None = None
-    memory_bytes: float | None = None  # each layer's working set, hence the plan's peak
-    bops: float | None = None
-    sensitivity: float | None = None
 
 
 class _Program:

@@ -175,7 +175,7 @@ def estimate_sensitivity(
     :class:`OHQError` for a model without layers.
     """
     chosen = [Precision.parse(str(p)) for p in precisions]
-    spec = target if isinstance(target, BoardSpec) else resolve_target(target)
+    spec = resolve_target(target)
     started = time.perf_counter()
     if samples is None:
         synthetic = resolve_synthetic(imported, synthetic)

@@ -183,7 +183,7 @@ def compile_model(
         seconds[name] = round(time.perf_counter() - started, 3)
         reraise_interrupt()  # one swallowed by a finalizer (see oqa.measure) stops the run here
 
-    board = target if isinstance(target, BoardSpec) else resolve_target(target)
+    board = resolve_target(target)
     wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
     if sum(x is not None for x in (precision, plan, wanted)) > 1:
         raise PlanError("give one of a precision, a plan or a budget")

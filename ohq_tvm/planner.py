@@ -99,7 +99,7 @@ def plan_model(
     """
     hooks = as_progress(progress)
     say = hooks.say
-    spec = target if isinstance(target, BoardSpec) else resolve_target(target)
+    spec = resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
     wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
     # One board for measurement and MQE (a loopback one starts once, on first use).
@@ -158,11 +158,7 @@ def plan_model(
     for plan in baselines.values():
         plan.predicted = problem.evaluate(plan.assignments)
     references = reference_numbers(baselines, measurement.in_model)
-    budgets = Budgets(
-        latency_ms=wanted.latency.resolve("latency_ms", references) if wanted and wanted.latency else None,
-        size_bytes=wanted.size.resolve("size_bytes", references) if wanted and wanted.size else None,
-        memory_bytes=wanted.memory.resolve("memory_bytes", references) if wanted and wanted.memory else None,
-    )
+    budgets = wanted.resolve(references) if wanted is not None else Budgets()
     meta = {"model_sha256": imported.sha256, "target": spec.name}
     points = max(frontier_points or 0, wanted.pareto_points if wanted else 0)
     frontier = pareto_frontier(problem, points) if points else []

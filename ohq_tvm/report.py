@@ -19,7 +19,7 @@ from .pareto_plot import plot_pareto
 from .precision import Precision
 
 if TYPE_CHECKING:  # the planner imports TVM; a report needs only the objects it produced
-    from .ilp import Budgets
+    from .budget import Budgets
     from .plan import Plan
     from .planner import PlanningResult
 

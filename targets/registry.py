@@ -202,12 +202,15 @@ def _from_triple(triple: str) -> BoardSpec:
     return board_from_mapping({"name": triple, "target": config}, f"triple:{triple}")
 
 
-def resolve_target(spec: str) -> BoardSpec:
-    """Resolve what a user typed after ``--target``.
+def resolve_target(spec: str | BoardSpec) -> BoardSpec:
+    """Resolve what a user typed after ``--target`` (a :class:`BoardSpec` is returned as it is: the one
+    place where the API's entry points turn their ``target`` into a board description).
 
     Tried in order: built-in board name, path to a board TOML, TVM target JSON, raw target triple.
     Raises :class:`TargetError` listing the built-in boards when nothing matches.
     """
+    if isinstance(spec, BoardSpec):
+        return spec
     text = spec.strip()
     if text in _builtin_files():
         return _load_builtin(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ohq_tvm import Precision
-from ohq_tvm.budget import DEFAULT_PARETO_POINTS, BudgetError, BudgetSpec, Limit
+from ohq_tvm.budget import DEFAULT_PARETO_POINTS, BudgetError, Budgets, BudgetSpec, Limit
 from ohq_tvm.planner import reference_numbers
 
 from testing_support import made_up_planning, planned_on_unreliable_timing
@@ -63,6 +63,17 @@ def test_memory_combines_with_the_other_terms():
     assert spec.memory.resolve("memory_bytes", REFERENCES) == pytest.approx(1.5e5)
     assert spec.references() == {"int8", "fp32"}
     assert not BudgetSpec.parse("memory=1MB,pareto").knee
+
+
+def test_a_spec_resolves_to_the_budgets_the_solver_reads():
+    spec = BudgetSpec.parse("latency=0.9*int8, size=2MB, memory=0.25*fp32, pareto=3")
+    assert spec.resolve(REFERENCES) == Budgets(
+        latency_ms=pytest.approx(3.6), size_bytes=2e6, memory_bytes=1.5e5
+    )
+    assert BudgetSpec.parse("size=0.5*fp32").resolve(REFERENCES) == Budgets(size_bytes=2e6)
+    assert BudgetSpec.parse("pareto").resolve(REFERENCES) == Budgets()  # no limit: every quantity free
+    with pytest.raises(BudgetError, match="no int4w plan"):
+        BudgetSpec.parse("latency=int4w").resolve(REFERENCES)
 
 
 def test_pareto_alone_builds_the_knee_and_with_limits_only_sweeps():

@@ -93,6 +93,11 @@ def test_raw_triples():
     assert resolve_target("aarch64-linux-gnu").source == "builtin:aarch64-linux-gnu"
 
 
+def test_a_board_description_resolves_to_itself():
+    spec = resolve_target("rpi5")
+    assert resolve_target(spec) is spec
+
+
 def test_target_json():
     board = resolve_target('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"}')
     assert board.name == "custom" and board.cross_triple == "aarch64-linux-gnu"

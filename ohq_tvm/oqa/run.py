@@ -132,7 +132,7 @@ def measure_model(
         raise OHQError(f"a budget must be at least 1 operator, not {budget}; leave it out to measure all")
     if precisions is not None and not precisions:
         raise OHQError("no precisions to measure; give some (e.g. fp32, int8) or none for all the board has")
-    spec = target if isinstance(target, BoardSpec) else resolve_target(target)
+    spec = resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
     allowed = [Precision.parse(str(p)) for p in (precisions if precisions is not None else spec.precisions)]
     lacking = [p.value for p in allowed if p not in spec.precisions and p is not Precision.FP32]
