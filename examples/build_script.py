@@ -19,6 +19,7 @@ from ohq_tvm.board import LoopbackBoard, sigterm_as_exit
 from ohq_tvm.budget import BudgetSpec
 from ohq_tvm.calibration import calibrate
 from ohq_tvm.codegen import build_executable, find_toolchain
+from ohq_tvm.config import MeasurementConfig
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.ilp import Problem, solve
 from ohq_tvm.mqe import estimate_sensitivity
@@ -40,36 +41,37 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = args.model or models.save(models.tiny_cnn(), out / "tiny_cnn.onnx")
 
-    board = resolve_target("host")  # or "rpi5", a board TOML, a triple
+    spec = resolve_target("host")  # the board's description: or "rpi5", a board TOML, a triple
     imported = load_onnx(model)  # Relax module; layers carry ids
     precisions = [Precision.FP32, Precision.INT8]
-    with LoopbackBoard() as live:  # or TrackerBoard(host, port, key)
+    measurement = MeasurementConfig(database=args.db, precisions=precisions)
+    with LoopbackBoard() as board:  # the live board: or TrackerBoard(host, port, key)
         # OQA: every candidate operator timed on the board, stored in the database.
-        measured = measure_model(imported, board, board=live, database=args.db, precisions=precisions)
+        measured = measure_model(imported, spec, board=board, measurement=measurement)
         # MQE: one compiled module, one forward pass per (layer, precision), synthetic inputs.
-        sensitivity = estimate_sensitivity(imported, [Precision.INT8], target=board, board=live)
+        sensitivity = estimate_sensitivity(imported, [Precision.INT8], target=spec, board=board)
     problem = Problem(measured.workloads, measured.latencies_ms, sensitivity.values)
 
     # ILP: the least sensitive plan within the budget (relative limits against the uniform plans).
     layers = list(measured.workloads.layers)
     references = {p.value: problem.evaluate(Plan.uniform(layers, p).assignments) for p in precisions}
     budgets = BudgetSpec.parse(args.budget).resolve(references)
-    plan = solve(problem, "sensitivity", budgets, model_sha256=imported.sha256, target=board.name)
+    plan = solve(problem, "sensitivity", budgets, model_sha256=imported.sha256, target=spec.name)
     plan.save(out / "plan.json")
 
     # Rewrite: real integer layers, then the integer kernels and your own passes, then build and export.
     calibration = calibrate(imported, "minmax")  # synthetic inputs; samples=[...] for yours
     pipeline = tvm.transform.Sequential(
         [
-            AnnotateCandidates(board, pin_first_last=False),
+            AnnotateCandidates(spec, pin_first_last=False),
             ApplyPlan(plan, calibration),
-            UseCPUKernels(board.tvm_target()),
+            UseCPUKernels(spec.tvm_target()),
             relax.transform.FoldConstant(),
         ]
     )
-    executable = build_executable(pipeline(imported.mod), board)
+    executable = build_executable(pipeline(imported.mod), spec)
     library = out / "model.so"
-    executable.export_library(str(library), fcompile=find_toolchain(board.cross_triple).fcompile())
+    executable.export_library(str(library), fcompile=find_toolchain(spec.cross_triple).fcompile())
     counts = ", ".join(f"{n} {p}" for p, n in plan.counts().items())
     print(f"plan: {counts}; predicted {plan.predicted['latency_ms']:.3f} ms; wrote {library}")
 

@@ -10,12 +10,18 @@ from typing import NoReturn
 
 from . import models
 from .board import NOT_THE_BOARDS, EmulatedBoard, Stopped, sigterm_as_exit
+from .cli_configs import (
+    board_connection,
+    calibration_config,
+    planning_config,
+    tuning_config,
+    verification_config,
+)
 from .cli_planning import (
     BUDGET_HELP,
     add_mqe_data_argument,
     add_planning_commands,
     board_arguments,
-    board_connection,
     emulation_note,
     positive_int,
     precision_list,
@@ -68,7 +74,6 @@ def _cmd_example_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    shapes = parse_input_shapes(args.input_shape or [])
     bars = StageBars()
     try:
         result = compile_model(
@@ -76,27 +81,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             args.target,
             args.output,
             connection=board_connection(args),
-            input_shapes=shapes,
-            verify=not args.no_verify,
-            schedule=args.schedule,
-            seed=args.seed,
+            input_shapes=parse_input_shapes(args.input_shape or []),
             precision=args.precision,
             plan=args.plan,
-            budget=args.budget,
-            database=args.db,
-            precisions=args.precisions,
-            mqe_batches=args.batches,
-            mqe_data=args.mqe_data,
-            whole_model=not args.parts_only,
-            calibration_method=args.calibration,
-            calibration_samples=args.calibration_samples,
-            normalization=args.normalization,
-            synthetic=args.synthetic,
-            eval_images=args.eval_images,
-            fidelity_samples=args.fidelity_samples,
-            min_agreement=args.min_agreement,
-            trials=args.trials,
-            tuning_dir=args.tuning_dir,
+            planning=planning_config(args) if args.budget else None,
+            calibration=calibration_config(args),
+            verification=verification_config(args),
+            tuning=tuning_config(args),
+            schedule=args.schedule,
+            seed=args.seed,
             progress=bars,
         )
     except VerificationError as err:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from .board import NOT_THE_BOARDS, BoardConnection
-from .budget import BudgetSpec
+from .board import NOT_THE_BOARDS
+from .cli_configs import board_connection, measurement_config, planning_config, tuning_config
 from .cli_progress import StageBars
-from .errors import BudgetError, OHQError
+from .errors import OHQError
 from .frontend import load_onnx, parse_input_shapes
 from .jsonfile import write_atomic, write_json
 from .oqa import LatencyDatabase, TimingConfig
@@ -45,28 +46,6 @@ def precision_list(text: str) -> list[Precision]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _board_options(args: argparse.Namespace) -> dict:
-    """Where the board is, which precisions and input shapes: shared by measure and plan."""
-    return {
-        "connection": board_connection(args),
-        "database": args.db,
-        "precisions": args.precisions,
-        "input_shapes": parse_input_shapes(args.input_shape or []),
-    }
-
-
-def board_connection(args: argparse.Namespace):
-    """The :class:`~ohq_tvm.board.BoardConnection` of the board arguments (``--tracker``, ``--key``,
-    ``--server``, ``--emulated``, ``--arm-runtime``)."""
-    return BoardConnection(
-        tracker=args.tracker,
-        key=args.key,
-        server=args.server,
-        emulated=args.emulated,
-        arm_runtime=args.arm_runtime,
-    )
-
-
 def emulation_note(emulation: str | None) -> str:
     """What the CLI appends to a latency taken on an emulated board."""
     return f" ({NOT_THE_BOARDS}: {emulation})" if emulation else ""
@@ -84,15 +63,13 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         result = measure_model(
             args.model,
             args.target,
-            **_board_options(args),
+            connection=board_connection(args),
+            input_shapes=parse_input_shapes(args.input_shape or []),
+            measurement=measurement_config(args),
+            tuning=tuning_config(args),
             timing=timing,
-            workers=args.workers,
-            budget=args.budget,
-            schedule=args.schedule,
             progress=bars.measured,
             on_plan=bars.measuring,
-            trials=args.trials,
-            tuning_dir=args.tuning_dir,
             tuning_progress=bars.tuning,
         )
     finally:
@@ -148,24 +125,6 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
-def _plan_budget(args: argparse.Namespace):
-    """The budget of ``ohq-tvm plan``: ``--budget SPEC``, or the older single-quantity flags."""
-    flags = {
-        "latency": None if args.latency_ms is None else f"{args.latency_ms}ms",
-        "size": None if args.size_mb is None else f"{args.size_mb}MB",
-        "pareto": None if not args.pareto else str(args.pareto),
-    }
-    if args.latency_ratio is not None:
-        flags["latency"] = f"{args.latency_ratio}*fp32"
-    given = [f"{name}={value}" for name, value in flags.items() if value is not None]
-    if args.budget and given:
-        raise BudgetError(
-            "give --budget or the --latency-ms/--latency-ratio/--size-mb/--pareto flags, not both"
-        )
-    text = args.budget or ",".join(given)
-    return BudgetSpec.parse(text) if text else None
-
-
 def print_plan_table(result, measured_ms: float | None = None, emulation: str | None = None) -> None:
     """The chosen plan against its baselines."""
     rows = [
@@ -191,19 +150,16 @@ def warn_unreliable(planning) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     bars = StageBars()
     try:
-        options = _board_options(args)
-        imported = load_onnx(args.model, options.pop("input_shapes"))
+        imported = load_onnx(args.model, parse_input_shapes(args.input_shape or []))
         for note in imported.notes:
             bars.say(note)
+        planning = planning_config(args)
+        cache = default_sensitivity_cache(planning.database, imported)
         result = plan_model(
             imported,
             args.target,
-            **options,
-            budget=_plan_budget(args),
-            sensitivity_cache=default_sensitivity_cache(args.db, imported),
-            num_batches=args.batches,
-            synthetic=args.mqe_data,
-            whole_model=not args.parts_only,
+            connection=board_connection(args),
+            planning=replace(planning, sensitivity_cache=cache),
             progress=bars,
         )
     finally:

@@ -13,6 +13,11 @@ class OHQError(Exception):
 
 
 @register_error
+class ConfigError(OHQError):
+    """A config value outside what it may be (a count below its minimum, an unknown choice)."""
+
+
+@register_error
 class ModelImportError(OHQError):
     """The ONNX model cannot be read or converted (missing/corrupt file, dynamic shape, unsupported op)."""
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -414,4 +414,56 @@ def greedy(problem: Problem, latency_budget_ms: float) -> Plan:
     return Plan(chosen, source="greedy", predicted=current)
 
 
-__all__ = ["OBJECTIVES", "Budgets", "Problem", "greedy", "knee", "pareto_frontier", "solve"]
+class Solver(Protocol):
+    """Chooses one precision per layer of a :class:`Problem`: the least-sensitive plan within budgets,
+    the latency/loss frontier, and the baselines a chosen plan is compared with."""
+
+    def least_loss(self, problem: Problem, budgets: Budgets, **meta) -> Plan:
+        """The plan of least summed sensitivity within ``budgets`` (``meta``: the Plan's model and target
+        fields). Raises :class:`PlanError` when no plan meets them."""
+        ...
+
+    def frontier(self, problem: Problem, points: int) -> list[Plan]:
+        """About ``points`` plans trading latency for sensitivity, none dominating another."""
+        ...
+
+    def baselines(self, problem: Problem, chosen: Plan, budgets: Budgets, **meta) -> dict[str, Plan]:
+        """Plans other methods would pick under the same budgets, by name."""
+        ...
+
+
+class ILPSolver:
+    """The integer program of this module (:func:`solve`, :func:`pareto_frontier`); its baselines:
+    ``greedy`` (same latency budget, when there is one) and ``bops-proxy`` (fewest bit-operations at the
+    chosen plan's sensitivity and within its size and memory budgets, as hardware-blind methods pick)."""
+
+    def least_loss(self, problem: Problem, budgets: Budgets, **meta) -> Plan:
+        return solve(problem, "sensitivity", budgets, **meta)
+
+    def frontier(self, problem: Problem, points: int) -> list[Plan]:
+        return pareto_frontier(problem, points)
+
+    def baselines(self, problem: Problem, chosen: Plan, budgets: Budgets, **meta) -> dict[str, Plan]:
+        plans = {}
+        if budgets.latency_ms is not None:
+            plans["greedy"] = greedy(problem, budgets.latency_ms)
+        bops = Budgets(
+            sensitivity=chosen.predicted["sensitivity"],
+            size_bytes=budgets.size_bytes,
+            memory_bytes=budgets.memory_bytes,
+        )
+        plans["bops-proxy"] = solve(problem, "bops", bops, **meta)
+        return plans
+
+
+__all__ = [
+    "OBJECTIVES",
+    "Budgets",
+    "ILPSolver",
+    "Problem",
+    "Solver",
+    "greedy",
+    "knee",
+    "pareto_frontier",
+    "solve",
+]

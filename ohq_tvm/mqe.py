@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import tvm
@@ -30,7 +31,15 @@ from .frontend import ImportedModel
 from .jsonfile import read_json, write_json
 from .passes.mask import InsertPrecisionMasks, mask_layout
 from .precision import Precision
-from .samples import resolve_synthetic, synthetic_data, synthetic_label
+from .progress import StageProgress
+from .samples import (
+    AUTO_SYNTHETIC,
+    SYNTHETIC_DATA,
+    ModelMadeData,
+    resolve_synthetic,
+    synthetic_data,
+    synthetic_label,
+)
 from .targets import BoardSpec, resolve_target
 
 SENSITIVITY_FORMAT = "ohq-tvm/sensitivity"
@@ -217,4 +226,73 @@ def estimate_sensitivity(
     )
 
 
-__all__ = ["SENSITIVITY_FORMAT", "Sensitivity", "estimate_sensitivity", "kl_divergence"]
+class SensitivityEstimate(NamedTuple):
+    """An estimator's answer: the sensitivity, and whether it was read from a cache, not computed now."""
+
+    sensitivity: Sensitivity
+    reused: bool = False
+
+
+class SensitivityEstimator(Protocol):
+    """How much each layer's output moves when that layer alone runs in a lower precision: what the
+    planner minimises."""
+
+    def estimate(
+        self, imported: ImportedModel, precisions: Sequence[Precision], hooks: StageProgress
+    ) -> SensitivityEstimate:
+        """The sensitivity of every layer of ``imported`` in each of ``precisions`` (fp32 is the
+        reference); progress and messages go to ``hooks``."""
+        ...
+
+
+@dataclass
+class MQEEstimator:
+    """MQE on the board (:func:`estimate_sensitivity`) on ``num_batches`` synthetic batches of kind
+    ``synthetic`` (``auto`` resolved per model), read from ``cache`` (a JSON path) when it answers the
+    same question (same model, precisions, data and batches) and written there otherwise."""
+
+    spec: BoardSpec
+    board: Board | None
+    num_batches: int = 4
+    synthetic: str = AUTO_SYNTHETIC
+    cache: str | os.PathLike | None = None
+
+    def estimate(
+        self, imported: ImportedModel, precisions: Sequence[Precision], hooks: StageProgress
+    ) -> SensitivityEstimate:
+        kind = resolve_synthetic(imported, self.synthetic)
+        if self.cache is not None and Path(self.cache).is_file():
+            try:
+                cached = Sensitivity.load(self.cache)
+            except OHQError:
+                cached = None
+            label = synthetic_label(kind)
+            if cached is not None and cached.matches(imported.sha256, precisions, label, self.num_batches):
+                return SensitivityEstimate(cached, reused=True)
+        maker = SYNTHETIC_DATA[kind]
+        if isinstance(maker, ModelMadeData):
+            hooks.say(maker.describe(self.num_batches))
+        sensitivity = estimate_sensitivity(
+            imported,
+            precisions,
+            num_batches=self.num_batches,
+            synthetic=kind,
+            target=self.spec,
+            board=self.board,
+            progress=hooks.estimating,
+            data_progress=hooks.distilling,
+        )
+        if self.cache is not None:
+            sensitivity.save(self.cache)
+        return SensitivityEstimate(sensitivity)
+
+
+__all__ = [
+    "SENSITIVITY_FORMAT",
+    "MQEEstimator",
+    "Sensitivity",
+    "SensitivityEstimate",
+    "SensitivityEstimator",
+    "estimate_sensitivity",
+    "kl_divergence",
+]

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
 
 from .board import NOT_THE_BOARDS, Board, BoardConnection, open_board
-from .budget import BudgetSpec
 from .calibration import Calibration
 from .codegen import (
     FP32_TOLERANCE,
@@ -36,6 +35,7 @@ from .codegen import (
     verify_vm,
 )
 from .codegen.fidelity import Fidelity, agreement_failure, check_fidelity, describe
+from .config import CalibrationConfig, PlanningConfig, TuningConfig, VerificationConfig, configs_from_keywords
 from .errors import BoardError, PlanError, TuningError, VerificationError
 from .frontend import ImportedModel, load_onnx
 from .interrupts import reraise_interrupt
@@ -96,6 +96,27 @@ def _can_run_locally(board: BoardSpec) -> bool:
     return triple is None or triple_arch(str(triple)) == host_arch()
 
 
+# compile_model's keyword arguments before the configs: (argument, field).
+_OLD_KEYWORDS = {
+    "budget": ("planning", "budget"),
+    "database": ("planning", "database"),
+    "precisions": ("planning", "precisions"),
+    "mqe_batches": ("planning", "mqe_batches"),
+    "mqe_data": ("planning", "mqe_data"),
+    "whole_model": ("planning", "whole_model"),
+    "calibration_method": ("calibration", "method"),
+    "calibration_samples": ("calibration", "samples"),
+    "normalization": ("calibration", "normalization"),
+    "synthetic": ("calibration", "synthetic"),
+    "verify": ("verification", "verify"),
+    "eval_images": ("verification", "eval_images"),
+    "fidelity_samples": ("verification", "fidelity_samples"),
+    "min_agreement": ("verification", "min_agreement"),
+    "trials": ("tuning", "trials"),
+    "tuning_dir": ("tuning", "tuning_dir"),
+}
+
+
 def compile_model(
     model: str | os.PathLike | onnx.ModelProto,
     target: str | BoardSpec = "host",
@@ -103,27 +124,16 @@ def compile_model(
     *,
     connection: BoardConnection | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    verify: bool = True,
-    seed: int = 0,
-    schedule: str = "default",
     precision: Precision | str | None = None,
     plan: Plan | str | os.PathLike | None = None,
-    budget: BudgetSpec | str | None = None,
-    database: str | os.PathLike | None = None,
-    precisions: Sequence[Precision | str] | None = None,
-    mqe_batches: int = 4,
-    mqe_data: str = "auto",
-    whole_model: bool = True,
-    calibration_method: str = "minmax",
-    calibration_samples: str | os.PathLike | None = None,
-    normalization: str = "imagenet",
-    synthetic: str = "gaussian",
-    eval_images: str | os.PathLike | None = None,
-    fidelity_samples: int = 8,
-    min_agreement: float | None = None,
-    trials: int = 0,
-    tuning_dir: str | os.PathLike | None = None,
+    planning: PlanningConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    verification: VerificationConfig | None = None,
+    tuning: TuningConfig | None = None,
+    schedule: str = "default",
+    seed: int = 0,
     progress: StageProgress | Callable[[str], None] | None = None,
+    **old_keywords,
 ) -> CompileResult:
     """Compile an ONNX model for a board and check it there.
 
@@ -134,37 +144,35 @@ def compile_model(
         connection: where the board is (a :class:`~ohq_tvm.board.BoardConnection`: tracker, server or
             emulated); none → the loopback host board.
         input_shapes: static shapes for inputs with dynamic dimensions.
-        verify: run on the board and compare with ONNX Runtime (skipped, with the reason recorded, when
-            the target's architecture differs from this machine's and the connection names no board).
-        schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
         precision: every layer in this precision (a uniform plan); or
         plan: a :class:`Plan` or the path of its JSON; or
-        budget: run the whole OHQ pipeline: every candidate operator timed on the board (OQA, into
-            ``database``), MQE sensitivity (``mqe_batches`` synthetic batches of kind ``mqe_data``,
-            by default distilled from the model's BatchNormalization statistics when it has them;
-            cached next to the database), the ILP under this :class:`~ohq_tvm.budget.BudgetSpec` (or
-            its text, e.g. ``"latency=0.8*int8"``); ``precisions`` restricts the candidates. Writes
-            ``report.md``, ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too. With
-            ``whole_model`` (default) the uniform plans are also timed whole on the board and each
-            precision's layer latencies scaled to match (:mod:`~ohq_tvm.oqa.in_model`).
-            With a precision, plan or budget, integer layers are calibrated with ``calibration_method``
-            on ``calibration_samples`` (a folder of ``.npy``/images, normalised per ``normalization``)
-            or, without samples, on ``synthetic`` data (``gaussian``, ``uniform``, ``matched`` to the
-            first layer's BatchNormalization statistics, or ``distilled`` from all of them);
+        planning: run the whole OHQ pipeline (a :class:`~ohq_tvm.config.PlanningConfig`): every
+            candidate operator timed on the board (OQA, into its ``database``), MQE sensitivity (cached
+            next to the database), the ILP under its ``budget`` (none: the least-loss plan). Writes
+            ``report.md``, ``pareto.png``, ``frontier.json`` and ``sensitivity.json`` too.
+            With a precision, plan or planning, integer layers are calibrated as ``calibration`` says
+            (a :class:`~ohq_tvm.config.CalibrationConfig`; default: minmax on synthetic Gaussian data);
             ``plan.json``, ``calibration.json`` and ``model.qdq.onnx`` are written next to the module.
-        eval_images / fidelity_samples / min_agreement: a quantized module's first output is compared
-            with the float32 model's on ``fidelity_samples`` synthetic batches and on the images (or
-            ``.npy`` arrays) in ``eval_images``; with ``min_agreement``, a top-1 agreement below it (on
-            the images when given) fails verification.
-        trials: MetaSchedule budget (0: none, the zero-budget default schedule only). With trials, every
-            fused function without a record in the target's tuning database is tuned on the board
-            (measured through its RPC tracker; the loopback host board by default) and the module is
-            built with the database's schedules, the default schedule covering the rest. With a budget,
-            the candidate operators are tuned (and timed as tuned builds) before planning, too.
-        tuning_dir: root of the tuning databases (default: ``$OHQ_TVM_TUNING_DIR`` or
-            ``~/.cache/ohq-tvm/tuning``).
+        verification: what is checked on the board (a :class:`~ohq_tvm.config.VerificationConfig`;
+            default: run and compare with ONNX Runtime, and a quantized module's fidelity to float32 on
+            8 synthetic batches). Verification is skipped, with the reason recorded, when the target's
+            architecture differs from this machine's and the connection names no board.
+        tuning: MetaSchedule (a :class:`~ohq_tvm.config.TuningConfig`; default: no tuning, the
+            zero-budget default schedule only). With trials, every fused function without a record in
+            the target's tuning database is tuned on the board (measured through its RPC tracker; the
+            loopback host board by default) and the module is built with the database's schedules, the
+            default schedule covering the rest. With planning, the candidate operators are tuned (and
+            timed as tuned builds) before planning, too.
+        schedule: ``"default"`` (zero-budget parallel/vectorised CPU schedule) or ``"none"``.
+        seed: of the synthetic verification, fidelity and calibration inputs.
         progress: a :class:`~ohq_tvm.progress.StageProgress` (bars for the long stages) or a callback
             for one-line stage messages.
+
+    The flat keyword arguments this function took before the configs (``budget``, ``database``,
+    ``precisions``, ``mqe_batches``, ``mqe_data``, ``whole_model``, ``calibration_method``,
+    ``calibration_samples``, ``normalization``, ``synthetic``, ``verify``, ``eval_images``,
+    ``fidelity_samples``, ``min_agreement``, ``trials``, ``tuning_dir``) are still read, with a
+    ``DeprecationWarning``; without ``budget`` the planning ones are ignored, as they were.
 
     Returns a :class:`CompileResult`. Raises :class:`~ohq_tvm.errors.OHQError` subclasses for bad input
     (an ``out_dir`` that is a file or cannot be made or written is one, found before any slow stage),
@@ -174,18 +182,60 @@ def compile_model(
     Runtime or fall below ``min_agreement``. An interrupted run keeps every operator measured, the
     sensitivity estimate and the tuning records: rerunning resumes from them.
     """
-    hooks = as_progress(progress)
+    configs = configs_from_keywords(
+        "compile_model",
+        old_keywords,
+        _OLD_KEYWORDS,
+        {
+            "planning": planning or PlanningConfig(),
+            "calibration": calibration or CalibrationConfig(),
+            "verification": verification or VerificationConfig(),
+            "tuning": tuning or TuningConfig(),
+        },
+    )
+    if planning is None and old_keywords.get("budget") is None:
+        configs["planning"] = None  # no budget, no planning: as the flat keywords meant
+    return _compile(
+        model,
+        resolve_target(target),
+        Path(out_dir),
+        connection or BoardConnection(),
+        input_shapes,
+        Precision.parse(str(precision)) if precision is not None else None,
+        plan,
+        schedule,
+        seed,
+        as_progress(progress),
+        **configs,
+    )
+
+
+def _compile(
+    model: str | os.PathLike | onnx.ModelProto,
+    spec: BoardSpec,
+    out: Path,
+    connection: BoardConnection,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    precision: Precision | None,
+    plan: Plan | str | os.PathLike | None,
+    schedule: str,
+    seed: int,
+    hooks: StageProgress,
+    planning: PlanningConfig | None,
+    calibration: CalibrationConfig,
+    verification: VerificationConfig,
+    tuning: TuningConfig,
+) -> CompileResult:
+    """:func:`compile_model` on resolved objects."""
     say = hooks.say
     seconds: dict[str, float] = {}
-    out = Path(out_dir)
 
     def stage(name: str, started: float) -> None:
         seconds[name] = round(time.perf_counter() - started, 3)
         reraise_interrupt()  # one swallowed by a finalizer (see oqa.measure) stops the run here
 
-    board = resolve_target(target)
-    wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
-    if sum(x is not None for x in (precision, plan, wanted)) > 1:
+    wanted = planning.budget if planning is not None else None
+    if sum(x is not None for x in (precision, plan, planning)) > 1:
         raise PlanError("give one of a precision, a plan or a budget")
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)  # an unreadable plan file fails here, before any folder is made
@@ -196,35 +246,25 @@ def compile_model(
     for note in imported.notes:
         say(note)
 
-    toolchain = find_toolchain(board.cross_triple)  # fail early, before the slow build
+    toolchain = find_toolchain(spec.cross_triple)  # fail early, before the slow build
     make_output_folder(out)  # likewise: a file in its place or no permission, before any measurement
-    connection = connection or BoardConnection()
-    runs_here = connection.remote or _can_run_locally(board)
+    runs_here = connection.remote or _can_run_locally(spec)
     # One board serves measurement, MQE, tuning and verification (a loopback one starts on first use).
-    live = open_board(connection, board) if runs_here else _NoBoard(board)
+    board = open_board(connection, spec) if runs_here else _NoBoard(spec)
     try:
-        planning = None
-        if wanted is not None:
+        planned = None
+        if planning is not None:
             if not runs_here:
-                raise BoardError(live.fix)
+                raise BoardError(board.fix)
             started = time.perf_counter()
-            planning = plan_model(
-                imported,
-                board,
-                board=live,
-                database=database,
-                precisions=precisions,
-                budget=wanted,
-                num_batches=mqe_batches,
-                synthetic=mqe_data,
-                sensitivity_cache=default_sensitivity_cache(database, imported),
-                trials=trials,
-                tuning_dir=tuning_dir,
-                frontier_points=FRONTIER_POINTS,
-                progress=hooks,
-                whole_model=whole_model,
+            asked = replace(
+                planning,
+                frontier_points=max(planning.frontier_points, FRONTIER_POINTS),
+                sensitivity_cache=planning.sensitivity_cache
+                or default_sensitivity_cache(planning.database, imported),
             )
-            plan = planning.plan
+            planned = plan_model(imported, spec, planning=asked, tuning=tuning, progress=hooks, board=board)
+            plan = planned.plan
             stage("plan", started)
             say(f"chosen plan: {_describe(plan)} (budget {wanted})")
         rewritten = None
@@ -232,14 +272,11 @@ def compile_model(
             started = time.perf_counter()
             rewritten = rewrite_for_plan(
                 imported,
-                board,
+                spec,
                 out,
+                calibration,
                 precision=precision,
                 plan=plan,
-                method=calibration_method,
-                samples_path=calibration_samples,
-                normalization=normalization,
-                synthetic=synthetic,
                 seed=seed,
                 say=say,
             )
@@ -247,11 +284,13 @@ def compile_model(
         mod = rewritten.mod if rewritten is not None else imported.mod
         quantized = rewritten is not None and rewritten.quantized
         tuned = None
-        if trials:
+        if tuning.trials:
             if schedule != "default":
                 raise TuningError(f"--trials tunes on top of the default schedule, not schedule {schedule!r}")
             started = time.perf_counter()
-            tuned = tune_module(mod, board, live, trials, tuning_dir=tuning_dir, progress=hooks.tuning)
+            tuned = tune_module(
+                mod, spec, board, tuning.trials, tuning_dir=tuning.tuning_dir, progress=hooks.tuning
+            )
             stage("tune", started)
             untuned = sum(1 for task in tuned.tasks if task.best_ms is None)
             say(
@@ -260,12 +299,12 @@ def compile_model(
                 + (f"; {untuned} without a record keep the default schedule" if untuned else "")
             )
         started = time.perf_counter()
-        executable = build_executable(mod, board, schedule, tuned.database if tuned else None)
+        executable = build_executable(mod, spec, schedule, tuned.database if tuned else None)
         stage("build", started)
-        say(f"built for {board.name} ({board.target_config.get('mtriple', 'native')})")
+        say(f"built for {spec.name} ({spec.target_config.get('mtriple', 'native')})")
 
         started = time.perf_counter()
-        exported = export_module(executable, out, board, imported, toolchain=toolchain, schedule=schedule)
+        exported = export_module(executable, out, spec, imported, toolchain=toolchain, schedule=schedule)
         stage("export", started)
         say(f"exported {exported.library_path} with {toolchain.describe()}")
 
@@ -273,7 +312,7 @@ def compile_model(
             out_dir=out,
             library_path=exported.library_path,
             manifest_path=exported.manifest_path,
-            board=board,
+            board=spec,
             imported=imported,
             verification=None,
             stage_seconds=seconds,
@@ -281,20 +320,20 @@ def compile_model(
             calibration=rewritten.calibration if rewritten else None,
             qdq_path=rewritten.qdq_path if rewritten else None,
             tuning=tuned,
-            planning=planning,
-            emulation=live.emulation,
+            planning=planned,
+            emulation=board.emulation,
         )
-        if not verify:
+        if not verification.verify:
             result.skipped_verification = "verification disabled"
         elif not runs_here:
             result.skipped_verification = (
-                f"no {board.name} board connected (this machine is {host_arch()}); "
-                f"pass --tracker HOST:PORT --key {board.rpc_key} to verify on the board, or --emulated"
+                f"no {spec.name} board connected (this machine is {host_arch()}); "
+                f"pass --tracker HOST:PORT --key {spec.rpc_key} to verify on the board, or --emulated"
             )
         else:
             started = time.perf_counter()
-            say(f"running on board {live.label}")
-            vm = live.connect().load_vm(exported.library_path)
+            say(f"running on board {board.label}")
+            vm = board.connect().load_vm(exported.library_path)
             reference = rewritten.qdq if quantized else None
             tolerance = QUANTIZED_TOLERANCE if quantized else FP32_TOLERANCE
             result.verification = verify_vm(vm, imported, seed=seed, tolerance=tolerance, reference=reference)
@@ -305,19 +344,19 @@ def compile_model(
                 result.fidelity = check_fidelity(
                     vm,
                     imported,
-                    samples=fidelity_samples,
-                    eval_images=eval_images,
-                    normalization=normalization,
+                    samples=verification.fidelity_samples,
+                    eval_images=verification.eval_images,
+                    normalization=calibration.normalization,
                     seed=seed,
                 )
                 say("fidelity to fp32: " + "; ".join(describe(f) for f in result.fidelity.values()))
-                failure = agreement_failure(result.fidelity, min_agreement)
+                failure = agreement_failure(result.fidelity, verification.min_agreement)
                 if failure:
                     result.failures.append(failure)
             stage("verify", started)
     finally:
-        live.close()
-    _finish(result, exported, wanted, trials, say)
+        board.close()
+    _finish(result, exported, wanted, tuning.trials, say)
     if result.failures:
         raise VerificationError(
             f"{exported.library_path}: {'; '.join(result.failures)}; not shipped as verified "

@@ -11,18 +11,18 @@ from pathlib import Path
 import onnx
 
 from .board import Board, BoardConnection, open_board
-from .budget import BudgetSpec
-from .errors import OHQError, PlanError
+from .budget import Budgets, BudgetSpec
+from .config import PlanningConfig, TuningConfig, configs_from_keywords
+from .errors import PlanError
 from .frontend import ImportedModel, load_onnx
-from .ilp import Budgets, Problem, greedy, knee, pareto_frontier, solve
-from .mqe import Sensitivity, estimate_sensitivity
+from .ilp import ILPSolver, Problem, Solver, knee
+from .mqe import MQEEstimator, Sensitivity, SensitivityEstimator
 from .oqa.database import default_database_path
 from .oqa.in_model import InModelScales
-from .oqa.run import ModelMeasurement, measure_model
+from .oqa.run import BoardLatencySource, LatencySource, ModelMeasurement
 from .plan import Plan
 from .precision import Precision
 from .progress import StageProgress, as_progress
-from .samples import AUTO_SYNTHETIC, SYNTHETIC_DATA, ModelMadeData, resolve_synthetic, synthetic_label
 from .targets import BoardSpec, resolve_target
 
 
@@ -46,47 +46,55 @@ class PlanningResult:
         return in_model.unreliable_text() if in_model is not None else None
 
 
+# plan_model's keyword arguments before PlanningConfig and TuningConfig: (argument, field).
+_OLD_KEYWORDS = {
+    "database": ("planning", "database"),
+    "precisions": ("planning", "precisions"),
+    "budget": ("planning", "budget"),
+    "num_batches": ("planning", "mqe_batches"),
+    "synthetic": ("planning", "mqe_data"),
+    "sensitivity_cache": ("planning", "sensitivity_cache"),
+    "frontier_points": ("planning", "frontier_points"),
+    "whole_model": ("planning", "whole_model"),
+    "trials": ("tuning", "trials"),
+    "tuning_dir": ("tuning", "tuning_dir"),
+}
+
+
 def plan_model(
     model: str | os.PathLike | onnx.ModelProto | ImportedModel,
     target: str | BoardSpec = "host",
     *,
     connection: BoardConnection | None = None,
-    database: str | os.PathLike | None = None,
-    precisions: Sequence[Precision | str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    budget: BudgetSpec | str | None = None,
-    num_batches: int = 4,
-    synthetic: str = AUTO_SYNTHETIC,
-    sensitivity_cache: str | os.PathLike | None = None,
-    trials: int = 0,
-    tuning_dir: str | os.PathLike | None = None,
-    frontier_points: int | None = None,
+    planning: PlanningConfig | None = None,
+    tuning: TuningConfig | None = None,
     progress: StageProgress | Callable[[str], None] | None = None,
     board: Board | None = None,
-    whole_model: bool = True,
+    latency_source: LatencySource | None = None,
+    estimator: SensitivityEstimator | None = None,
+    solver: Solver | None = None,
+    **old_keywords,
 ) -> PlanningResult:
-    """The least-sensitive plan within ``budget``, from latency measured on the board.
+    """The least-sensitive plan within ``planning.budget``, from latency measured on the board.
 
-    ``budget`` is a :class:`~ohq_tvm.budget.BudgetSpec` or its text (``"latency=0.8*int8"``,
-    ``"latency=5ms,size=2MB"``, ``"memory=0.5*fp32"``, ``"pareto"``, ...; none: the least-loss plan).
-    Relative limits are resolved against the reference plans (``fp32`` and uniform plans of each lower
-    precision): their latency as timed whole on the board (with ``whole_model``), their predicted
-    weight size and peak memory (:func:`reference_numbers`). Baselines in the result: those reference
-    plans, ``greedy`` (same latency budget) and ``bops-proxy`` (fewest bit-operations at the chosen
-    plan's sensitivity and within its size and memory budgets, as hardware-blind methods pick). MQE runs
-    on ``num_batches`` synthetic batches of kind ``synthetic`` (default ``auto``: distilled from the
-    model's BatchNormalization statistics when the ONNX file has them, else inverted from a classifier, else
-    Gaussian). With ``sensitivity_cache`` (a
-    JSON path) MQE's estimate is read from there when it answers the same question (same model,
-    precisions, data and batches) and written there otherwise. ``trials`` > 0 times operators as tuned
-    builds (see :func:`~ohq_tvm.oqa.run.measure_model`). ``frontier_points`` asks for a Pareto sweep of
-    at least that many budgets (default: the budget's ``pareto=N``, else none). ``progress``: a
-    :class:`~ohq_tvm.progress.StageProgress` (bars) or a message callback. ``board``: an open
-    :class:`~ohq_tvm.board.Board` serving measurement and MQE (left open), instead of
-    ``connection`` (default: the loopback host board). ``whole_model`` (default): the uniform plans are
-    also built whole and timed on the board, and each precision's layer latencies scaled so that the sum
-    of parts matches them (:mod:`~ohq_tvm.oqa.in_model`); without it, plans are predicted from the parts
-    as measured alone.
+    ``planning`` (:class:`~ohq_tvm.config.PlanningConfig`, default: the least-loss plan over every
+    precision the board has) holds the budget, the candidates, the MQE data and whether the uniform
+    plans are timed whole. The budget is a :class:`~ohq_tvm.budget.BudgetSpec` (``"latency=0.8*int8"``,
+    ``"latency=5ms,size=2MB"``, ``"memory=0.5*fp32"``, ``"pareto"``, ...). Relative limits are resolved
+    against the reference plans (``fp32`` and uniform plans of each lower precision): their latency as
+    timed whole on the board (with ``whole_model``), their predicted weight size and peak memory
+    (:func:`reference_numbers`). Baselines in the result: those reference plans and the solver's
+    (``greedy`` and ``bops-proxy`` for the ILP). ``tuning.trials`` > 0 times operators as tuned builds
+    (see :func:`~ohq_tvm.oqa.run.measure_model`). ``progress``: a :class:`~ohq_tvm.progress.StageProgress`
+    (bars) or a message callback. ``board``: an open :class:`~ohq_tvm.board.Board` serving measurement
+    and MQE (left open), instead of ``connection`` (default: the loopback host board).
+
+    The stages are swappable: ``latency_source`` (default: OQA on the board,
+    :class:`~ohq_tvm.oqa.run.BoardLatencySource`), ``estimator`` (default: MQE on the board,
+    :class:`~ohq_tvm.mqe.MQEEstimator`) and ``solver`` (default: :class:`~ohq_tvm.ilp.ILPSolver`); a
+    board is opened only for the default ones. The keyword arguments this function took before the
+    configs (``budget``, ``database``, ``num_batches``, ...) are still read, with a ``DeprecationWarning``.
 
     When the board's timings contradict each other even after timing the outliers again
     (:mod:`~ohq_tvm.oqa.in_model`), planning goes on: ``progress`` gets a ``warning:`` line and
@@ -97,56 +105,63 @@ def plan_model(
     :class:`~ohq_tvm.budget.BudgetError` for unreadable ones, and the errors of measurement and import.
     Measurements finished before an error or interruption stay in the database.
     """
+    configs = configs_from_keywords(
+        "plan_model",
+        old_keywords,
+        _OLD_KEYWORDS,
+        {"planning": planning or PlanningConfig(), "tuning": tuning or TuningConfig()},
+    )
+    planning, tuning = configs["planning"], configs["tuning"]
     hooks = as_progress(progress)
-    say = hooks.say
     spec = resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
-    wanted = budget if isinstance(budget, BudgetSpec) or budget is None else BudgetSpec.parse(budget)
     # One board for measurement and MQE (a loopback one starts once, on first use).
     with contextlib.ExitStack() as stack:
-        if board is None:
+        if board is None and (latency_source is None or estimator is None):
             board = stack.enter_context(open_board(connection, spec))
-        if board.emulation is not None:
-            say(
-                f"warning: board {board.label} is emulated ({board.emulation}): the plan is chosen from "
-                "emulated latencies, which are not the board's"
+        if latency_source is None:
+            latency_source = BoardLatencySource(spec, board, planning.measurement(), tuning)
+        if estimator is None:
+            estimator = MQEEstimator(
+                spec, board, planning.mqe_batches, planning.mqe_data, planning.sensitivity_cache
             )
-        measurement = measure_model(
-            imported,
-            spec,
-            database=database,
-            precisions=precisions,
-            progress=hooks.measured,
-            on_plan=hooks.measuring,
-            trials=trials,
-            tuning_dir=tuning_dir,
-            tuning_progress=hooks.tuning,
-            board=board,
-            whole_model=whole_model,
-            say=say,
+        return choose_plan(imported, spec, planning, latency_source, estimator, solver or ILPSolver(), hooks)
+
+
+def choose_plan(
+    imported: ImportedModel,
+    spec: BoardSpec,
+    planning: PlanningConfig,
+    latency_source: LatencySource,
+    estimator: SensitivityEstimator,
+    solver: Solver,
+    hooks: StageProgress,
+) -> PlanningResult:
+    """:func:`plan_model` on resolved objects: ``imported``'s latencies from ``latency_source``, its
+    sensitivity from ``estimator``, the plan from ``solver``, for a board of kind ``spec``. Raises as
+    :func:`plan_model` does."""
+    say = hooks.say
+    wanted = planning.budget
+    measurement = latency_source.measure(imported, hooks)
+    summary = measurement.summary
+    if summary.failed:
+        raise PlanError(
+            f"{len(summary.failed)} operator(s) failed on board {summary.board} "
+            f"(e.g. {next(iter(summary.failed.values()))}); the {summary.measured} measured now are "
+            f"kept in {measurement.database_path}: rerun to retry"
         )
-        summary = measurement.summary
-        if summary.failed:
-            raise PlanError(
-                f"{len(summary.failed)} operator(s) failed on board {summary.board} "
-                f"(e.g. {next(iter(summary.failed.values()))}); the {summary.measured} measured now are "
-                f"kept in {measurement.database_path}: rerun to retry"
-            )
-        say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
-        unreliable = measurement.in_model.unreliable_text() if measurement.in_model else None
-        if unreliable:
-            say(f"warning: {unreliable}")
-        lower = sorted(
-            {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
-        )
-        if not lower:
-            raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
-        data = resolve_synthetic(imported, synthetic)
-        sensitivity, reused = _sensitivity(
-            imported, spec, board, lower, data, num_batches, sensitivity_cache, hooks
-        )
+    say(f"operators: {summary.measured} measured now, {summary.reused} from the database")
+    unreliable = measurement.in_model.unreliable_text() if measurement.in_model else None
+    if unreliable:
+        say(f"warning: {unreliable}")
+    lower = sorted(
+        {p for options in measurement.workloads.layers.values() for p in options} - {Precision.FP32}
+    )
+    if not lower:
+        raise PlanError("no precision other than fp32 to choose from; give --precisions with a lower one")
+    sensitivity, reused = estimator.estimate(imported, lower, hooks)
     if reused:
-        say(f"sensitivity: reused {sensitivity_cache}")
+        say(f"sensitivity: reused {planning.sensitivity_cache}")
     else:
         say(f"sensitivity: {sensitivity.forward_passes} forward passes in {sensitivity.seconds:.1f} s")
     problem = Problem(measurement.workloads, measurement.planning_latencies(), sensitivity.values)
@@ -160,14 +175,14 @@ def plan_model(
     references = reference_numbers(baselines, measurement.in_model)
     budgets = wanted.resolve(references) if wanted is not None else Budgets()
     meta = {"model_sha256": imported.sha256, "target": spec.name}
-    points = max(frontier_points or 0, wanted.pareto_points if wanted else 0)
-    frontier = pareto_frontier(problem, points) if points else []
+    points = max(planning.frontier_points, wanted.pareto_points if wanted else 0)
+    frontier = solver.frontier(problem, points) if points else []
     if wanted is not None and wanted.knee:
         plan = Plan(dict(knee(frontier).assignments), source="ilp-knee", **meta)
         plan.predicted = problem.evaluate(plan.assignments)
     else:
         try:
-            plan = solve(problem, "sensitivity", budgets, **meta)
+            plan = solver.least_loss(problem, budgets, **meta)
         except PlanError as err:
             if not unreliable:
                 raise
@@ -176,18 +191,7 @@ def plan_model(
         f"budget: {wanted or 'none (least loss)'} -> {budgets}; sensitivity: {sensitivity.data}, "
         f"{sensitivity.batches} batches"
     )
-    if budgets.latency_ms is not None:
-        baselines["greedy"] = greedy(problem, budgets.latency_ms)
-    baselines["bops-proxy"] = solve(
-        problem,
-        "bops",
-        Budgets(
-            sensitivity=plan.predicted["sensitivity"],
-            size_bytes=budgets.size_bytes,
-            memory_bytes=budgets.memory_bytes,
-        ),
-        **meta,
-    )
+    baselines.update(solver.baselines(problem, plan, budgets, **meta))
     return PlanningResult(plan, baselines, frontier, measurement, sensitivity, budgets, wanted, reused)
 
 
@@ -209,35 +213,4 @@ def default_sensitivity_cache(database: str | os.PathLike | None, imported: Impo
     return root.parent / "sensitivity" / f"{imported.sha256[:16]}.json"
 
 
-def _sensitivity(
-    imported, spec, board, precisions, kind, num_batches, cache, hooks
-) -> tuple[Sensitivity, bool]:
-    """MQE's estimate on ``num_batches`` synthetic batches of ``kind``, from ``cache`` when it answers the
-    same question, else run on the board."""
-    if cache is not None and Path(cache).is_file():
-        try:
-            cached = Sensitivity.load(cache)
-        except OHQError:
-            cached = None
-        label = synthetic_label(kind)
-        if cached is not None and cached.matches(imported.sha256, precisions, label, num_batches):
-            return cached, True
-    maker = SYNTHETIC_DATA[kind]
-    if isinstance(maker, ModelMadeData):
-        hooks.say(maker.describe(num_batches))
-    sensitivity = estimate_sensitivity(
-        imported,
-        precisions,
-        num_batches=num_batches,
-        synthetic=kind,
-        target=spec,
-        board=board,
-        progress=hooks.estimating,
-        data_progress=hooks.distilling,
-    )
-    if cache is not None:
-        sensitivity.save(cache)
-    return sensitivity, False
-
-
-__all__ = ["PlanningResult", "default_sensitivity_cache", "plan_model", "reference_numbers"]
+__all__ = ["PlanningResult", "choose_plan", "default_sensitivity_cache", "plan_model", "reference_numbers"]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import onnx
 import tvm
 
 from .calibration import Calibration, calibrate
+from .config import CalibrationConfig
 from .errors import PlanError
 from .frontend import ImportedModel
 from .layers import quantizable_layers
@@ -40,20 +40,18 @@ class Rewritten:
 
 def rewrite_for_plan(
     imported: ImportedModel,
-    board: BoardSpec,
+    spec: BoardSpec,
     out_dir: Path,
+    calibration: CalibrationConfig,
     *,
-    precision: Precision | str | None = None,
-    plan: Plan | str | os.PathLike | None = None,
-    method: str = "minmax",
-    samples_path: str | os.PathLike | None = None,
-    normalization: str = "imagenet",
-    synthetic: str = "gaussian",
+    precision: Precision | None = None,
+    plan: Plan | None = None,
     seed: int = 0,
     say: Callable[[str], None] = lambda _message: None,
 ) -> Rewritten:
-    """Make (uniform ``precision``) or load (``plan``: object or JSON path) the plan, calibrate, rewrite,
-    and write the plan, calibration and QDQ files into ``out_dir``.
+    """Make (uniform ``precision``) or take (``plan``) the plan for a board of kind ``spec``, calibrate
+    its integer layers as ``calibration`` says, rewrite, and write the plan, calibration and QDQ files
+    into ``out_dir``.
 
     Raises :class:`PlanError` for a plan of another model, a plan that does not fit the model's layers or
     the board's candidates, or both/neither of ``precision`` and ``plan``; calibration errors for
@@ -63,30 +61,36 @@ def rewrite_for_plan(
     if (plan is None) == (precision is None):
         raise PlanError("give a precision or a plan (one of them)")
     if plan is not None:
-        chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+        chosen = plan
         if chosen.model_sha256 and chosen.model_sha256 != imported.sha256:
             raise PlanError(
                 f"the plan was made for another model (sha256 {chosen.model_sha256[:12]}…, "
                 f"this one is {imported.sha256[:12]}…)"
             )
     else:
-        chosen = Plan.uniform(layers, precision, model_sha256=imported.sha256, target=board.name)
-    annotated = AnnotateCandidates(board, pin_first_last=False)(imported.mod)
+        chosen = Plan.uniform(layers, precision, model_sha256=imported.sha256, target=spec.name)
+    annotated = AnnotateCandidates(spec, pin_first_last=False)(imported.mod)
     chosen.validate_against(layers, candidates(annotated))
-    calibration = None
+    calibrated = None
     if any(p.is_integer for p in chosen.assignments.values()):
-        samples = load_samples(samples_path, imported.inputs, normalization) if samples_path else None
-        calibration = calibrate(imported, method, samples=samples, synthetic=synthetic, seed=seed)
-        chosen.calibration = method
-        say(f"calibrated {len(calibration.ranges)} layer inputs ({method}, {calibration.source})")
-    mod = ApplyPlan(chosen, calibration)(annotated)
+        samples = (
+            load_samples(calibration.samples, imported.inputs, calibration.normalization)
+            if calibration.samples
+            else None
+        )
+        calibrated = calibrate(
+            imported, calibration.method, samples=samples, synthetic=calibration.synthetic, seed=seed
+        )
+        chosen.calibration = calibration.method
+        say(f"calibrated {len(calibrated.ranges)} layer inputs ({calibration.method}, {calibrated.source})")
+    mod = ApplyPlan(chosen, calibrated)(annotated)
     chosen.save(out_dir / "plan.json")
-    if calibration is not None:
-        calibration.save(out_dir / "calibration.json")
+    if calibrated is not None:
+        calibrated.save(out_dir / "calibration.json")
     qdq_path = out_dir / "model.qdq.onnx"
-    qdq = export_qdq(imported, chosen, calibration, qdq_path)
+    qdq = export_qdq(imported, chosen, calibrated, qdq_path)
     say(f"applied plan: {chosen.counts_text()}")
-    return Rewritten(mod, chosen, calibration, qdq, qdq_path)
+    return Rewritten(mod, chosen, calibrated, qdq, qdq_path)
 
 
 __all__ = ["Rewritten", "rewrite_for_plan"]

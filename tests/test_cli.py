@@ -17,6 +17,7 @@ from ohq_tvm.board import ANSWER_TIMEOUT_ENV, LatencyStats
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.cli import main, print_verification
 from ohq_tvm.codegen.verify import OutputAgreement, Verification
+from ohq_tvm.config import CalibrationConfig, PlanningConfig, TuningConfig, VerificationConfig
 from ohq_tvm.oqa import LatencyDatabase
 from ohq_tvm.targets import resolve_target
 
@@ -86,7 +87,11 @@ def test_a_plan_chosen_from_contradicting_timings_is_never_a_bare_ok(
     )
 
     def compiled(model, target, out_dir, **options):  # what compile_model returns after planning
-        assert options["budget"] == "latency=1.1*int8"
+        # The command's arguments arrive as configs, the defaults' where no flag was given.
+        assert options["planning"] == PlanningConfig(budget="latency=1.1*int8")
+        assert options["calibration"] == CalibrationConfig()
+        assert options["verification"] == VerificationConfig()
+        assert options["tuning"] == TuningConfig()
         out = tmp_path / "out"
         return pipeline.CompileResult(
             out,

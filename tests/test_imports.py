@@ -24,6 +24,7 @@ PACKAGE = "ohq_tvm"
 ALLOWED_FUNCTION_IMPORTS = {
     ("ohq_tvm", "__getattr__", "ohq_tvm.pipeline"): "`import ohq_tvm` loads no TVM until the API is used",
     ("ohq_tvm", "__getattr__", "ohq_tvm.board"): "`import ohq_tvm` loads no TVM until the API is used",
+    ("ohq_tvm", "__getattr__", "ohq_tvm.config"): "`import ohq_tvm` loads no TVM until the API is used",
 }
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import replace
 
 import pytest
 
 from ohq_tvm import Precision, models
 from ohq_tvm.board.session import LatencyStats
+from ohq_tvm.config import MeasurementConfig
 from ohq_tvm.errors import BoardError
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.oqa import LatencyDatabase, extract_workloads
@@ -126,7 +128,8 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
     imported = load_onnx(models.tiny_cnn())
     db_path = tmp_path / "m.sqlite"
     messages = []
-    common = dict(board=loopback_board, database=db_path, precisions=BOTH, timing=FAST_TIMING)
+    common = dict(board=loopback_board, timing=FAST_TIMING)
+    whole = MeasurementConfig(database=db_path, precisions=BOTH, whole_model=True)
 
     # The board fails while timing the whole models: the operators stay stored, no whole-model row is.
     real = whole_model_module.time_whole_rounds
@@ -136,12 +139,12 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
 
     monkeypatch.setattr(whole_model_module, "time_whole_rounds", dies)
     with pytest.raises(BoardError, match="session dropped"):
-        measure_model(imported, HOST, whole_model=True, say=messages.append, **common)
+        measure_model(imported, HOST, measurement=whole, say=messages.append, **common)
     monkeypatch.setattr(whole_model_module, "time_whole_rounds", real)
     with LatencyDatabase(db_path) as db:
         assert db.measurements() and all(m.ok for m in db.measurements())
 
-    measured = measure_model(imported, HOST, whole_model=True, say=messages.append, **common)
+    measured = measure_model(imported, HOST, measurement=whole, say=messages.append, **common)
     assert measured.summary.measured == 0  # every operator came from the database
     scales = measured.in_model
     assert set(scales.runs) == set(BOTH)
@@ -169,11 +172,11 @@ def test_whole_model_runs_are_stored_reused_and_kept_when_the_board_fails(
 
     if not scales.unreliable:
         monkeypatch.setattr("ohq_tvm.codegen.module.build_executable", no_build)
-        again = measure_model(imported, HOST, whole_model=True, **common)
+        again = measure_model(imported, HOST, measurement=whole, **common)
         assert all(run.reused for run in again.in_model.runs.values())
         assert again.planning_latencies() == measured.planning_latencies()
     # Without whole_model nothing is timed whole and the parts are used as measured.
-    alone = measure_model(imported, HOST, **common)
+    alone = measure_model(imported, HOST, measurement=replace(whole, whole_model=False), **common)
     assert alone.in_model is None and alone.planning_latencies() == alone.latencies_ms
 
     with LatencyDatabase(db_path) as db:

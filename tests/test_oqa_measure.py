@@ -16,7 +16,8 @@ from ohq_tvm import models
 from ohq_tvm.board import LoopbackBoard, TrackerBoard
 from ohq_tvm.board.boards import _free_port
 from ohq_tvm.board.session import LatencyStats
-from ohq_tvm.errors import BoardError, OHQError
+from ohq_tvm.config import MeasurementConfig
+from ohq_tvm.errors import BoardError, ConfigError, OHQError
 from ohq_tvm.oqa import LatencyDatabase, Measurer, TimingConfig
 from ohq_tvm.oqa.measure import MIN_REPEAT_ENV, QUIET_WAIT_ENV, REPEAT_ENV, schedule_label
 from ohq_tvm.oqa.run import measure_model
@@ -97,13 +98,19 @@ def test_reading_a_missing_database_creates_nothing(tmp_path):
     ("options", "message"),
     [
         ({"workers": 0}, "workers must be at least 1, not 0"),
-        ({"budget": -1}, "budget must be at least 1 operator, not -1"),
+        ({"operator_budget": -1}, "budget must be at least 1 operator, not -1"),
         ({"precisions": []}, "no precisions"),
     ],
 )
 def test_measure_model_refuses_counts_that_measure_nothing(tmp_path, options, message):
-    with pytest.raises(OHQError, match=message):
-        measure_model(tmp_path / "never-read.onnx", HOST, database=tmp_path / "m.sqlite", **options)
+    with pytest.raises(ConfigError, match=message):
+        measurement = MeasurementConfig(database=tmp_path / "m.sqlite", **options)
+        measure_model(tmp_path / "never-read.onnx", HOST, measurement=measurement)
+    # The keyword arguments before the config still say the same, and that they are deprecated.
+    old = {"budget" if name == "operator_budget" else name: value for name, value in options.items()}
+    deprecated = pytest.warns(DeprecationWarning, match="pass measurement=MeasurementConfig")
+    with deprecated, pytest.raises(ConfigError, match=message):
+        measure_model(tmp_path / "never-read.onnx", HOST, database=tmp_path / "m.sqlite", **old)
     assert not (tmp_path / "m.sqlite").exists()
 
 

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import onnx
 
@@ -14,13 +15,15 @@ from ..board import Board, BoardConnection, open_board
 from ..calibration import calibrate
 from ..codegen.tune import TuningProgress, tune_module
 from ..codegen.tuning_database import TuningDatabase
-from ..errors import OHQError, TargetError
+from ..config import MeasurementConfig, TuningConfig, configs_from_keywords
+from ..errors import TargetError
 from ..frontend import ImportedModel, load_onnx
 from ..layers import quantizable_layers
 from ..passes.annotate import AnnotateCandidates
 from ..passes.apply_plan import ApplyPlan
 from ..plan import Plan
 from ..precision import Precision
+from ..progress import StageProgress
 from ..targets import BoardSpec, resolve_target
 from .cost import conversion_ms
 from .database import LatencyDatabase
@@ -84,84 +87,170 @@ class ModelMeasurement:
         return sum(self.latencies_ms.get(w.key, 0.0) for w in self.workloads.glue)
 
 
+# measure_model's keyword arguments before MeasurementConfig and TuningConfig: (argument, field).
+_OLD_KEYWORDS = {
+    "database": ("measurement", "database"),
+    "precisions": ("measurement", "precisions"),
+    "pin_first_last": ("measurement", "pin_first_last"),
+    "workers": ("measurement", "workers"),
+    "schedule": ("measurement", "schedule"),
+    "budget": ("measurement", "operator_budget"),
+    "whole_model": ("measurement", "whole_model"),
+    "trials": ("tuning", "trials"),
+    "tuning_dir": ("tuning", "tuning_dir"),
+}
+
+
 def measure_model(
     model: str | os.PathLike | onnx.ModelProto | ImportedModel,
     target: str | BoardSpec = "host",
     *,
     connection: BoardConnection | None = None,
-    database: str | os.PathLike | None = None,
-    precisions: Sequence[Precision | str] | None = None,
-    pin_first_last: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    measurement: MeasurementConfig | None = None,
+    tuning: TuningConfig | None = None,
     timing: TimingConfig | None = None,
-    workers: int | None = None,
-    schedule: str = "default",
-    budget: int | None = None,
     progress: Callable[[MeasureEvent], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
-    trials: int = 0,
-    tuning_dir: str | os.PathLike | None = None,
     tuning_progress: Callable[[TuningProgress], None] | None = None,
     board: Board | None = None,
-    whole_model: bool = False,
     say: Callable[[str], None] | None = None,
+    **old_keywords,
 ) -> ModelMeasurement:
     """Measure every candidate operator of ``model`` on a board into the database; return the latencies.
 
-    The board is where ``connection`` says (a tracker, a bare server, an emulated board), by default this
-    machine through a loopback RPC server. ``precisions`` restricts the candidates (default: all the
-    board computes).
-    ``budget`` caps how many operators are measured now (see :meth:`Measurer.run`; the rest are
-    predicted). ``on_plan(total, to_measure)`` is called once the database has been consulted, before
-    measuring. With ``trials`` > 0 the candidates are first tuned with MetaSchedule on the board
-    (:func:`tune_candidates`) and every operator is timed as built with those records (measurements are
-    stored under the label ``tuned/<database>/r<revision>``, apart from the default-schedule ones).
-    Raises :class:`~ohq_tvm.errors.OHQError` subclasses: ``workers`` or ``budget`` below 1 or an empty
-    ``precisions`` (each would measure nothing), bad model or target, a database that cannot be opened
-    (found before a board is opened), unreachable board (with the measurements already stored kept).
-    ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open) instead of opening one.
-    ``whole_model``: once every part is measured, also build each uniform plan whole and time it on the
-    board (stored too), giving the in-model scales of :mod:`.in_model`; ``say`` receives its messages.
-    When those timings contradict the parts' (:mod:`.in_model`), the outliers are timed again once; if
-    they still do, ``in_model.unreliable`` says why and the rows measured in this call are marked
-    unreliable in the database (the next run times them again).
+    ``target``: a board name, TOML path, triple, target JSON or :class:`BoardSpec`. The board is where
+    ``connection`` says (a tracker, a bare server, an emulated board), by default this machine through
+    a loopback RPC server; ``board``: an open :class:`~ohq_tvm.board.Board` to use (and leave open)
+    instead. ``measurement`` (:class:`~ohq_tvm.config.MeasurementConfig`) says which operators, into
+    which database, how (default: all the board computes, into the default database); ``timing`` how
+    each is timed. ``on_plan(total, to_measure)`` is called once the database has been consulted,
+    before measuring. With ``tuning.trials`` > 0 the candidates are first tuned with MetaSchedule on the
+    board (:func:`tune_candidates`) and every operator is timed as built with those records
+    (measurements are stored under the label ``tuned/<database>/r<revision>``, apart from the
+    default-schedule ones). With ``measurement.whole_model``, once every part is measured, each uniform
+    plan is also built whole and timed on the board (stored too), giving the in-model scales of
+    :mod:`.in_model`; ``say`` receives its messages. When those timings contradict the parts', the
+    outliers are timed again once; if they still do, ``in_model.unreliable`` says why and the rows
+    measured in this call are marked unreliable in the database (the next run times them again).
+    The keyword arguments this function took before the configs (``database``, ``precisions``,
+    ``budget``, ``trials``, ...) are still read, with a ``DeprecationWarning``.
+
+    Raises :class:`~ohq_tvm.errors.OHQError` subclasses: a config out of range, bad model or target, a
+    precision the board lacks, a database that cannot be opened (found before a board is opened),
+    unreachable board (with the measurements already stored kept).
     """
-    if workers is not None and workers < 1:
-        raise OHQError(f"workers must be at least 1, not {workers}")
-    if budget is not None and budget < 1:
-        raise OHQError(f"a budget must be at least 1 operator, not {budget}; leave it out to measure all")
-    if precisions is not None and not precisions:
-        raise OHQError("no precisions to measure; give some (e.g. fp32, int8) or none for all the board has")
+    configs = configs_from_keywords(
+        "measure_model",
+        old_keywords,
+        _OLD_KEYWORDS,
+        {"measurement": measurement or MeasurementConfig(), "tuning": tuning or TuningConfig()},
+    )
     spec = resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
-    allowed = [Precision.parse(str(p)) for p in (precisions if precisions is not None else spec.precisions)]
+    with contextlib.ExitStack() as stack:
+        if board is None:  # not started here: a bad database fails before a loopback board starts
+            board = open_board(connection, spec)
+            stack.callback(board.close)
+        events = MeasureHooks(progress, on_plan, tuning_progress, say)
+        return measure_on_board(
+            imported, spec, board, configs["measurement"], configs["tuning"], timing, events
+        )
+
+
+@dataclass(frozen=True)
+class MeasureHooks:
+    """Where a measurement reports: per-operator events, the count to measure (``on_plan(total,
+    to_measure)``), tuning progress, and one-line messages (``say``)."""
+
+    progress: Callable[[MeasureEvent], None] | None = None
+    on_plan: Callable[[int, int], None] | None = None
+    tuning_progress: Callable[[TuningProgress], None] | None = None
+    say: Callable[[str], None] | None = None
+
+    @classmethod
+    def of(cls, hooks: StageProgress) -> MeasureHooks:
+        return cls(hooks.measured, hooks.measuring, hooks.tuning, hooks.say)
+
+
+def measure_on_board(
+    imported: ImportedModel,
+    spec: BoardSpec,
+    board: Board,
+    measurement: MeasurementConfig,
+    tuning: TuningConfig,
+    timing: TimingConfig | None = None,
+    hooks: MeasureHooks | None = None,
+) -> ModelMeasurement:
+    """:func:`measure_model` on resolved objects: ``imported`` on the open ``board`` (a board of kind
+    ``spec``), left open. Raises as :func:`measure_model` does."""
+    hooks = hooks or MeasureHooks()
+    allowed = list(measurement.precisions if measurement.precisions is not None else spec.precisions)
     lacking = [p.value for p in allowed if p not in spec.precisions and p is not Precision.FP32]
     if lacking:
         have = ", ".join(p.value for p in spec.precisions)
         raise TargetError(f"board {spec.name} does not compute {', '.join(lacking)} (it has {have})")
-    annotated = AnnotateCandidates(allowed, pin_first_last=pin_first_last)(imported.mod)
+    annotated = AnnotateCandidates(allowed, pin_first_last=measurement.pin_first_last)(imported.mod)
     workloads = extract_workloads(annotated)
     unique = workloads.unique()
-    with contextlib.ExitStack() as stack:
-        db = stack.enter_context(LatencyDatabase(database))  # a bad --db fails before a board starts
-        if board is None:
-            board = stack.enter_context(open_board(connection, spec))
-        tuning = None
-        if trials:
-            tuning = tune_candidates(imported, spec, board, allowed, trials, tuning_dir, tuning_progress)
-        measurer = Measurer(board, spec, db, schedule=schedule, timing=timing, workers=workers, tuning=tuning)
-        if on_plan is not None:
+    with LatencyDatabase(measurement.database) as db:  # a bad --db fails before the board is used
+        tuned = None
+        if tuning.trials:
+            tuned = tune_candidates(
+                imported, spec, board, allowed, tuning.trials, tuning.tuning_dir, hooks.tuning_progress
+            )
+        measurer = Measurer(
+            board,
+            spec,
+            db,
+            schedule=measurement.schedule,
+            timing=timing,
+            workers=measurement.workers,
+            tuning=tuned,
+        )
+        budget = measurement.operator_budget
+        if hooks.on_plan is not None:
             missing = len(db.missing(measurer.fingerprint, measurer.schedule, unique))
-            on_plan(len(unique), missing if budget is None else min(missing, budget))
+            hooks.on_plan(len(unique), missing if budget is None else min(missing, budget))
         started = time.time()
-        summary = measurer.run(unique, progress, budget=budget)
+        summary = measurer.run(unique, hooks.progress, budget=budget)
         latencies = measurer.latencies(unique)
         path = str(db.path)
         in_model = None
-        if whole_model and len(latencies) == len(unique):
-            in_model = measured_scales(measurer, imported, workloads, say, measured_since=started)
+        if measurement.whole_model and len(latencies) == len(unique):
+            in_model = measured_scales(measurer, imported, workloads, hooks.say, measured_since=started)
             latencies.update(in_model.retimed_ms)  # parts that contradicted the whole, timed again
     return ModelMeasurement(imported, spec, workloads, latencies, summary, path, in_model)
+
+
+class LatencySource(Protocol):
+    """Where the planner's latencies come from: each candidate workload's latency and, when the uniform
+    plans were timed whole, the in-model scales (:class:`ModelMeasurement`)."""
+
+    def measure(self, imported: ImportedModel, hooks: StageProgress) -> ModelMeasurement:
+        """The latencies of ``imported``'s candidate workloads; progress and messages go to ``hooks``."""
+        ...
+
+
+@dataclass
+class BoardLatencySource:
+    """The latencies measured on a board through OQA (:func:`measure_on_board`), stored in and reused
+    from the measurement database."""
+
+    spec: BoardSpec
+    board: Board
+    measurement: MeasurementConfig
+    tuning: TuningConfig
+
+    def measure(self, imported: ImportedModel, hooks: StageProgress) -> ModelMeasurement:
+        if self.board.emulation is not None:
+            hooks.say(
+                f"warning: board {self.board.label} is emulated ({self.board.emulation}): the plan is chosen "
+                "from emulated latencies, which are not the board's"
+            )
+        return measure_on_board(
+            imported, self.spec, self.board, self.measurement, self.tuning, hooks=MeasureHooks.of(hooks)
+        )
 
 
 def tune_candidates(
@@ -197,4 +286,12 @@ def tune_candidates(
     return result.database
 
 
-__all__ = ["ModelMeasurement", "measure_model", "tune_candidates"]
+__all__ = [
+    "BoardLatencySource",
+    "LatencySource",
+    "MeasureHooks",
+    "ModelMeasurement",
+    "measure_model",
+    "measure_on_board",
+    "tune_candidates",
+]
