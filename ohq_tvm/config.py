@@ -201,18 +201,22 @@ class TuningConfig(_JSONConfig):
 def configs_from_keywords(
     caller: str,
     keywords: Mapping[str, Any],
-    fields: Mapping[str, tuple[str, str]],
     configs: Mapping[str, Any],
+    renamed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """``configs`` (argument name -> config) with the flat keyword arguments ``caller`` took before
-    folded in: ``fields`` maps each old name to (argument name, field name). Each old keyword given
-    warns (``DeprecationWarning``, naming the config to pass instead); an unknown one is a
-    ``TypeError`` like Python's own. A field's validation fails as the config's would."""
+    folded in: each sets the field of its name (or of its new name in ``renamed``) in the one config
+    that has it, and warns (``DeprecationWarning``, naming the config to pass instead); a keyword no
+    config has is a ``TypeError`` like Python's own. A field's validation fails as the config's would."""
     result = dict(configs)
     for name, value in keywords.items():
-        if name not in fields:
+        field = (renamed or {}).get(name, name)
+        owners = [
+            arg for arg, config in result.items() if field in {f.name for f in dataclasses.fields(config)}
+        ]
+        if not owners:
             raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
-        argument, field = fields[name]
+        argument = owners[0]
         kind = type(result[argument]).__name__
         warnings.warn(
             f"{caller}({name}=...) is deprecated; pass {argument}={kind}({field}=...) instead",

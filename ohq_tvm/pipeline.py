@@ -96,25 +96,8 @@ def _can_run_locally(board: BoardSpec) -> bool:
     return triple is None or triple_arch(str(triple)) == host_arch()
 
 
-# compile_model's keyword arguments before the configs: (argument, field).
-_OLD_KEYWORDS = {
-    "budget": ("planning", "budget"),
-    "database": ("planning", "database"),
-    "precisions": ("planning", "precisions"),
-    "mqe_batches": ("planning", "mqe_batches"),
-    "mqe_data": ("planning", "mqe_data"),
-    "whole_model": ("planning", "whole_model"),
-    "calibration_method": ("calibration", "method"),
-    "calibration_samples": ("calibration", "samples"),
-    "normalization": ("calibration", "normalization"),
-    "synthetic": ("calibration", "synthetic"),
-    "verify": ("verification", "verify"),
-    "eval_images": ("verification", "eval_images"),
-    "fidelity_samples": ("verification", "fidelity_samples"),
-    "min_agreement": ("verification", "min_agreement"),
-    "trials": ("tuning", "trials"),
-    "tuning_dir": ("tuning", "tuning_dir"),
-}
+# The keyword arguments compile_model took before its configs, where the field has another name: old -> new.
+_RENAMED = {"calibration_method": "method", "calibration_samples": "samples"}
 
 
 def compile_model(
@@ -185,13 +168,13 @@ def compile_model(
     configs = configs_from_keywords(
         "compile_model",
         old_keywords,
-        _OLD_KEYWORDS,
         {
             "planning": planning or PlanningConfig(),
             "calibration": calibration or CalibrationConfig(),
             "verification": verification or VerificationConfig(),
             "tuning": tuning or TuningConfig(),
         },
+        _RENAMED,
     )
     if planning is None and old_keywords.get("budget") is None:
         configs["planning"] = None  # no budget, no planning: as the flat keywords meant

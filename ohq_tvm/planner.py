@@ -46,19 +46,8 @@ class PlanningResult:
         return in_model.unreliable_text() if in_model is not None else None
 
 
-# plan_model's keyword arguments before PlanningConfig and TuningConfig: (argument, field).
-_OLD_KEYWORDS = {
-    "database": ("planning", "database"),
-    "precisions": ("planning", "precisions"),
-    "budget": ("planning", "budget"),
-    "num_batches": ("planning", "mqe_batches"),
-    "synthetic": ("planning", "mqe_data"),
-    "sensitivity_cache": ("planning", "sensitivity_cache"),
-    "frontier_points": ("planning", "frontier_points"),
-    "whole_model": ("planning", "whole_model"),
-    "trials": ("tuning", "trials"),
-    "tuning_dir": ("tuning", "tuning_dir"),
-}
+# The keyword arguments plan_model took before its configs, where the field has another name: old -> new.
+_RENAMED = {"num_batches": "mqe_batches", "synthetic": "mqe_data"}
 
 
 def plan_model(
@@ -108,8 +97,8 @@ def plan_model(
     configs = configs_from_keywords(
         "plan_model",
         old_keywords,
-        _OLD_KEYWORDS,
         {"planning": planning or PlanningConfig(), "tuning": tuning or TuningConfig()},
+        _RENAMED,
     )
     planning, tuning = configs["planning"], configs["tuning"]
     hooks = as_progress(progress)

@@ -78,16 +78,21 @@ def test_a_bad_value_is_one_clear_error(make, error, message):
 
 
 def test_old_keywords_fold_into_the_configs_with_a_warning():
-    configs = {"tuning": TuningConfig(trials=8)}
-    fields = {"trials": ("tuning", "trials"), "tuning_dir": ("tuning", "tuning_dir")}
-    with pytest.warns(
-        DeprecationWarning, match=r"f\(tuning_dir=...\) is deprecated; pass tuning=TuningConfig"
-    ):
-        folded = configs_from_keywords("f", {"tuning_dir": "t/"}, fields, configs)
-    assert folded == {"tuning": TuningConfig(trials=8, tuning_dir="t/")}
-    assert configs == {"tuning": TuningConfig(trials=8)}  # the caller's mapping is left as it was
+    configs = {"planning": PlanningConfig(), "tuning": TuningConfig(trials=8)}
+    renamed = {"num_batches": "mqe_batches"}
+    with pytest.warns(DeprecationWarning) as warned:
+        folded = configs_from_keywords("f", {"tuning_dir": "t/", "num_batches": 2}, configs, renamed)
+    assert [str(w.message) for w in warned] == [
+        "f(tuning_dir=...) is deprecated; pass tuning=TuningConfig(tuning_dir=...) instead",
+        "f(num_batches=...) is deprecated; pass planning=PlanningConfig(mqe_batches=...) instead",
+    ]
+    assert folded == {
+        "planning": PlanningConfig(mqe_batches=2),
+        "tuning": TuningConfig(trials=8, tuning_dir="t/"),
+    }
+    assert configs == {"planning": PlanningConfig(), "tuning": TuningConfig(trials=8)}  # left as it was
     with pytest.raises(TypeError, match="f\\(\\) got an unexpected keyword argument 'trails'"):
-        configs_from_keywords("f", {"trails": 3}, fields, configs)
+        configs_from_keywords("f", {"trails": 3}, configs, renamed)
 
 
 def test_compile_model_reads_its_old_keywords_before_any_work(tmp_path):

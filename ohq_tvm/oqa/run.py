@@ -87,18 +87,8 @@ class ModelMeasurement:
         return sum(self.latencies_ms.get(w.key, 0.0) for w in self.workloads.glue)
 
 
-# measure_model's keyword arguments before MeasurementConfig and TuningConfig: (argument, field).
-_OLD_KEYWORDS = {
-    "database": ("measurement", "database"),
-    "precisions": ("measurement", "precisions"),
-    "pin_first_last": ("measurement", "pin_first_last"),
-    "workers": ("measurement", "workers"),
-    "schedule": ("measurement", "schedule"),
-    "budget": ("measurement", "operator_budget"),
-    "whole_model": ("measurement", "whole_model"),
-    "trials": ("tuning", "trials"),
-    "tuning_dir": ("tuning", "tuning_dir"),
-}
+# The keyword arguments measure_model took before its configs, where the field has another name: old -> new.
+_RENAMED = {"budget": "operator_budget"}
 
 
 def measure_model(
@@ -143,8 +133,8 @@ def measure_model(
     configs = configs_from_keywords(
         "measure_model",
         old_keywords,
-        _OLD_KEYWORDS,
         {"measurement": measurement or MeasurementConfig(), "tuning": tuning or TuningConfig()},
+        _RENAMED,
     )
     spec = resolve_target(target)
     imported = model if isinstance(model, ImportedModel) else load_onnx(model, input_shapes)
