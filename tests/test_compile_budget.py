@@ -112,7 +112,7 @@ def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):
     assert "sensitivity: reused" in again.stdout
     assert "uniform int8:" in again.stdout
     if planning["timing_unreliable"] is None:
-        assert "operators: 0 measured now, 26 from the database" in again.stdout
+        assert "operators: 0 measured now, 31 from the database" in again.stdout
         assert "(stored)" in again.stdout
     else:
         assert "verified, planned on unreliable timings" in proc.stdout
