@@ -68,7 +68,7 @@ def test_an_interrupted_run_keeps_its_measurements_and_the_rerun_resumes(tiny, t
 
     rerun = ohq(*args, "-o", str(tmp_path / "a"))
     assert rerun.returncode == 0, rerun.stderr
-    assert f"operators: {26 - kept} measured now, {kept} from the database" in rerun.stdout
+    assert f"operators: {31 - kept} measured now, {kept} from the database" in rerun.stdout
 
 
 def test_budget_compile_writes_module_plan_report_and_plot(tiny, tmp_path):

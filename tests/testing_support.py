@@ -169,7 +169,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> Non
     """Exit status 2 and one ``error:`` line, the last thing on stderr (progress bars may precede it)."""
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    bars = re.compile(r"^\s*(measuring|sensitivity|tuning):")
+    bars = re.compile(r"^\s*(measuring|re-timing|sensitivity|tuning):")
     lines = [line for line in proc.stderr.strip().splitlines() if not bars.match(line.split("\r")[-1])]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for word in words:
