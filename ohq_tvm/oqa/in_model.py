@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from ..frontend import ImportedModel
 from ..precision import Precision
-from .cost import measured, plan_latency
+from .cost import conversion_ms, measured, plan_latency
 from .database import LatencyDatabase
 from .whole_model import UniformBuilds, WholeTiming
 from .workloads import ModelWorkloads, Workload
@@ -159,9 +159,8 @@ class InModelScales:
         for table in (workloads.quantize, workloads.dequantize):
             for workload in table.values():
                 layer = workload.fused_layer
-                if layer is not None and measured(workload, latencies_ms) and layer.key in scaled:
-                    added = latencies_ms[workload.key] - latencies_ms[layer.key]
-                    scaled[workload.key] = scaled[layer.key] + added
+                if layer is not None and measured(workload, latencies_ms):
+                    scaled[workload.key] = scaled[layer.key] + conversion_ms(workload, latencies_ms)
         return scaled
 
     def describe(self) -> str:

@@ -107,7 +107,7 @@ class Workload:
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
-    @property
+    @cached_property  # read for every conversion of every plan the solver and greedy evaluate
     def fused_layer(self) -> Workload | None:
         """For a conversion fused into a layer (a ``quantize``/``dequantize`` whose op is the layer's), the
         layer alone in the same precision; ``None`` for a layer, glue, or a standalone conversion."""
